@@ -1,0 +1,8 @@
+// The subcommands of the `loom` tool; each takes the arguments after its name and returns the exit status.
+#pragma once
+
+namespace loom::cli {
+int cmd_info(int argc, char** argv);
+int cmd_tokenize(int argc, char** argv);
+int cmd_inspect(int argc, char** argv);
+}  // namespace loom::cli

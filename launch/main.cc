@@ -1,0 +1,46 @@
+// `loom`: the command-line tool.
+//
+//   loom info                      build features, devices, default data location
+//   loom tokenize IN.txt OUT.bin   byte-level tokenize a text file into a Loom token file
+//   loom inspect FILE.bin          header, size, vocabulary and a preview of a token file
+//
+// Each subcommand lives in its own file (launch/cmd_*.cc); later subcommands (run, snapshotd, monitor) join
+// them there.
+#include <cstring>
+#include <iostream>
+#include <string>
+
+#include "core/error.h"
+#include "launch/commands.h"
+
+namespace {
+
+void usage(std::ostream& os) {
+  os << "usage: loom <command> [args]\n\n"
+        "commands:\n"
+        "  info                       build features, GPUs, data cache\n"
+        "  tokenize IN.txt OUT.bin    byte-level tokenize a text file into a token file\n"
+        "  inspect FILE.bin           describe a token file\n"
+        "  help                       this text\n";
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc < 2 || !std::strcmp(argv[1], "help") || !std::strcmp(argv[1], "--help") || !std::strcmp(argv[1], "-h")) {
+    usage(argc < 2 ? std::cerr : std::cout);
+    return argc < 2 ? 2 : 0;
+  }
+  const std::string cmd = argv[1];
+  try {
+    if (cmd == "info") return loom::cli::cmd_info(argc - 2, argv + 2);
+    if (cmd == "tokenize") return loom::cli::cmd_tokenize(argc - 2, argv + 2);
+    if (cmd == "inspect") return loom::cli::cmd_inspect(argc - 2, argv + 2);
+  } catch (const loom::Error& e) {
+    std::cerr << "loom " << cmd << ": " << e.what() << "\n";
+    return 1;
+  }
+  std::cerr << "loom: unknown command '" << cmd << "'\n\n";
+  usage(std::cerr);
+  return 2;
+}

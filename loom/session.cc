@@ -1,0 +1,157 @@
+#include "loom/session.h"
+
+#include <mpi.h>
+
+#include <algorithm>
+#include <climits>
+#include <cstdio>
+#include <iostream>
+#include <thread>
+
+#include "core/error.h"
+#include "core/log.h"
+
+namespace loom {
+
+Session::Session(int& argc, char**& argv) {
+  int initialized = 0;
+  MPI_Initialized(&initialized);
+  if (!initialized) {
+    int provided = 0;
+    MPI_Init_thread(&argc, &argv, MPI_THREAD_FUNNELED, &provided);
+  }
+  MPI_Comm_rank(MPI_COMM_WORLD, &rank_);
+  MPI_Comm_size(MPI_COMM_WORLD, &world_size_);
+  log::set_identity(rank_, -1);
+}
+
+Session::~Session() {
+  // Communicators must be freed before MPI_Finalize.
+  backend_.reset();
+  groups_.reset();
+  int finalized = 0;
+  MPI_Finalized(&finalized);
+  if (!finalized) MPI_Finalize();
+}
+
+void Session::agree(const std::function<void()>& fn) {
+  std::string message;
+  bool reported_elsewhere = false;
+  try {
+    fn();
+  } catch (const ReportedElsewhere&) {
+    reported_elsewhere = true;
+  } catch (const std::exception& e) {
+    message = e.what();
+  }
+  const int mine = (!message.empty() || reported_elsewhere) ? rank_ : INT_MAX;
+  int lowest = INT_MAX;
+  MPI_Allreduce(&mine, &lowest, 1, MPI_INT, MPI_MIN, MPI_COMM_WORLD);
+  if (lowest == INT_MAX) return;
+  if (lowest == rank_ && !message.empty()) LOOM_ERROR(message);
+  throw ReportedElsewhere(lowest);
+}
+
+bool Session::start(Config& cfg, TrainConfig& train, int argc, char** argv,
+                    const std::function<void(const TrainConfig&)>& validate) {
+  train.declare(cfg);
+  bool help = false;
+  agree([&] {
+    cfg.parse(argc, argv);
+    help = cfg.help_requested();
+    if (help) return;
+    log::set_level(log::parse_level(train.log_level));
+    train.validate(world_size_);
+    if (validate) validate(train);
+  });
+  if (help) {
+    if (is_root()) std::cout << cfg.help() << std::flush;
+    return false;
+  }
+  for (const auto& name : cfg.unknown_env())
+    LOOM_WARN0("environment variable " << name << " is not a Loom setting; ignored");
+
+  // Every rank must run the same configuration: a differing file or LOOM_* variable on one node is a bug
+  // that would otherwise show up as a hang or silent divergence.
+  uint64_t hash = cfg.hash();
+  std::vector<uint64_t> all(static_cast<size_t>(world_size_));
+  MPI_Allgather(&hash, 1, MPI_UINT64_T, all.data(), 1, MPI_UINT64_T, MPI_COMM_WORLD);
+  agree([&] {
+    for (int r = 0; r < world_size_; ++r)
+      LOOM_CHECK(all[static_cast<size_t>(r)] == all[0], kConfig,
+                 "rank " << r << " has a different configuration from rank 0 (hash " << std::hex
+                         << all[static_cast<size_t>(r)] << " vs " << all[0] << std::dec
+                         << "): make config files and LOOM_* variables the same on every node");
+  });
+  if (is_root()) std::cout << cfg.table() << std::flush;
+  train_ = train;
+
+  // Layout errors are detected identically on every rank inside create(); report once.
+  std::string layout_error;
+  try {
+    ParallelConfig pc;
+    pc.tp = static_cast<int>(train.tp);
+    pc.ranks_per_node = static_cast<int>(train.ranks_per_node);
+    groups_ = ProcessGroups::create(MPI_COMM_WORLD, pc);
+  } catch (const Error& e) {
+    layout_error = e.what();
+  }
+  agree([&] {
+    if (!layout_error.empty()) throw Error(ErrorKind::kConfig, layout_error);
+  });
+  log::set_identity(rank_, groups_->node_id());
+  LOOM_INFO0("layout: " << groups_->describe());
+  agree([&] { make_backend(); });
+  LOOM_INFO0("backend: " << backend_->name());
+  return true;
+}
+
+void Session::make_backend() {
+  std::string reason;
+  bool want_cuda = train_.device == "cuda" || (train_.device == "auto" && cuda_available(&reason));
+  if (want_cuda) {
+    LOOM_CHECK(cuda_available(&reason), kConfig, "runtime.device is 'cuda' but " << reason);
+    LOOM_THROW(kConfig, "runtime.device 'cuda': the CUDA backend is not part of this build yet; use --device cpu");
+  }
+  CpuBackendOptions opt;
+  int threads = static_cast<int>(train_.threads);
+  if (threads == 0) {
+    int cores = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+    threads = std::max(1, cores / std::max(1, groups_->local_size()));
+  }
+  opt.threads = threads;
+  backend_ = make_cpu_backend(opt);
+}
+
+ProcessGroups& Session::groups() const {
+  LOOM_CHECK(groups_ != nullptr, kInternal, "Session::groups() before start()");
+  return *groups_;
+}
+
+Backend& Session::backend() const {
+  LOOM_CHECK(backend_ != nullptr, kInternal, "Session::backend() before start()");
+  return *backend_;
+}
+
+TpGroup Session::tp() const {
+  Communicator& c = groups().tp();
+  return c.size() > 1 ? TpGroup::of(c) : TpGroup::none();
+}
+
+int run_main(int argc, char** argv, const std::function<void(Session&)>& body) {
+  std::unique_ptr<Session> session;
+  try {
+    session = std::make_unique<Session>(argc, argv);
+    body(*session);
+  } catch (const ReportedElsewhere&) {
+    return 1;  // the failing rank printed the reason; ~Session finalizes MPI
+  } catch (const std::exception& e) {
+    LOOM_ERROR(e.what());
+    int size = session ? session->world_size() : 1;
+    if (size > 1) MPI_Abort(MPI_COMM_WORLD, 1);  // peers may be blocked in a collective with us
+    return 1;
+  }
+  return 0;
+}
+
+}  // namespace loom

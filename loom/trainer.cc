@@ -1,0 +1,226 @@
+#include "loom/trainer.h"
+
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <iostream>
+#include <sstream>
+
+#include "core/error.h"
+#include "core/log.h"
+
+namespace loom {
+namespace {
+
+std::string format_duration(double s) {
+  char buf[32];
+  if (s < 120) {
+    std::snprintf(buf, sizeof buf, "%.0fs", s);
+  } else if (s < 7200) {
+    std::snprintf(buf, sizeof buf, "%.0fm%02.0fs", std::floor(s / 60), std::fmod(s, 60));
+  } else {
+    std::snprintf(buf, sizeof buf, "%.0fh%02.0fm", std::floor(s / 3600), std::fmod(s / 60, 60));
+  }
+  return buf;
+}
+
+std::string format_rate(double tokens_per_s) {
+  char buf[32];
+  if (tokens_per_s >= 1e6) {
+    std::snprintf(buf, sizeof buf, "%.2fM", tokens_per_s / 1e6);
+  } else if (tokens_per_s >= 1e3) {
+    std::snprintf(buf, sizeof buf, "%.1fk", tokens_per_s / 1e3);
+  } else {
+    std::snprintf(buf, sizeof buf, "%.0f", tokens_per_s);
+  }
+  return buf;
+}
+
+}  // namespace
+
+Trainer::Trainer(Session& session, LanguageModel& model)
+    : s_(session), cfg_(session.train_config()), model_(model) {
+  ProcessGroups& g = s_.groups();
+  local_batch_ = cfg_.batch_size / g.dp_size();
+  micro_batch_ = cfg_.micro_batch > 0 ? cfg_.micro_batch : local_batch_;
+  schedule_ = LrSchedule{cfg_.lr, cfg_.min_lr, cfg_.warmup_steps, cfg_.steps};
+
+  open_data();
+
+  Backend& be = s_.backend();
+  s_.agree([&] {
+    ParamArenaOptions po;
+    po.grad_dtype = DType::kF32;
+    po.dp_size = g.dp_size();
+    po.seed = static_cast<uint64_t>(cfg_.seed);
+    params_ = std::make_unique<ParameterArena>(be, po);
+    params_->finalize(model_);
+    AdamWConfig ac{cfg_.beta1, cfg_.beta2, cfg_.adam_eps, cfg_.weight_decay, cfg_.grad_clip};
+    optimizer_ = std::make_unique<AdamW>(*params_, ac);
+  });
+  arena_ = std::make_unique<ActivationArena>(be);
+  loss_buf_ = be.allocate(sizeof(float));
+  loss_sum_ = Tensor(loss_buf_, Shape{1}, DType::kF32, be.device());
+  LOOM_INFO0("model: " << model_.num_parameters_global() << " parameters (" << params_->numel()
+                       << " on this rank, " << params_->layout().size() << " tensors, "
+                       << params_->total_bytes() / (1 << 20) << " MiB of weights, gradients and AdamW state)");
+  LOOM_INFO0("batch: " << cfg_.batch_size << " sequences x " << model_.seq_len() << " tokens per step; "
+                       << local_batch_ << " per data-parallel rank in micro-batches of " << micro_batch_);
+}
+
+Trainer::~Trainer() {
+  if (loss_buf_) s_.backend().deallocate(loss_buf_);
+}
+
+void Trainer::open_data() {
+  ProcessGroups& g = s_.groups();
+  const std::string cache = cfg_.cache_dir.empty() ? default_cache_dir() : cfg_.cache_dir;
+  const bool is_bin = cfg_.dataset.size() > 4 && cfg_.dataset.compare(cfg_.dataset.size() - 4, 4, ".bin") == 0;
+  std::string path;
+  // The default corpus and text files are tokenized once per node (by its first rank) into the cache; the
+  // other ranks then open the cached token file.
+  auto resolve = [&] {
+    if (cfg_.dataset == "fortunes") {
+      path = default_corpus_path(cache);
+    } else if (is_bin) {
+      path = cfg_.dataset;
+    } else {
+      path = cached_text_corpus_path(cfg_.dataset, cache);
+    }
+  };
+  s_.agree([&] {
+    if (g.local_rank() == 0) resolve();
+  });
+  g.node().barrier();
+  s_.agree([&] {
+    if (g.local_rank() != 0) resolve();
+    data_.emplace(TokenFile::open(path, static_cast<int>(cfg_.token_bytes)));
+    sampler_ = std::make_unique<BatchSampler>(*data_, model_.seq_len(), cfg_.batch_size,
+                                              static_cast<uint64_t>(cfg_.seed), cfg_.val_fraction);
+    sampler_->check_vocab(model_.vocab_size());
+  });
+  LOOM_INFO0("data: " << path << " (" << data_->size() << " tokens, vocab " << data_->vocab_size() << ")");
+}
+
+Tensor Trainer::run_batch(Split split, int64_t step, bool train) {
+  Backend& be = s_.backend();
+  const int64_t T = model_.seq_len();
+  const int64_t accum = local_batch_ / micro_batch_;
+  const int64_t first = s_.groups().dp_rank() * local_batch_;
+  std::vector<int32_t> inputs(static_cast<size_t>(micro_batch_ * T)), targets(inputs.size());
+  be.fill(loss_sum_, 0.0f);
+  for (int64_t m = 0; m < accum; ++m) {
+    arena_->reset();
+    sampler_->fill(split, step, first + m * micro_batch_, micro_batch_, inputs.data(), targets.data());
+    Tensor tok = arena_->allocate(Shape{micro_batch_, T}, DType::kI32);
+    Tensor tgt = arena_->allocate(Shape{micro_batch_, T}, DType::kI32);
+    be.upload(tok, inputs.data());
+    be.upload(tgt, targets.data());
+    std::optional<Tape> tape;
+    if (train) tape.emplace(*arena_, params_.get());
+    Ctx c(be, *arena_, train ? &*tape : nullptr);
+    Tensor loss = model_.loss(c, tok, tgt);
+    LOOM_CHECK(loss.numel() == 1 && loss.dtype() == DType::kF32, kShape,
+               "LanguageModel::loss must return a one-element f32 tensor, got " << loss.describe());
+    if (train) tape->backward(loss, 1.0f / static_cast<float>(accum));
+    be.axpy(loss_sum_, loss.detach(), 1.0f / static_cast<float>(accum), true);
+  }
+  // Mean over data-parallel ranks (TP ranks hold the same loss).
+  if (s_.groups().dp_size() > 1) s_.groups().dp().all_reduce(loss_sum_, ReduceOp::kSum);
+  be.axpy(loss_sum_, loss_sum_, 1.0f / static_cast<float>(s_.groups().dp_size()), false);
+  return loss_sum_;
+}
+
+StepStats Trainer::train_step() {
+  auto t0 = std::chrono::steady_clock::now();
+  ProcessGroups& g = s_.groups();
+  Backend& be = s_.backend();
+  params_->zero_grads();
+  Tensor loss = run_batch(Split::kTrain, step_, true);
+  if (g.dp_size() > 1) g.dp().all_reduce(params_->grads(), ReduceOp::kSum);
+  if (g.tp_size() > 1) {
+    // Replicated parameters (norm weights) must stay identical on every TP rank: average their gradients.
+    for (const ParamGroup& pg : params_->groups()) {
+      if (!pg.tp_replicated) continue;
+      Tensor r = params_->grads().flat_range(pg.offset, pg.offset + pg.count);
+      g.tp().all_reduce(r, ReduceOp::kSum);
+      be.axpy(r, r, 1.0f / static_cast<float>(g.tp_size()), false);
+    }
+  }
+  const double lr = schedule_.at(step_);
+  std::optional<CommReducer> tp_reduce;
+  if (g.tp_size() > 1) tp_reduce.emplace(g.tp());
+  optimizer_->step(lr, 1.0 / static_cast<double>(g.dp_size()), tp_reduce ? &*tp_reduce : nullptr);
+  StepStats st;
+  st.loss = be.read_scalar(loss);
+  st.grad_norm = optimizer_->last_grad_norm();
+  ++step_;
+  st.step = step_;
+  st.lr = lr;
+  st.step_time_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  st.tokens_per_s = static_cast<double>(cfg_.batch_size * model_.seq_len()) / st.step_time_s;
+  LOOM_CHECK(std::isfinite(st.loss), kData, "the training loss became " << st.loss << " at step " << step_
+                                                                         << "; lower train.lr or check the data");
+  return st;
+}
+
+double Trainer::evaluate(int64_t batches) {
+  double total = 0;
+  for (int64_t b = 0; b < batches; ++b) total += s_.backend().read_scalar(run_batch(Split::kVal, b, false));
+  arena_->reset();
+  return batches > 0 ? total / static_cast<double>(batches) : 0.0;
+}
+
+void Trainer::write_metrics(const StepStats& s) {
+  if (!metrics_.is_open()) return;
+  char line[256];
+  std::snprintf(line, sizeof line,
+                "{\"step\":%lld,\"loss\":%.6f,\"lr\":%.6g,\"grad_norm\":%.6g,\"step_time_s\":%.6f,"
+                "\"tokens_per_s\":%.1f,\"elapsed_s\":%.3f}\n",
+                static_cast<long long>(s.step), s.loss, s.lr, s.grad_norm, s.step_time_s, s.tokens_per_s,
+                log::uptime_s());
+  metrics_ << line << std::flush;
+}
+
+double Trainer::fit() {
+  if (s_.is_root() && !cfg_.metrics_file.empty()) {
+    metrics_.open(cfg_.metrics_file, std::ios::out | std::ios::trunc);
+    LOOM_CHECK(metrics_.is_open(), kIo, "cannot open train.metrics_file '" << cfg_.metrics_file << "' for writing");
+  }
+  LOOM_INFO0("training for " << cfg_.steps - step_ << " steps");
+  const auto start = std::chrono::steady_clock::now();
+  const int64_t first = step_;
+  StepStats last;
+  while (step_ < cfg_.steps) {
+    last = train_step();
+    write_metrics(last);
+    const bool log_now = last.step % cfg_.log_every == 0 || last.step == cfg_.steps || last.step == first + 1;
+    if (s_.is_root() && log_now) {
+      double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+      double avg = elapsed / static_cast<double>(last.step - first);
+      char buf[256];
+      std::snprintf(buf, sizeof buf, "step %lld/%lld | loss %.4f | lr %.2e | grad norm %.3f | %s tok/s | %.3f s/step | ETA %s",
+                    static_cast<long long>(last.step), static_cast<long long>(cfg_.steps), last.loss, last.lr,
+                    last.grad_norm, format_rate(last.tokens_per_s).c_str(), last.step_time_s,
+                    format_duration(avg * static_cast<double>(cfg_.steps - last.step)).c_str());
+      LOOM_INFO(buf);
+    }
+    if (cfg_.eval_every > 0 && last.step % cfg_.eval_every == 0 && last.step != cfg_.steps) {
+      double v = evaluate(cfg_.eval_batches);
+      LOOM_INFO0("step " << last.step << " | validation loss " << v);
+    }
+  }
+  if (cfg_.eval_batches > 0) {
+    double v = evaluate(cfg_.eval_batches);
+    LOOM_INFO0("final validation loss " << v << " over " << cfg_.eval_batches << " batches");
+  }
+  if (s_.is_root()) {
+    char done[160];
+    std::snprintf(done, sizeof done, "{\"event\":\"done\",\"steps\":%lld,\"final_loss\":%.6f}",
+                  static_cast<long long>(step_), last.loss);
+    std::cout << done << std::endl;
+  }
+  return last.loss;
+}
+
+}  // namespace loom

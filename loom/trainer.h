@@ -1,0 +1,86 @@
+// Trainer: drives a LanguageModel through data-parallel x tensor-parallel training.
+//
+// One step: for each micro-batch, reset the activation arena, run forward (recording the tape) and backward;
+// then all-reduce gradients over the data-parallel group, average the gradients of TP-replicated parameters
+// over the tensor-parallel group (so replicas can never drift), and take one AdamW step. The batch for
+// (step, DP rank) is a pure function of (seed, step, sample index), and DP rank d of D takes samples
+// [d*B/D, (d+1)*B/D) of the global batch B, so results do not depend on the rank count.
+//
+// Output: progress every train.log_every steps on rank 0; one JSON line per step in train.metrics_file;
+// and as the last line on success: {"event":"done","steps":N,"final_loss":L}.
+#pragma once
+
+#include <cstdint>
+#include <fstream>
+#include <memory>
+#include <optional>
+
+#include "core/arena.h"
+#include "core/data.h"
+#include "core/module.h"
+#include "core/optimizer.h"
+#include "core/param_arena.h"
+#include "loom/session.h"
+
+namespace loom {
+
+// What the Trainer trains: any Module that maps tokens to a mean next-token loss.
+class LanguageModel : public Module {
+ public:
+  // tokens, targets i32 [B, T] -> mean cross-entropy, f32 [1].
+  virtual Tensor loss(Ctx& c, const Tensor& tokens, const Tensor& targets) = 0;
+  virtual int64_t vocab_size() const = 0;
+  virtual int64_t seq_len() const = 0;
+  // Training FLOPs per token (forward + backward), for MFU; 0 when unknown.
+  virtual double flops_per_token() const { return 0; }
+};
+
+struct StepStats {
+  int64_t step = 0;  // steps completed, 1-based
+  double loss = 0;
+  double lr = 0;
+  double grad_norm = 0;
+  double step_time_s = 0;
+  double tokens_per_s = 0;
+};
+
+class Trainer {
+ public:
+  // Opens the dataset and initialises the parameters; errors are reported once and thrown on every rank.
+  Trainer(Session& session, LanguageModel& model);
+  ~Trainer();
+
+  // Runs the remaining steps up to train.steps with progress output; returns the last training loss.
+  double fit();
+  StepStats train_step();
+  // Mean validation loss over `batches` global batches of the held-out split.
+  double evaluate(int64_t batches);
+
+  ParameterArena& params() { return *params_; }
+  AdamW& optimizer() { return *optimizer_; }
+  int64_t step() const { return step_; }
+  const BatchSampler& sampler() const { return *sampler_; }
+
+ private:
+  void open_data();
+  // Mean loss over this rank's part of the global batch of `step` in `split`; with a tape when training.
+  Tensor run_batch(Split split, int64_t step, bool train);
+  void write_metrics(const StepStats& s);
+
+  Session& s_;
+  const TrainConfig& cfg_;
+  LanguageModel& model_;
+  std::optional<TokenFile> data_;
+  std::unique_ptr<BatchSampler> sampler_;
+  std::unique_ptr<ParameterArena> params_;
+  std::unique_ptr<AdamW> optimizer_;
+  std::unique_ptr<ActivationArena> arena_;
+  LrSchedule schedule_;
+  int64_t step_ = 0;
+  int64_t local_batch_ = 0, micro_batch_ = 0;
+  void* loss_buf_ = nullptr;  // device f32 [1]: the step's loss, summed over micro-batches
+  Tensor loss_sum_;
+  std::ofstream metrics_;
+};
+
+}  // namespace loom

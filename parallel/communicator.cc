@@ -1,0 +1,137 @@
+#include "parallel/communicator.h"
+
+#include <utility>
+
+#include "core/error.h"
+
+namespace loom {
+
+const char* reduce_op_name(ReduceOp op) {
+  switch (op) {
+    case ReduceOp::kSum: return "sum";
+    case ReduceOp::kMax: return "max";
+    case ReduceOp::kMin: return "min";
+  }
+  return "?";
+}
+
+Communicator::Communicator(std::string name, int rank, int size, uint32_t group_id)
+    : name_(std::move(name)), rank_(rank), size_(size), group_id_(group_id) {
+  LOOM_CHECK(size >= 1 && rank >= 0 && rank < size, kInternal,
+             "communicator '" << name_ << "': rank " << rank << " out of range for size " << size);
+}
+
+Communicator::~Communicator() = default;
+
+void Communicator::check_tensor(const Tensor& t, const char* call, const char* arg, bool reduction) const {
+  LOOM_CHECK(
+      t.defined(), kShape,
+      call << " on '" << name_ << "': argument '" << arg << "' is a null tensor with " << t.numel() << " elements");
+  LOOM_CHECK(t.device() == device(), kComm,
+             call << " on '" << name_ << "': argument '" << arg << "' is in " << device_name(t.device())
+                  << " memory, but the " << backend_name() << " communicator works on " << device_name(device())
+                  << " memory");
+  LOOM_CHECK(supports(t.dtype(), reduction), kComm,
+             call << " on '" << name_ << "': argument '" << arg << "' has dtype " << dtype_name(t.dtype()) << "; "
+                  << (reduction ? "reductions" : "transfers") << " of " << dtype_name(t.dtype())
+                  << " are not supported on the " << backend_name() << " communicator");
+}
+
+void Communicator::check_overlap(const Tensor& part, const char* part_arg, const Tensor& whole, const char* whole_arg,
+                                 const char* call) const {
+  auto p = reinterpret_cast<uintptr_t>(part.data());
+  auto w = reinterpret_cast<uintptr_t>(whole.data());
+  bool overlap = part.nbytes() > 0 && whole.nbytes() > 0 && p < w + whole.nbytes() && w < p + part.nbytes();
+  if (!overlap) return;
+  uintptr_t in_place = w + static_cast<uintptr_t>(rank_) * part.nbytes();
+  LOOM_CHECK(p == in_place, kComm,
+             call << " on '" << name_ << "': arguments '" << part_arg << "' and '" << whole_arg
+                  << "' overlap; the only overlap allowed is '" << part_arg << "' being exactly block " << rank_
+                  << " (this rank's) of '" << whole_arg << "'");
+}
+
+void Communicator::check_rank_arg(int r, const char* call, const char* arg, bool allow_self) const {
+  LOOM_CHECK(
+      r >= 0 && r < size_, kComm,
+      call << " on '" << name_ << "': " << arg << " " << r << " is out of range for a group of " << size_ << " ranks");
+  LOOM_CHECK(allow_self || r != rank_, kComm,
+             call << " on '" << name_ << "': " << arg << " " << r
+                  << " is this rank; a rank cannot send to or receive from itself");
+}
+
+void Communicator::all_reduce(const Tensor& t, ReduceOp op) {
+  check_tensor(t, "all_reduce", "t", true);
+  uint64_t seq = trace_.begin(CollectiveOp::kAllReduce, group_id_, -1, t.nbytes());
+  do_all_reduce(t, op);
+  trace_.end(seq);
+}
+
+void Communicator::reduce_scatter(const Tensor& out, const Tensor& in, ReduceOp op) {
+  const char* call = "reduce_scatter";
+  check_tensor(out, call, "out", true);
+  check_tensor(in, call, "in", true);
+  check_dtype(out, in.dtype(), call, "out");
+  LOOM_CHECK(in.numel() % size_ == 0, kShape,
+             call << " on '" << name_ << "': argument 'in' has " << in.numel()
+                  << " elements, which do not split evenly over the group of " << size_ << " ranks");
+  LOOM_CHECK(out.numel() * size_ == in.numel(), kShape,
+             call << " on '" << name_ << "': argument 'out' has " << out.numel() << " elements, expected in.numel() / "
+                  << size_ << " = " << in.numel() / size_);
+  check_overlap(out, "out", in, "in", call);
+  uint64_t seq = trace_.begin(CollectiveOp::kReduceScatter, group_id_, -1, in.nbytes());
+  do_reduce_scatter(out, in, op);
+  trace_.end(seq);
+}
+
+void Communicator::all_gather(const Tensor& out, const Tensor& in) {
+  const char* call = "all_gather";
+  check_tensor(out, call, "out", false);
+  check_tensor(in, call, "in", false);
+  check_dtype(out, in.dtype(), call, "out");
+  LOOM_CHECK(out.numel() == in.numel() * size_, kShape,
+             call << " on '" << name_ << "': argument 'out' has " << out.numel() << " elements, expected " << size_
+                  << " x in.numel() = " << in.numel() * size_);
+  check_overlap(in, "in", out, "out", call);
+  uint64_t seq = trace_.begin(CollectiveOp::kAllGather, group_id_, -1, out.nbytes());
+  do_all_gather(out, in);
+  trace_.end(seq);
+}
+
+void Communicator::broadcast(const Tensor& t, int root) {
+  check_tensor(t, "broadcast", "t", false);
+  check_rank_arg(root, "broadcast", "root", true);
+  uint64_t seq = trace_.begin(CollectiveOp::kBroadcast, group_id_, -1, t.nbytes());
+  do_broadcast(t, root);
+  trace_.end(seq);
+}
+
+void Communicator::send(const Tensor& t, int peer) {
+  check_tensor(t, "send", "t", false);
+  check_rank_arg(peer, "send", "peer", false);
+  uint64_t seq = trace_.begin(CollectiveOp::kSend, group_id_, peer, t.nbytes());
+  do_send(t, peer);
+  trace_.end(seq);
+}
+
+void Communicator::recv(const Tensor& t, int peer) {
+  check_tensor(t, "recv", "t", false);
+  check_rank_arg(peer, "recv", "peer", false);
+  uint64_t seq = trace_.begin(CollectiveOp::kRecv, group_id_, peer, t.nbytes());
+  do_recv(t, peer);
+  trace_.end(seq);
+}
+
+void Communicator::barrier() {
+  uint64_t seq = trace_.begin(CollectiveOp::kBarrier, group_id_, -1, 0);
+  do_barrier();
+  trace_.end(seq);
+}
+
+void CommReducer::all_reduce_sum(const Tensor& t) {
+  comm_.all_reduce(t, ReduceOp::kSum);
+}
+void CommReducer::all_reduce_max(const Tensor& t) {
+  comm_.all_reduce(t, ReduceOp::kMax);
+}
+
+}  // namespace loom

@@ -1,0 +1,105 @@
+// Communicator: the one collective interface of Loom, for every backend (MPI on host memory, NCCL on device
+// memory). The public calls are not virtual: each one validates its arguments, records a trace record
+// (parallel/trace.h) around the backend's do_* call, and so every collective of the job goes through one
+// instrumented path that the monitor reads.
+//
+// Contract for every call:
+// - Every rank of the group makes the same calls in the same order, with tensors of the same dtype and size
+//   (send/recv: matched pairs). A call is not an error on one rank only: argument checks depend only on the
+//   arguments and the group's size, so when they are the same everywhere every rank throws the same error
+//   before any communication starts, and no rank is left waiting.
+// - Tensors are contiguous views (core/tensor.h) on this communicator's device(). The call reads and writes
+//   them in place; on a host backend they are complete when the call returns. (A device backend will write
+//   its stream contract here.)
+// - Errors: sizes that do not fit the group -> kShape; a tensor on the wrong device, a dtype the backend cannot
+//   handle, a root or peer out of range, overlapping buffers -> kComm. Each message names the call, the group
+//   and the argument. A failure inside the backend (kComm) leaves its trace record in flight: the group is
+//   unusable after it, as peers may be waiting.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+#include "core/ops.h"
+#include "core/tensor.h"
+#include "parallel/trace.h"
+
+namespace loom {
+
+enum class ReduceOp : uint8_t { kSum, kMax, kMin };
+
+const char* reduce_op_name(ReduceOp op);  // "sum", "max", "min"
+
+class Communicator {
+ public:
+  virtual ~Communicator();
+  Communicator(const Communicator&) = delete;
+  Communicator& operator=(const Communicator&) = delete;
+
+  int rank() const { return rank_; }
+  int size() const { return size_; }
+  const std::string& name() const { return name_; }  // "world", "tp", "dp", "node"
+  uint32_t group_id() const { return group_id_; }
+  // Where the tensors of this communicator live, and the backend's name for messages ("MPI", "NCCL").
+  virtual Device device() const = 0;
+  virtual const char* backend_name() const = 0;
+
+  // t = op over ranks of t, in place.
+  void all_reduce(const Tensor& t, ReduceOp op);
+  // out = block `rank()` of (op over ranks of in), where in is size() equal blocks of out.numel() elements.
+  // In place when out is exactly that block of in; any other overlap of out and in is an error.
+  void reduce_scatter(const Tensor& out, const Tensor& in, ReduceOp op);
+  // out = in of rank 0, in of rank 1, ... concatenated (out.numel() == size() * in.numel()).
+  // In place when in is exactly block `rank()` of out; any other overlap is an error.
+  void all_gather(const Tensor& out, const Tensor& in);
+  // t = t of rank `root`.
+  void broadcast(const Tensor& t, int root);
+  // Point-to-point with the rank `peer` of this group (not this rank). Blocking: a send may wait until the
+  // matching recv starts, so order pairs so that they cannot wait on each other in a cycle.
+  void send(const Tensor& t, int peer);
+  void recv(const Tensor& t, int peer);
+  void barrier();
+
+  const TraceRing& trace() const { return trace_; }
+
+ protected:
+  Communicator(std::string name, int rank, int size, uint32_t group_id);
+
+  // Whether the backend can move (reduction == false) or reduce (true) elements of this dtype.
+  virtual bool supports(DType dtype, bool reduction) const = 0;
+
+  // The backend's work; arguments are already validated.
+  virtual void do_all_reduce(const Tensor& t, ReduceOp op) = 0;
+  virtual void do_reduce_scatter(const Tensor& out, const Tensor& in, ReduceOp op) = 0;
+  virtual void do_all_gather(const Tensor& out, const Tensor& in) = 0;
+  virtual void do_broadcast(const Tensor& t, int root) = 0;
+  virtual void do_send(const Tensor& t, int peer) = 0;
+  virtual void do_recv(const Tensor& t, int peer) = 0;
+  virtual void do_barrier() = 0;
+
+ private:
+  void check_tensor(const Tensor& t, const char* call, const char* arg, bool reduction) const;
+  // part must not overlap whole unless it is exactly block rank() of it (the in-place form).
+  void check_overlap(const Tensor& part, const char* part_arg, const Tensor& whole, const char* whole_arg,
+                     const char* call) const;
+  void check_rank_arg(int r, const char* call, const char* arg, bool allow_self) const;
+
+  std::string name_;
+  int rank_;
+  int size_;
+  uint32_t group_id_;
+  TraceRing trace_;
+};
+
+// The tensor-parallel all-reduce that the vocab-parallel cross-entropy (core/ops.h) needs, over a Communicator.
+class CommReducer : public GroupReducer {
+ public:
+  explicit CommReducer(Communicator& comm) : comm_(comm) {}
+  void all_reduce_sum(const Tensor& t) override;
+  void all_reduce_max(const Tensor& t) override;
+
+ private:
+  Communicator& comm_;
+};
+
+}  // namespace loom

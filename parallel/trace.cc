@@ -1,0 +1,68 @@
+#include "parallel/trace.h"
+
+#include "core/error.h"
+#include "core/log.h"
+
+namespace loom {
+
+const char* collective_op_name(CollectiveOp op) {
+  switch (op) {
+    case CollectiveOp::kAllReduce: return "all_reduce";
+    case CollectiveOp::kReduceScatter: return "reduce_scatter";
+    case CollectiveOp::kAllGather: return "all_gather";
+    case CollectiveOp::kBroadcast: return "broadcast";
+    case CollectiveOp::kSend: return "send";
+    case CollectiveOp::kRecv: return "recv";
+    case CollectiveOp::kBarrier: return "barrier";
+  }
+  return "?";
+}
+
+double trace_clock_s() {
+  return log::uptime_s();
+}
+
+TraceRing::TraceRing(size_t capacity) {
+  LOOM_CHECK(capacity > 0, kConfig, "trace ring capacity must be positive, got " << capacity);
+  records_.resize(capacity);
+}
+
+uint64_t TraceRing::begin(CollectiveOp op, uint32_t group_id, int32_t peer, uint64_t bytes) {
+  double now = trace_clock_s();
+  std::lock_guard<std::mutex> lock(mutex_);
+  uint64_t seq = launched_.load(std::memory_order_relaxed);
+  records_[seq % records_.size()] = TraceRecord{seq, op, group_id, peer, bytes, now, 0.0};
+  launched_.store(seq + 1, std::memory_order_release);
+  return seq;
+}
+
+void TraceRing::end(uint64_t seq) {
+  end(seq, trace_clock_s());
+}
+
+void TraceRing::end(uint64_t seq, double end_s) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  uint64_t launched = launched_.load(std::memory_order_relaxed);
+  LOOM_CHECK(seq < launched, kInternal, "trace: end() of record " << seq << ", but only " << launched << " began");
+  TraceRecord& r = records_[seq % records_.size()];
+  if (r.seq == seq) {
+    LOOM_CHECK(r.end_s == 0, kInternal, "trace: record " << seq << " ended twice");
+    // A record must not end before it started, even if a backend hands in a time from a coarser clock.
+    r.end_s = end_s > r.start_s ? end_s : r.start_s;
+  }
+  completed_.fetch_add(1, std::memory_order_release);
+}
+
+std::vector<TraceRecord> TraceRing::snapshot(uint64_t since_seq) const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  uint64_t launched = launched_.load(std::memory_order_relaxed);
+  uint64_t oldest = launched > records_.size() ? launched - records_.size() : 0;
+  uint64_t first = since_seq > oldest ? since_seq : oldest;
+  std::vector<TraceRecord> out;
+  if (first >= launched) return out;
+  out.reserve(static_cast<size_t>(launched - first));
+  for (uint64_t s = first; s < launched; ++s) out.push_back(records_[s % records_.size()]);
+  return out;
+}
+
+}  // namespace loom

@@ -1,0 +1,69 @@
+// Per-rank collective trace: every call through a Communicator (parallel/communicator.h) leaves one record
+// (seq, op, group, peer, bytes, start, end) in a fixed-capacity ring, and bumps two counters, launched and
+// completed. The monitor (launch/) reads the counters with each heartbeat and ships batches of records: a rank
+// whose launched count lags the others is stuck outside communication; a record that stays in flight names the
+// collective (and for send/recv, the peer) a rank is stuck in.
+//
+// Assumes one writer thread per ring (the thread that issues the collectives, or on GPU the side thread that
+// reads completion events) and any number of concurrent readers. A mutex guards the records; it is held for a
+// few stores per call, which is noise next to the cost of any collective.
+#pragma once
+
+#include <atomic>
+#include <cstddef>
+#include <cstdint>
+#include <mutex>
+#include <vector>
+
+namespace loom {
+
+enum class CollectiveOp : uint8_t { kAllReduce, kReduceScatter, kAllGather, kBroadcast, kSend, kRecv, kBarrier };
+
+// "all_reduce", "reduce_scatter", ... (the names of the Communicator calls).
+const char* collective_op_name(CollectiveOp op);
+
+// Seconds on the steady clock since the process started: the clock of trace records, and the same clock as
+// the log lines (core/log.h), so a record can be matched with what the rank logged around it.
+double trace_clock_s();
+
+struct TraceRecord {
+  uint64_t seq = 0;  // 0, 1, 2, ... per ring, in the order the calls were launched
+  CollectiveOp op = CollectiveOp::kBarrier;
+  uint32_t group_id = 0;  // which communicator (ProcessGroups: world 0, tp 1, dp 2, node 3)
+  int32_t peer = -1;      // rank in the group of the other side of a send/recv; -1 for collectives
+  uint64_t bytes = 0;     // size of the full (unsharded) buffer: all_gather's out, reduce_scatter's in
+  double start_s = 0;     // trace_clock_s() when launched
+  double end_s = 0;       // trace_clock_s() when completed; 0 while in flight
+};
+
+class TraceRing {
+ public:
+  static constexpr size_t kDefaultCapacity = 4096;
+
+  explicit TraceRing(size_t capacity = kDefaultCapacity);
+  TraceRing(const TraceRing&) = delete;
+  TraceRing& operator=(const TraceRing&) = delete;
+
+  // Writer side. begin() opens a record stamped now and returns its seq; end() closes it. A record whose
+  // slot was reused before end() (more than capacity() calls in flight) still counts as completed.
+  uint64_t begin(CollectiveOp op, uint32_t group_id, int32_t peer, uint64_t bytes);
+  void end(uint64_t seq);
+  // With an explicit completion time, for backends that learn it later (GPU events read by a side thread).
+  void end(uint64_t seq, double end_s);
+
+  // Reader side. The records with seq >= since_seq that are still in the ring, oldest first (in-flight ones
+  // included, with end_s == 0). A reader that keeps up passes the seq after the last one it saw.
+  std::vector<TraceRecord> snapshot(uint64_t since_seq = 0) const;
+  uint64_t launched() const { return launched_.load(std::memory_order_acquire); }    // begin() calls
+  uint64_t completed() const { return completed_.load(std::memory_order_acquire); }  // end() calls
+  size_t capacity() const { return records_.size(); }
+
+ private:
+  mutable std::mutex mutex_;
+  std::vector<TraceRecord> records_;  // record seq lives in slot seq % capacity
+  // Atomic so a heartbeat can read them without the mutex; written only under it.
+  std::atomic<uint64_t> launched_{0};
+  std::atomic<uint64_t> completed_{0};
+};
+
+}  // namespace loom
