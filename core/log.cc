@@ -56,8 +56,10 @@ void write(Level l, const std::string& message) {
   static const char* kTags[] = {"debug: ", "", "warning: ", "error: "};
   char prefix[96];
   int r = g_rank, n = g_node;
-  if (r >= 0) {
+  if (r >= 0 && n >= 0) {
     std::snprintf(prefix, sizeof prefix, "[loom r%d n%d %.1fs] ", r, n, uptime_s());
+  } else if (r >= 0) {
+    std::snprintf(prefix, sizeof prefix, "[loom r%d %.1fs] ", r, uptime_s());
   } else {
     std::snprintf(prefix, sizeof prefix, "[loom %.1fs] ", uptime_s());
   }

@@ -208,16 +208,26 @@ double Trainer::fit() {
     if (cfg_.eval_every > 0 && last.step % cfg_.eval_every == 0 && last.step != cfg_.steps) {
       double v = evaluate(cfg_.eval_batches);
       LOOM_INFO0("step " << last.step << " | validation loss " << v);
+      if (metrics_.is_open()) {
+        char line[96];
+        std::snprintf(line, sizeof line, "{\"event\":\"eval\",\"step\":%lld,\"val_loss\":%.6f}\n",
+                      static_cast<long long>(last.step), v);
+        metrics_ << line << std::flush;
+      }
     }
   }
+  std::string val;
   if (cfg_.eval_batches > 0) {
     double v = evaluate(cfg_.eval_batches);
     LOOM_INFO0("final validation loss " << v << " over " << cfg_.eval_batches << " batches");
+    char buf[48];
+    std::snprintf(buf, sizeof buf, ",\"val_loss\":%.6f", v);
+    val = buf;
   }
   if (s_.is_root()) {
-    char done[160];
-    std::snprintf(done, sizeof done, "{\"event\":\"done\",\"steps\":%lld,\"final_loss\":%.6f}",
-                  static_cast<long long>(step_), last.loss);
+    char done[200];
+    std::snprintf(done, sizeof done, "{\"event\":\"done\",\"steps\":%lld,\"final_loss\":%.6f%s}",
+                  static_cast<long long>(step_), last.loss, val.c_str());
     std::cout << done << std::endl;
   }
   return last.loss;

@@ -2,7 +2,7 @@
 // q, k, v, out [B, T, H, Dh] (row stride H*Dh, each head's row of Dh contiguous); lse f32 [B, H, T].
 //
 // No T x T matrix is formed: query rows are processed kRows at a time and each thread's scratch holds kRows rows
-// of scores. A head's rows are H*Dh floats apart, a power-of-two stride that maps them onto few cache sets, so
+// of scores. A head's rows are H*Dh floats apart, often a power-of-two stride that maps them onto few cache sets, so
 // each task first packs the keys and values it needs into contiguous per-thread tiles (K transposed, so scores
 // vectorise along keys without horizontal sums), padded with zeros to whole register tiles. Three register-
 // blocked micro-kernels (GCC vector extensions, compiled per ISA level) do all the arithmetic.
@@ -29,14 +29,20 @@ namespace {
 
 // 16 floats; GCC lowers it to whatever registers the clone's ISA has (one zmm, two ymm, four xmm).
 using V16 = float __attribute__((vector_size(64)));
-constexpr int64_t kRows = 4;       // query rows per micro-kernel call
-constexpr int64_t kTile = 32;      // keys (or head-dim elements) per register tile: two V16 per row
+constexpr int64_t kRows = 4;   // query rows per micro-kernel call
+constexpr int64_t kTile = 32;  // keys (or head-dim elements) per register tile: two V16 per row
 
 // References, not values: passing vector types by value changes the ABI between clones.
-LOOM_CPU_INLINE void vload(V16& v, const float* p) { std::memcpy(&v, p, sizeof v); }
-LOOM_CPU_INLINE void vstore(float* p, const V16& v) { std::memcpy(p, &v, sizeof v); }
+LOOM_CPU_INLINE void vload(V16& v, const float* p) {
+  std::memcpy(&v, p, sizeof v);
+}
+LOOM_CPU_INLINE void vstore(float* p, const V16& v) {
+  std::memcpy(p, &v, sizeof v);
+}
 
-int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
+int64_t round_up(int64_t n, int64_t m) {
+  return (n + m - 1) / m * m;
+}
 
 // s[r][u] = scale * sum_{d < dim} x[r][d] kt[d][u] for r < kRows, u < n (a multiple of kTile).
 LOOM_CPU_INLINE void tile_scores(float* s, int64_t lds, const float* x, int64_t ldx, const float* kt, int64_t ldk,
@@ -189,11 +195,11 @@ int64_t forward_scratch(const Head& hd) {
 LOOM_CPU_CLONES void forward_task(float* out, float* lse, const float* q, const float* k, const float* v,
                                   const Head& hd, int64_t tb0, int64_t tb1, float scale, float* scratch) {
   const int64_t keys_p = round_up(tb1, kTile);
-  float* kt = scratch;                        // [dim][seq_p]
-  float* vp = kt + hd.dim * hd.seq_p;         // [seq_p][dim_p]
-  float* s = vp + hd.seq_p * hd.dim_p;        // [kRows][seq_p]
-  float* xq = s + kRows * hd.seq_p;           // [kRows][dim_p]
-  float* acc = xq + kRows * hd.dim_p;         // [kRows][dim_p]
+  float* kt = scratch;                  // [dim][seq_p]
+  float* vp = kt + hd.dim * hd.seq_p;   // [seq_p][dim_p]
+  float* s = vp + hd.seq_p * hd.dim_p;  // [kRows][seq_p]
+  float* xq = s + kRows * hd.seq_p;     // [kRows][dim_p]
+  float* acc = xq + kRows * hd.dim_p;   // [kRows][dim_p]
   pack_transposed(kt, k, hd, tb1, keys_p);
   pack_rows(vp, v, hd, tb1, keys_p);
   for (int64_t t0 = tb0; t0 < tb1; t0 += kRows) {
@@ -220,19 +226,19 @@ int64_t backward_scratch(const Head& hd) {
 }
 
 // Backward for one head: dq rows written (or added), dk and dv rows of the head written (or added) at the end.
-LOOM_CPU_CLONES void backward_task(float* dq, float* dk, float* dv, bool accumulate, const float* dout,
-                                   const float* q, const float* k, const float* v, const float* out,
-                                   const float* lse, const Head& hd, float scale, float* scratch) {
-  float* kt = scratch;                      // [dim][seq_p]  k transposed
-  float* vt = kt + hd.dim * hd.seq_p;       // [dim][seq_p]  v transposed
-  float* kp = vt + hd.dim * hd.seq_p;       // [seq_p][dim_p] k rows
-  float* dkp = kp + hd.seq_p * hd.dim_p;    // [seq_p][dim_p] dk accumulator
-  float* dvp = dkp + hd.seq_p * hd.dim_p;   // [seq_p][dim_p] dv accumulator
-  float* p = dvp + hd.seq_p * hd.dim_p;     // [kRows][seq_p] probabilities
-  float* ds = p + kRows * hd.seq_p;         // [kRows][seq_p] dout.v, then ds
-  float* xq = ds + kRows * hd.seq_p;        // [kRows][dim_p] q rows of the block
-  float* xdo = xq + kRows * hd.dim_p;       // [kRows][dim_p] dout rows of the block
-  float* dq_acc = xdo + kRows * hd.dim_p;   // [kRows][dim_p]
+LOOM_CPU_CLONES void backward_task(float* dq, float* dk, float* dv, bool accumulate, const float* dout, const float* q,
+                                   const float* k, const float* v, const float* out, const float* lse, const Head& hd,
+                                   float scale, float* scratch) {
+  float* kt = scratch;                     // [dim][seq_p]  k transposed
+  float* vt = kt + hd.dim * hd.seq_p;      // [dim][seq_p]  v transposed
+  float* kp = vt + hd.dim * hd.seq_p;      // [seq_p][dim_p] k rows
+  float* dkp = kp + hd.seq_p * hd.dim_p;   // [seq_p][dim_p] dk accumulator
+  float* dvp = dkp + hd.seq_p * hd.dim_p;  // [seq_p][dim_p] dv accumulator
+  float* p = dvp + hd.seq_p * hd.dim_p;    // [kRows][seq_p] probabilities
+  float* ds = p + kRows * hd.seq_p;        // [kRows][seq_p] dout.v, then ds
+  float* xq = ds + kRows * hd.seq_p;       // [kRows][dim_p] q rows of the block
+  float* xdo = xq + kRows * hd.dim_p;      // [kRows][dim_p] dout rows of the block
+  float* dq_acc = xdo + kRows * hd.dim_p;  // [kRows][dim_p]
   pack_transposed(kt, k, hd, hd.seq, hd.seq_p);
   pack_transposed(vt, v, hd, hd.seq, hd.seq_p);
   pack_rows(kp, k, hd, hd.seq, hd.seq_p);

@@ -25,8 +25,9 @@ std::string openblas_version() {
 }
 
 void check_host(const Tensor& t, const char* op, const char* arg) {
-  LOOM_CHECK(t.device() == Device::kCpu, kShape,
-             op << ": argument '" << arg << "' is on " << device_name(t.device()) << ", the CPU backend needs host memory");
+  LOOM_CHECK(
+      t.device() == Device::kCpu, kShape,
+      op << ": argument '" << arg << "' is on " << device_name(t.device()) << ", the CPU backend needs host memory");
   LOOM_CHECK(t.data() != nullptr || t.numel() == 0, kShape, op << ": argument '" << arg << "' has no storage");
 }
 
@@ -62,7 +63,9 @@ void* CpuBackend::allocate(size_t bytes) {
   return p;
 }
 
-void CpuBackend::deallocate(void* ptr) { std::free(ptr); }
+void CpuBackend::deallocate(void* ptr) {
+  std::free(ptr);
+}
 
 void CpuBackend::copy(const Tensor& dst, const Tensor& src) {
   check_host(dst, "copy", "dst");
@@ -120,9 +123,9 @@ void CpuBackend::matmul(const Tensor& c, const Tensor& a, bool trans_a, const Te
   float* pc = f32_data(c, "matmul", "c");
   const float* pa = f32_data(a, "matmul", "a");
   const float* pb = f32_data(b, "matmul", "b");
-  LOOM_CHECK(a.ndim() == 2 && b.ndim() == 2 && c.ndim() == 2, kShape,
-             "matmul: a, b and c must be 2-D, got " << a.shape().str() << ", " << b.shape().str() << ", "
-                                                    << c.shape().str());
+  LOOM_CHECK(
+      a.ndim() == 2 && b.ndim() == 2 && c.ndim() == 2, kShape,
+      "matmul: a, b and c must be 2-D, got " << a.shape().str() << ", " << b.shape().str() << ", " << c.shape().str());
   const int64_t m = trans_a ? a.size(1) : a.size(0);
   const int64_t k = trans_a ? a.size(0) : a.size(1);
   const int64_t kb = trans_b ? b.size(1) : b.size(0);
@@ -146,8 +149,8 @@ void CpuBackend::matmul(const Tensor& c, const Tensor& a, bool trans_a, const Te
              "matmul: dimensions of " << a.shape().str() << " x " << b.shape().str() << " exceed the BLAS int range");
   // BLAS (reference semantics, which OpenBLAS follows) does not read C when beta is zero.
   cblas_sgemm(CblasRowMajor, trans_a ? CblasTrans : CblasNoTrans, trans_b ? CblasTrans : CblasNoTrans,
-              static_cast<int>(m), static_cast<int>(n), static_cast<int>(k), alpha, pa, static_cast<int>(a.size(1)),
-              pb, static_cast<int>(b.size(1)), beta, pc, static_cast<int>(n));
+              static_cast<int>(m), static_cast<int>(n), static_cast<int>(k), alpha, pa, static_cast<int>(a.size(1)), pb,
+              static_cast<int>(b.size(1)), beta, pc, static_cast<int>(n));
 }
 
 }  // namespace cpu

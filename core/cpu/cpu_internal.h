@@ -64,8 +64,7 @@ class CpuBackend final : public Backend {
               float beta) override;
 
   void embedding_forward(const Tensor& out, const Tensor& table, const Tensor& tokens, int64_t vocab_start) override;
-  void embedding_backward(const Tensor& dtable, const Tensor& dout, const Tensor& tokens,
-                          int64_t vocab_start) override;
+  void embedding_backward(const Tensor& dtable, const Tensor& dout, const Tensor& tokens, int64_t vocab_start) override;
   void rmsnorm_forward(const Tensor& y, const Tensor& rstd, const Tensor& x, const Tensor& w, float eps) override;
   void rmsnorm_backward(const Tensor& dx, bool accumulate_dx, const Tensor& dw, const Tensor& dy, const Tensor& x,
                         const Tensor& w, const Tensor& rstd) override;
@@ -77,11 +76,11 @@ class CpuBackend final : public Backend {
                           const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out, const Tensor& lse,
                           float scale) override;
   void swiglu_forward(const Tensor& out, const Tensor& gate, const Tensor& up) override;
-  void swiglu_backward(const Tensor& dgate, const Tensor& dup, bool accumulate, const Tensor& dout,
-                       const Tensor& gate, const Tensor& up) override;
+  void swiglu_backward(const Tensor& dgate, const Tensor& dup, bool accumulate, const Tensor& dout, const Tensor& gate,
+                       const Tensor& up) override;
   void ce_row_max(const Tensor& row_max, const Tensor& logits) override;
-  void ce_sumexp_target(const Tensor& sumexp, const Tensor& target_logit, const Tensor& logits,
-                        const Tensor& row_max, const Tensor& targets, int64_t vocab_start) override;
+  void ce_sumexp_target(const Tensor& sumexp, const Tensor& target_logit, const Tensor& logits, const Tensor& row_max,
+                        const Tensor& targets, int64_t vocab_start) override;
   void ce_loss_mean(const Tensor& loss_mean, const Tensor& row_max, const Tensor& sumexp,
                     const Tensor& target_logit) override;
   void ce_backward(const Tensor& dlogits, bool accumulate, const Tensor& logits, const Tensor& row_max,
@@ -162,8 +161,8 @@ LOOM_CPU_INLINE float dot(const float* a, const float* b, int64_t n) {
 }
 
 // Four dot products sharing x: four independent accumulator chains instead of one, and x loaded once.
-LOOM_CPU_INLINE void dot4(const float* x, const float* y0, const float* y1, const float* y2, const float* y3,
-                          int64_t n, float* out) {
+LOOM_CPU_INLINE void dot4(const float* x, const float* y0, const float* y1, const float* y2, const float* y3, int64_t n,
+                          float* out) {
   float a0 = 0, a1 = 0, a2 = 0, a3 = 0;
 #pragma omp simd reduction(+ : a0, a1, a2, a3)
   for (int64_t i = 0; i < n; ++i) {

@@ -15,7 +15,9 @@ namespace loom::cpu {
 namespace {
 
 // Items of work per row -> how many rows make a chunk worth a thread.
-int64_t row_grain(int64_t row_elems) { return std::max<int64_t>(1, kElementGrain / std::max<int64_t>(1, row_elems)); }
+int64_t row_grain(int64_t row_elems) {
+  return std::max<int64_t>(1, kElementGrain / std::max<int64_t>(1, row_elems));
+}
 
 // Columns one thread owns in a column-split reduction: whole cache lines, and enough of them to keep all
 // threads busy.
@@ -26,7 +28,9 @@ int64_t column_block(int64_t cols, int threads) {
 
 // ---- SwiGLU on a range (cloned: the exp must vectorise) ---------------------------------------------
 
-LOOM_CPU_INLINE float sigmoid(float g) { return 1.0f / (1.0f + fast_exp(-g)); }
+LOOM_CPU_INLINE float sigmoid(float g) {
+  return 1.0f / (1.0f + fast_exp(-g));
+}
 
 LOOM_CPU_CLONES void swiglu_forward_range(float* out, const float* gate, const float* up, int64_t n) {
   for (int64_t i = 0; i < n; ++i) out[i] = gate[i] * sigmoid(gate[i]) * up[i];
@@ -91,7 +95,7 @@ void CpuBackend::add(const Tensor& out, const Tensor& a, const Tensor& b) {
   check_shape(a, out.shape(), "add", "a");
   check_shape(b, out.shape(), "add", "b");
   parallel_for(threads_, out.numel(), kElementGrain, [&](int64_t i0, int64_t i1) {
-    // out may alias a or b element for element, which vectorises safely.
+  // out may alias a or b element for element, which vectorises safely.
 #pragma omp simd
     for (int64_t i = i0; i < i1; ++i) po[i] = pa[i] + pb[i];
   });
@@ -115,8 +119,7 @@ void CpuBackend::axpy(const Tensor& dst, const Tensor& src, float alpha, bool ac
 
 // ---- embedding ---------------------------------------------------------------------------------------
 
-void CpuBackend::embedding_forward(const Tensor& out, const Tensor& table, const Tensor& tokens,
-                                   int64_t vocab_start) {
+void CpuBackend::embedding_forward(const Tensor& out, const Tensor& table, const Tensor& tokens, int64_t vocab_start) {
   float* po = f32_data(out, "embedding_forward", "out");
   const float* pt = f32_data(table, "embedding_forward", "table");
   const int32_t* tok = i32_data(tokens, "embedding_forward", "tokens");
@@ -141,8 +144,7 @@ void CpuBackend::embedding_backward(const Tensor& dtable, const Tensor& dout, co
   float* pdt = f32_data(dtable, "embedding_backward", "dtable");
   const float* pdo = f32_data(dout, "embedding_backward", "dout");
   const int32_t* tok = i32_data(tokens, "embedding_backward", "tokens");
-  LOOM_CHECK(dtable.ndim() == 2, kShape,
-             "embedding_backward: 'dtable' must be [V, D], got " << dtable.shape().str());
+  LOOM_CHECK(dtable.ndim() == 2, kShape, "embedding_backward: 'dtable' must be [V, D], got " << dtable.shape().str());
   const int64_t n = tokens.numel(), v_local = dtable.size(0), d = dtable.size(1);
   check_shape(dout, Shape{n, d}, "embedding_backward", "dout");
   // Repeated tokens add into one row: split by column so each thread owns its slice of every row.

@@ -30,7 +30,8 @@ constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
 std::vector<float> randn(int64_t n, uint64_t seed, float scale = 1.0f) {
   std::vector<float> v(static_cast<size_t>(n));
   for (int64_t i = 0; i < n; ++i)
-    v[static_cast<size_t>(i)] = scale * random_normal(seed, static_cast<uint64_t>(RngStream::kUser), static_cast<uint64_t>(i));
+    v[static_cast<size_t>(i)] =
+        scale * random_normal(seed, static_cast<uint64_t>(RngStream::kUser), static_cast<uint64_t>(i));
   return v;
 }
 
@@ -44,7 +45,9 @@ Tensor view(std::vector<int32_t>& v, Shape shape) {
   return Tensor(v.data(), shape, DType::kI32, Device::kCpu);
 }
 
-Ref to_ref(const std::vector<float>& v) { return Ref(v.begin(), v.end()); }
+Ref to_ref(const std::vector<float>& v) {
+  return Ref(v.begin(), v.end());
+}
 
 // got[i] must be within rtol * |want[i]| + atol of want[i], where atol defaults to rtol * max |want| (errors
 // are judged against the size of the tensor, so elements that cancel to near zero do not need 1e-5 relative).
@@ -76,8 +79,8 @@ Ref to_ref(const std::vector<float>& v) { return Ref(v.begin(), v.end()); }
     if (std::memcmp(&got[i], &want[i], 4) != 0 && bad++ < 5)
       first << "\n  [" << i << "] " << got[i] << " vs " << want[i];
   if (got.size() == want.size() && bad == 0) return ::testing::AssertionSuccess();
-  return ::testing::AssertionFailure() << bad << " elements differ bitwise (sizes " << got.size() << ", "
-                                       << want.size() << ")" << first.str();
+  return ::testing::AssertionFailure() << bad << " elements differ bitwise (sizes " << got.size() << ", " << want.size()
+                                       << ")" << first.str();
 }
 
 Ref plus(const std::vector<float>& base, const Ref& delta) {
@@ -562,8 +565,8 @@ TEST_F(CpuKernels, SwigluForwardAndBackward) {
     std::vector<float> du = accumulate ? randn(n, 95) : std::vector<float>(n, kNaN);
     const Ref dg_want = accumulate ? plus(dg, dg_ref) : dg_ref;
     const Ref du_want = accumulate ? plus(du, du_ref) : du_ref;
-    be->swiglu_backward(view(dg, Shape{n}), view(du, Shape{n}), accumulate, view(dout, Shape{n}),
-                        view(gate, Shape{n}), view(up, Shape{n}));
+    be->swiglu_backward(view(dg, Shape{n}), view(du, Shape{n}), accumulate, view(dout, Shape{n}), view(gate, Shape{n}),
+                        view(up, Shape{n}));
     EXPECT_TRUE(all_close(dg, dg_want)) << "dgate, accumulate " << accumulate;
     EXPECT_TRUE(all_close(du, du_want)) << "dup, accumulate " << accumulate;
   }
@@ -595,7 +598,8 @@ TEST_F(CpuKernels, CrossEntropyShardWithForeignTargets) {
     target_ref[r] = local ? logits[r * v + col] : 0.0;
     loss_ref += (std::log(z) + m - target_ref[r]) / n;
     for (int64_t c = 0; c < v; ++c)
-      dl_ref[r * v + c] = dloss * static_cast<double>(scale) * (std::exp(logits[r * v + c] - m) / z - (c == col ? 1 : 0));
+      dl_ref[r * v + c] =
+          dloss * static_cast<double>(scale) * (std::exp(logits[r * v + c] - m) / z - (c == col ? 1 : 0));
   }
   const Shape lshape{n, v};
   std::vector<float> row_max(n, kNaN), stats(2 * n, kNaN), loss(1, kNaN);

@@ -1,0 +1,55 @@
+# Shared helpers of the end-to-end tests (sourced). ctest sets LOOM_BIN, LOOM_MPIRUN, LOOM_SOURCE_DIR,
+# LOOM_PYTHON3; run by hand they default to the build/ folder of this checkout.
+set -euo pipefail
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+LOOM_SOURCE_DIR=${LOOM_SOURCE_DIR:-$(cd "$here/../.." && pwd)}
+LOOM_BIN=${LOOM_BIN:-$LOOM_SOURCE_DIR/build/bin}
+LOOM_MPIRUN=${LOOM_MPIRUN:-mpirun --oversubscribe --allow-run-as-root}
+WORK=$(mktemp -d /tmp/loom-e2e.XXXXXX)
+trap 'rm -rf "$WORK"' EXIT
+export LOOM_CACHE_DIR=${LOOM_CACHE_DIR:-$WORK/cache}
+export OMPI_MCA_btl_vader_single_copy_mechanism=none
+
+fail() {
+  echo "FAIL: $*" >&2
+  exit 1
+}
+
+# mpi NP PROGRAM ARGS... : runs under mpirun with a 10-minute guard against hangs.
+mpi() {
+  local np=$1
+  shift
+  timeout 600 $LOOM_MPIRUN -np "$np" "$@"
+}
+
+# losses FILE : the "loss" of every line of a metrics file, one per line.
+losses() { sed -n 's/.*"loss":\([-0-9.eE+]*\).*/\1/p' "$1"; }
+
+# same_losses A B RTOL : every step's loss agrees within RTOL (relative).
+same_losses() {
+  paste <(losses "$1") <(losses "$2") | awk -v tol="$3" -v a="$1" -v b="$2" '
+    { n++; d = $1 - $2; if (d < 0) d = -d; r = d / ($2 < 0 ? -$2 : $2); if (r > worst) worst = r;
+      if (r > tol) { printf "step %d: %s has %s, %s has %s\n", n, a, $1, b, $2; bad = 1 } }
+    END { if (n == 0) { print "no losses"; exit 1 } printf "%d steps, worst relative difference %.3g\n", n, worst; exit bad }'
+}
+
+# expect_failure NP PATTERN PROGRAM ARGS... : the program must fail on every rank, print PATTERN exactly once,
+# and finish (no hang). Each rank's exit status is recorded by a wrapper shell.
+expect_failure() {
+  local np=$1 pattern=$2
+  shift 2
+  rm -f "$WORK"/rc.*
+  local out
+  out=$(timeout 120 $LOOM_MPIRUN -np "$np" bash -c '"$@"; echo $? > '"$WORK"'/rc.$OMPI_COMM_WORLD_RANK' wrapper "$@" 2>&1) ||
+    true
+  local count
+  count=$(grep -c -- "$pattern" <<<"$out" || true)
+  [ "$count" = 1 ] || fail "expected '$pattern' exactly once, saw it $count times in:
+$out"
+  for ((r = 0; r < np; r++)); do
+    [ -f "$WORK/rc.$r" ] || fail "rank $r did not exit on its own (killed or hung) for: $*
+$out"
+    [ "$(cat "$WORK/rc.$r")" != 0 ] || fail "rank $r exited 0 for: $*"
+  done
+  echo "ok: $* -> '$pattern' once, every rank non-zero"
+}
