@@ -30,6 +30,7 @@ void TrainConfig::declare(Config& cfg) {
   cfg.add("parallel.ranks_per_node", &ranks_per_node, "emulate nodes of this many ranks; 0 = real nodes");
   cfg.add_choice("runtime.device", &device, {"auto", "cpu", "cuda"}, "where to train");
   cfg.add("runtime.threads", &threads, "CPU threads per rank; 0 = cores / ranks on the node");
+  cfg.allow_env("LOOM_FORTUNES_DIR");  // read by core/data.cc: where the fortunes corpus lives
   cfg.add_choice("runtime.log_level", &log_level, {"debug", "info", "warn", "error"}, "log level");
 }
 

@@ -31,6 +31,10 @@ namespace {
 using V16 = float __attribute__((vector_size(64)));
 constexpr int64_t kRows = 4;   // query rows per micro-kernel call
 constexpr int64_t kTile = 32;  // keys (or head-dim elements) per register tile: two V16 per row
+// Keys per block: a block's tiles (Dh x kKeyBlock of k and of v, and in the backward its dk and dv) stay in L2
+// while all the row groups that see it pass over them.
+constexpr int64_t kKeyBlock = 128;
+constexpr int64_t kRowBlock = 64;  // forward: rows whose scores are kept at once (kRowBlock x T per thread)
 
 // References, not values: passing vector types by value changes the ABI between clones.
 LOOM_CPU_INLINE void vload(V16& v, const float* p) {
@@ -75,11 +79,21 @@ LOOM_CPU_INLINE void tile_scores(float* s, int64_t lds, const float* x, int64_t 
   }
 }
 
-// out[r][d] = sum_{u < n} p[r][u] m[u][d] for r < kRows, d < dim (a multiple of kTile).
-LOOM_CPU_INLINE void tile_weighted_sum(float* out, int64_t ldo, const float* p, int64_t ldp, const float* m,
-                                       int64_t ldm, int64_t n, int64_t dim) {
+// out[r][d] (+)= sum_{u < n} p[r][u] m[u][d] for r < kRows, d < dim (a multiple of kTile).
+LOOM_CPU_INLINE void tile_weighted_sum(float* out, int64_t ldo, bool accumulate, const float* p, int64_t ldp,
+                                       const float* m, int64_t ldm, int64_t n, int64_t dim) {
   for (int64_t d0 = 0; d0 < dim; d0 += kTile) {
     V16 a00 = {}, a01 = {}, a10 = {}, a11 = {}, a20 = {}, a21 = {}, a30 = {}, a31 = {};
+    if (accumulate) {
+      vload(a00, out + d0);
+      vload(a01, out + d0 + 16);
+      vload(a10, out + ldo + d0);
+      vload(a11, out + ldo + d0 + 16);
+      vload(a20, out + 2 * ldo + d0);
+      vload(a21, out + 2 * ldo + d0 + 16);
+      vload(a30, out + 3 * ldo + d0);
+      vload(a31, out + 3 * ldo + d0 + 16);
+    }
     const float* mp = m + d0;
     for (int64_t u = 0; u < n; ++u, mp += ldm) {
       V16 m0, m1;
@@ -165,135 +179,157 @@ LOOM_CPU_INLINE void pack_rows(float* rows, const float* src, const Head& hd, in
   }
 }
 
-// Softmax rows of the block [t0, t0 + nr): s[r][u] becomes exp(s - max) over u <= t0 + r, zero up to n_p; returns
-// each row's sum in sums[r]. Rows past nr become zero.
-LOOM_CPU_INLINE void causal_exp(float* s, const Head& hd, int64_t t0, int64_t nr, int64_t n_p, float* row_max,
-                                double* sums) {
-  for (int64_t r = 0; r < kRows; ++r) {
-    float* row = s + r * hd.seq_p;
-    if (r >= nr) {
-      std::fill(row, row + n_p, 0.0f);
-      continue;
-    }
-    const int64_t n = t0 + r + 1;  // causal: keys 0..t
-    float m = -std::numeric_limits<float>::infinity();
-#pragma omp simd reduction(max : m)
-    for (int64_t u = 0; u < n; ++u) m = row[u] > m ? row[u] : m;  // std::max does not vectorise here
-    for (int64_t u = 0; u < n; ++u) row[u] = fast_exp(row[u] - m);
-    std::fill(row + n, row + n_p, 0.0f);
-    row_max[r] = m;
-    sums[r] = sum_f32(row, n);
-  }
-}
-
 // Per-thread scratch of the forward pass, in floats.
 int64_t forward_scratch(const Head& hd) {
-  return hd.dim * hd.seq_p + hd.seq_p * hd.dim_p + kRows * hd.seq_p + 2 * kRows * hd.dim_p;
+  return hd.dim * hd.seq_p + hd.seq_p * hd.dim_p + kRowBlock * hd.seq_p + kRows * hd.dim_p + kRowBlock * hd.dim_p;
 }
 
 // Forward for rows [tb0, tb1) of one head. q, k, v, out point at row 0 of the head, lse at its first entry.
+// Rows go kRowBlock at a time, in two passes over key blocks (scores, then the weighted sum of values), so a key
+// block stays in cache while every row group of the row block uses it. Between the passes each row has all its
+// scores, so the softmax needs no running rescale.
 LOOM_CPU_CLONES void forward_task(float* out, float* lse, const float* q, const float* k, const float* v,
                                   const Head& hd, int64_t tb0, int64_t tb1, float scale, float* scratch) {
+  float* kt = scratch;                   // [dim][seq_p]         keys 0..tb1, transposed
+  float* vp = kt + hd.dim * hd.seq_p;    // [seq_p][dim_p]       values 0..tb1
+  float* s = vp + hd.seq_p * hd.dim_p;   // [kRowBlock][seq_p]   scores, then probabilities
+  float* xq = s + kRowBlock * hd.seq_p;  // [kRows][dim_p]       the query rows of one group
+  float* acc = xq + kRows * hd.dim_p;    // [kRowBlock][dim_p]   unnormalised outputs
   const int64_t keys_p = round_up(tb1, kTile);
-  float* kt = scratch;                  // [dim][seq_p]
-  float* vp = kt + hd.dim * hd.seq_p;   // [seq_p][dim_p]
-  float* s = vp + hd.seq_p * hd.dim_p;  // [kRows][seq_p]
-  float* xq = s + kRows * hd.seq_p;     // [kRows][dim_p]
-  float* acc = xq + kRows * hd.dim_p;   // [kRows][dim_p]
   pack_transposed(kt, k, hd, tb1, keys_p);
   pack_rows(vp, v, hd, tb1, keys_p);
-  for (int64_t t0 = tb0; t0 < tb1; t0 += kRows) {
-    const int64_t nr = std::min(kRows, tb1 - t0);
-    const int64_t n_p = round_up(t0 + nr, kTile);
-    pack_rows(xq, q + t0 * hd.stride, hd, nr, kRows);
-    tile_scores(s, hd.seq_p, xq, hd.dim_p, kt, hd.seq_p, hd.dim, n_p, scale);
-    float row_max[kRows];
-    double sums[kRows];
-    causal_exp(s, hd, t0, nr, n_p, row_max, sums);
-    tile_weighted_sum(acc, hd.dim_p, s, hd.seq_p, vp, hd.dim_p, n_p, hd.dim_p);
-    for (int64_t r = 0; r < nr; ++r) {
-      const float inv = static_cast<float>(1.0 / sums[r]);
-      float* o = out + (t0 + r) * hd.stride;
-      const float* a = acc + r * hd.dim_p;
+
+  for (int64_t sb0 = tb0; sb0 < tb1; sb0 += kRowBlock) {
+    const int64_t sb1 = std::min(tb1, sb0 + kRowBlock);
+    // The keys a group of rows starting at t0 needs from the key block starting at u0: [u0, end), rounded up
+    // to whole tiles (the tail beyond the group's last row is masked below).
+    auto block_end = [&](int64_t t0, int64_t u0) {
+      return std::min(u0 + kKeyBlock, round_up(std::min(sb1, t0 + kRows), kTile));
+    };
+    for (int64_t u0 = 0; u0 < sb1; u0 += kKeyBlock) {
+      for (int64_t t0 = sb0; t0 < sb1; t0 += kRows) {
+        const int64_t end = block_end(t0, u0);
+        if (end <= u0) continue;
+        pack_rows(xq, q + t0 * hd.stride, hd, std::min(kRows, sb1 - t0), kRows);  // rows past sb1 are zero
+        tile_scores(s + (t0 - sb0) * hd.seq_p + u0, hd.seq_p, xq, hd.dim_p, kt + u0, hd.seq_p, hd.dim, end - u0,
+                    scale);
+      }
+    }
+    float row_max[kRowBlock];
+    double sums[kRowBlock];
+    for (int64_t t = sb0; t < sb1; ++t) {
+      float* row = s + (t - sb0) * hd.seq_p;
+      const int64_t n = t + 1;  // causal: keys 0..t
+      float m = -std::numeric_limits<float>::infinity();
+#pragma omp simd reduction(max : m)
+      for (int64_t u = 0; u < n; ++u) m = row[u] > m ? row[u] : m;  // std::max does not vectorise here
+      for (int64_t u = 0; u < n; ++u) row[u] = fast_exp(row[u] - m);
+      const int64_t t0 = sb0 + (t - sb0) / kRows * kRows;
+      std::fill(row + n, row + round_up(std::min(sb1, t0 + kRows), kTile), 0.0f);
+      row_max[t - sb0] = m;
+      sums[t - sb0] = sum_f32(row, n);
+    }
+    for (int64_t u0 = 0; u0 < sb1; u0 += kKeyBlock) {
+      for (int64_t t0 = sb0; t0 < sb1; t0 += kRows) {
+        const int64_t end = block_end(t0, u0);
+        if (end <= u0) continue;
+        tile_weighted_sum(acc + (t0 - sb0) * hd.dim_p, hd.dim_p, u0 > 0, s + (t0 - sb0) * hd.seq_p + u0, hd.seq_p,
+                          vp + u0 * hd.dim_p, hd.dim_p, end - u0, hd.dim_p);
+      }
+    }
+    for (int64_t t = sb0; t < sb1; ++t) {
+      const float inv = static_cast<float>(1.0 / sums[t - sb0]);
+      float* o = out + t * hd.stride;
+      const float* a = acc + (t - sb0) * hd.dim_p;
       for (int64_t d = 0; d < hd.dim; ++d) o[d] = a[d] * inv;
-      lse[t0 + r] = static_cast<float>(static_cast<double>(row_max[r]) + std::log(sums[r]));
+      lse[t] = static_cast<float>(static_cast<double>(row_max[t - sb0]) + std::log(sums[t - sb0]));
     }
   }
 }
 
 int64_t backward_scratch(const Head& hd) {
-  return 2 * hd.dim * hd.seq_p + 3 * hd.seq_p * hd.dim_p + 2 * kRows * hd.seq_p + 3 * kRows * hd.dim_p;
+  return 2 * hd.dim * hd.seq_p + 2 * hd.seq_p * hd.dim_p + 2 * kKeyBlock * hd.dim_p + 2 * kRows * kKeyBlock +
+         2 * kRows * hd.dim_p + hd.seq_p;
 }
 
-// Backward for one head: dq rows written (or added), dk and dv rows of the head written (or added) at the end.
+// Backward for one head, key block by key block (the order of FlashAttention-2's backward): the block's dk and dv
+// accumulate in cache-resident tiles while every row at or after the block passes over it; dq accumulates in
+// a whole-head tile. All of q, k, v, dout, out, dq, dk, dv point at row 0 of the head.
 LOOM_CPU_CLONES void backward_task(float* dq, float* dk, float* dv, bool accumulate, const float* dout, const float* q,
                                    const float* k, const float* v, const float* out, const float* lse, const Head& hd,
                                    float scale, float* scratch) {
-  float* kt = scratch;                     // [dim][seq_p]  k transposed
-  float* vt = kt + hd.dim * hd.seq_p;      // [dim][seq_p]  v transposed
-  float* kp = vt + hd.dim * hd.seq_p;      // [seq_p][dim_p] k rows
-  float* dkp = kp + hd.seq_p * hd.dim_p;   // [seq_p][dim_p] dk accumulator
-  float* dvp = dkp + hd.seq_p * hd.dim_p;  // [seq_p][dim_p] dv accumulator
-  float* p = dvp + hd.seq_p * hd.dim_p;    // [kRows][seq_p] probabilities
-  float* ds = p + kRows * hd.seq_p;        // [kRows][seq_p] dout.v, then ds
-  float* xq = ds + kRows * hd.seq_p;       // [kRows][dim_p] q rows of the block
-  float* xdo = xq + kRows * hd.dim_p;      // [kRows][dim_p] dout rows of the block
-  float* dq_acc = xdo + kRows * hd.dim_p;  // [kRows][dim_p]
-  pack_transposed(kt, k, hd, hd.seq, hd.seq_p);
-  pack_transposed(vt, v, hd, hd.seq, hd.seq_p);
-  pack_rows(kp, k, hd, hd.seq, hd.seq_p);
-  std::fill(dkp, dkp + 2 * hd.seq_p * hd.dim_p, 0.0f);  // dk and dv accumulators
+  float* kt = scratch;                         // [dim][seq_p]        k transposed
+  float* vt = kt + hd.dim * hd.seq_p;          // [dim][seq_p]        v transposed
+  float* kp = vt + hd.dim * hd.seq_p;          // [seq_p][dim_p]      k rows
+  float* dq_acc = kp + hd.seq_p * hd.dim_p;    // [seq_p][dim_p]      dq / scale
+  float* dkb = dq_acc + hd.seq_p * hd.dim_p;   // [kKeyBlock][dim_p]  dk of the key block
+  float* dvb = dkb + kKeyBlock * hd.dim_p;     // [kKeyBlock][dim_p]  dv of the key block
+  float* p = dvb + kKeyBlock * hd.dim_p;       // [kRows][kKeyBlock]  probabilities
+  float* ds = p + kRows * kKeyBlock;           // [kRows][kKeyBlock]  dout.v, then ds
+  float* xq = ds + kRows * kKeyBlock;          // [kRows][dim_p]      q rows of the group
+  float* xdo = xq + kRows * hd.dim_p;          // [kRows][dim_p]      dout rows of the group
+  float* delta = xdo + kRows * hd.dim_p;       // [seq]               dout[t] . out[t]
+  const int64_t seq = hd.seq;
+  pack_transposed(kt, k, hd, seq, hd.seq_p);
+  pack_transposed(vt, v, hd, seq, hd.seq_p);
+  pack_rows(kp, k, hd, seq, hd.seq_p);
+  std::fill(dq_acc, dq_acc + hd.seq_p * hd.dim_p, 0.0f);
+  for (int64_t t = 0; t < seq; ++t) delta[t] = dot(dout + t * hd.stride, out + t * hd.stride, hd.dim);
 
-  for (int64_t t0 = 0; t0 < hd.seq; t0 += kRows) {
-    const int64_t nr = std::min(kRows, hd.seq - t0);
-    const int64_t n_p = round_up(t0 + nr, kTile);
-    pack_rows(xq, q + t0 * hd.stride, hd, nr, kRows);
-    pack_rows(xdo, dout + t0 * hd.stride, hd, nr, kRows);
-    tile_scores(p, hd.seq_p, xq, hd.dim_p, kt, hd.seq_p, hd.dim, n_p, scale);
-    tile_scores(ds, hd.seq_p, xdo, hd.dim_p, vt, hd.seq_p, hd.dim, n_p, 1.0f);
-    for (int64_t r = 0; r < kRows; ++r) {
-      float* pr = p + r * hd.seq_p;
-      float* dsr = ds + r * hd.seq_p;
-      int64_t n = 0;  // keys of this row; rows past nr have none
-      if (r < nr) {
-        const int64_t t = t0 + r;
-        n = t + 1;
-        const float row_lse = lse[t];
-        const float delta = dot(xdo + r * hd.dim_p, out + t * hd.stride, hd.dim);  // dout[t] . out[t]
-        for (int64_t u = 0; u < n; ++u) {
-          const float pu = fast_exp(pr[u] - row_lse);
-          pr[u] = pu;
-          dsr[u] = pu * (dsr[u] - delta);
+  for (int64_t u0 = 0; u0 < seq; u0 += kKeyBlock) {
+    const int64_t u1 = std::min(seq, u0 + kKeyBlock);
+    std::fill(dkb, dkb + 2 * kKeyBlock * hd.dim_p, 0.0f);  // dkb and dvb
+    for (int64_t t0 = u0; t0 < seq; t0 += kRows) {         // rows before u0 see none of the block
+      const int64_t nr = std::min(kRows, seq - t0);
+      const int64_t n = round_up(std::min(u1, t0 + nr) - u0, kTile);  // keys of the block the group sees, in tiles
+      pack_rows(xq, q + t0 * hd.stride, hd, nr, kRows);
+      pack_rows(xdo, dout + t0 * hd.stride, hd, nr, kRows);
+      tile_scores(p, kKeyBlock, xq, hd.dim_p, kt + u0, hd.seq_p, hd.dim, n, scale);
+      tile_scores(ds, kKeyBlock, xdo, hd.dim_p, vt + u0, hd.seq_p, hd.dim, n, 1.0f);
+      for (int64_t r = 0; r < kRows; ++r) {
+        float* pr = p + r * kKeyBlock;
+        float* dsr = ds + r * kKeyBlock;
+        int64_t valid = 0;  // keys u0 .. u0+valid-1 are causal for this row; rows past nr have none
+        if (r < nr) {
+          const int64_t t = t0 + r;
+          valid = std::min(u1, t + 1) - u0;
+          const float row_lse = lse[t], row_delta = delta[t];
+          for (int64_t u = 0; u < valid; ++u) {
+            const float pu = fast_exp(pr[u] - row_lse);
+            pr[u] = pu;
+            dsr[u] = pu * (dsr[u] - row_delta);
+          }
         }
+        std::fill(pr + valid, pr + n, 0.0f);
+        std::fill(dsr + valid, dsr + n, 0.0f);
       }
-      std::fill(pr + n, pr + n_p, 0.0f);
-      std::fill(dsr + n, dsr + n_p, 0.0f);
+      tile_rank_update(dvb, hd.dim_p, p, kKeyBlock, xdo, hd.dim_p, n, hd.dim_p, 1.0f);
+      tile_rank_update(dkb, hd.dim_p, ds, kKeyBlock, xq, hd.dim_p, n, hd.dim_p, scale);
+      tile_weighted_sum(dq_acc + t0 * hd.dim_p, hd.dim_p, true, ds, kKeyBlock, kp + u0 * hd.dim_p, hd.dim_p, n,
+                        hd.dim_p);
     }
-    tile_rank_update(dvp, hd.dim_p, p, hd.seq_p, xdo, hd.dim_p, n_p, hd.dim_p, 1.0f);
-    tile_rank_update(dkp, hd.dim_p, ds, hd.seq_p, xq, hd.dim_p, n_p, hd.dim_p, scale);
-    tile_weighted_sum(dq_acc, hd.dim_p, ds, hd.seq_p, kp, hd.dim_p, n_p, hd.dim_p);
-    for (int64_t r = 0; r < nr; ++r) {
-      float* g = dq + (t0 + r) * hd.stride;
-      const float* a = dq_acc + r * hd.dim_p;
+    for (int64_t u = u0; u < u1; ++u) {
+      float* gk = dk + u * hd.stride;
+      float* gv = dv + u * hd.stride;
+      const float* ak = dkb + (u - u0) * hd.dim_p;
+      const float* av = dvb + (u - u0) * hd.dim_p;
       if (accumulate) {
-        for (int64_t d = 0; d < hd.dim; ++d) g[d] += scale * a[d];
+        for (int64_t d = 0; d < hd.dim; ++d) gk[d] += ak[d];
+        for (int64_t d = 0; d < hd.dim; ++d) gv[d] += av[d];
       } else {
-        for (int64_t d = 0; d < hd.dim; ++d) g[d] = scale * a[d];
+        std::copy(ak, ak + hd.dim, gk);
+        std::copy(av, av + hd.dim, gv);
       }
     }
   }
 
-  for (int64_t u = 0; u < hd.seq; ++u) {
-    float* gk = dk + u * hd.stride;
-    float* gv = dv + u * hd.stride;
-    const float* ak = dkp + u * hd.dim_p;
-    const float* av = dvp + u * hd.dim_p;
+  for (int64_t t = 0; t < seq; ++t) {
+    float* g = dq + t * hd.stride;
+    const float* a = dq_acc + t * hd.dim_p;
     if (accumulate) {
-      for (int64_t d = 0; d < hd.dim; ++d) gk[d] += ak[d];
-      for (int64_t d = 0; d < hd.dim; ++d) gv[d] += av[d];
+      for (int64_t d = 0; d < hd.dim; ++d) g[d] += scale * a[d];
     } else {
-      std::copy(ak, ak + hd.dim, gk);
-      std::copy(av, av + hd.dim, gv);
+      for (int64_t d = 0; d < hd.dim; ++d) g[d] = scale * a[d];
     }
   }
 }
