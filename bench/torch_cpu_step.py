@@ -102,6 +102,7 @@ def main():
         "p10_step_s": float(np.percentile(t, 10)),
         "p90_step_s": float(np.percentile(t, 90)),
         "tokens_per_s": args.batch * args.seq / median,
+        "step_times_s": [float(x) for x in times],
         "last_loss": float(loss),
         "cpu": cpu_model(),
         "cpus_available": len(os.sched_getaffinity(0)),

@@ -1,16 +1,19 @@
 // CPU backend, part 3: causal self-attention, forward and backward, with the semantics of core/backend.h.
 // q, k, v, out [B, T, H, Dh] (row stride H*Dh, each head's row of Dh contiguous); lse f32 [B, H, T].
 //
-// No T x T matrix is formed: query rows are processed kRows at a time and each thread's scratch holds kRows rows
-// of scores. A head's rows are H*Dh floats apart, often a power-of-two stride that maps them onto few cache sets, so
-// each task first packs the keys and values it needs into contiguous per-thread tiles (K transposed, so scores
-// vectorise along keys without horizontal sums), padded with zeros to whole register tiles. Three register-
-// blocked micro-kernels (GCC vector extensions, compiled per ISA level) do all the arithmetic.
+// No T x T matrix is formed. A head's rows are H*Dh floats apart, often a power-of-two stride that maps them onto
+// few cache sets, so each task first packs the keys and values it needs into contiguous per-thread tiles (K
+// transposed, so scores vectorise along keys without horizontal sums), padded with zeros to whole register tiles.
+// Work then goes in blocks of kKeyBlock keys that stay in L2 while the query rows that see them pass over them,
+// kRows query rows at a time, through three register-blocked micro-kernels (GCC vector extensions, compiled per
+// ISA level).
 //   forward:  tasks are (b, h, block of rows), longest rows first; rows are independent. Each task packs the keys
 //             its rows see, so heads are split into only as many blocks as it takes to keep the threads busy.
-//   backward: tasks are (b, h); the task accumulates dk and dv of its head in its scratch and owns the head's dq
-//             rows, so there are no races and the result does not depend on the thread count. Probabilities are
-//             recomputed as p = exp(s - lse); then dv[u] += p dout[t]; ds = p (dout[t].v[u] - dout[t].out[t]);
+//             Scores of kRowBlock rows at a time are kept (the per-thread row scratch), so the softmax is exact
+//             with no running rescale.
+//   backward: tasks are (b, h), key block by key block as in FlashAttention-2; the task owns its head's dq, dk and
+//             dv rows, so there are no races and the result does not depend on the thread count. Probabilities
+//             are recomputed as p = exp(s - lse); then dv[u] += p dout[t]; ds = p (dout[t].v[u] - dout[t].out[t]);
 //             dq[t] += scale ds k[u]; dk[u] += scale ds q[t].
 #include <omp.h>
 
@@ -19,7 +22,7 @@
 #include <cstring>
 #include <initializer_list>
 #include <limits>
-#include <memory>
+#include <mutex>
 #include <utility>
 
 #include "core/cpu/cpu_internal.h"
@@ -211,8 +214,7 @@ LOOM_CPU_CLONES void forward_task(float* out, float* lse, const float* q, const 
         const int64_t end = block_end(t0, u0);
         if (end <= u0) continue;
         pack_rows(xq, q + t0 * hd.stride, hd, std::min(kRows, sb1 - t0), kRows);  // rows past sb1 are zero
-        tile_scores(s + (t0 - sb0) * hd.seq_p + u0, hd.seq_p, xq, hd.dim_p, kt + u0, hd.seq_p, hd.dim, end - u0,
-                    scale);
+        tile_scores(s + (t0 - sb0) * hd.seq_p + u0, hd.seq_p, xq, hd.dim_p, kt + u0, hd.seq_p, hd.dim, end - u0, scale);
       }
     }
     float row_max[kRowBlock];
@@ -258,17 +260,17 @@ int64_t backward_scratch(const Head& hd) {
 LOOM_CPU_CLONES void backward_task(float* dq, float* dk, float* dv, bool accumulate, const float* dout, const float* q,
                                    const float* k, const float* v, const float* out, const float* lse, const Head& hd,
                                    float scale, float* scratch) {
-  float* kt = scratch;                         // [dim][seq_p]        k transposed
-  float* vt = kt + hd.dim * hd.seq_p;          // [dim][seq_p]        v transposed
-  float* kp = vt + hd.dim * hd.seq_p;          // [seq_p][dim_p]      k rows
-  float* dq_acc = kp + hd.seq_p * hd.dim_p;    // [seq_p][dim_p]      dq / scale
-  float* dkb = dq_acc + hd.seq_p * hd.dim_p;   // [kKeyBlock][dim_p]  dk of the key block
-  float* dvb = dkb + kKeyBlock * hd.dim_p;     // [kKeyBlock][dim_p]  dv of the key block
-  float* p = dvb + kKeyBlock * hd.dim_p;       // [kRows][kKeyBlock]  probabilities
-  float* ds = p + kRows * kKeyBlock;           // [kRows][kKeyBlock]  dout.v, then ds
-  float* xq = ds + kRows * kKeyBlock;          // [kRows][dim_p]      q rows of the group
-  float* xdo = xq + kRows * hd.dim_p;          // [kRows][dim_p]      dout rows of the group
-  float* delta = xdo + kRows * hd.dim_p;       // [seq]               dout[t] . out[t]
+  float* kt = scratch;                        // [dim][seq_p]        k transposed
+  float* vt = kt + hd.dim * hd.seq_p;         // [dim][seq_p]        v transposed
+  float* kp = vt + hd.dim * hd.seq_p;         // [seq_p][dim_p]      k rows
+  float* dq_acc = kp + hd.seq_p * hd.dim_p;   // [seq_p][dim_p]      dq / scale
+  float* dkb = dq_acc + hd.seq_p * hd.dim_p;  // [kKeyBlock][dim_p]  dk of the key block
+  float* dvb = dkb + kKeyBlock * hd.dim_p;    // [kKeyBlock][dim_p]  dv of the key block
+  float* p = dvb + kKeyBlock * hd.dim_p;      // [kRows][kKeyBlock]  probabilities
+  float* ds = p + kRows * kKeyBlock;          // [kRows][kKeyBlock]  dout.v, then ds
+  float* xq = ds + kRows * kKeyBlock;         // [kRows][dim_p]      q rows of the group
+  float* xdo = xq + kRows * hd.dim_p;         // [kRows][dim_p]      dout rows of the group
+  float* delta = xdo + kRows * hd.dim_p;      // [seq]               dout[t] . out[t]
   const int64_t seq = hd.seq;
   pack_transposed(kt, k, hd, seq, hd.seq_p);
   pack_transposed(vt, v, hd, seq, hd.seq_p);
@@ -349,23 +351,6 @@ AttentionShape check_attention(const char* op, const Tensor& q,
   return AttentionShape{q.size(0), q.size(1), q.size(2), q.size(3)};
 }
 
-// Uninitialised per-thread scratch, each thread's part starting on a 64-byte boundary.
-class ThreadScratch {
- public:
-  ThreadScratch(int threads, int64_t floats_per_thread)
-      : per_thread_(round_up(floats_per_thread, 16)),
-        data_(new float[static_cast<size_t>(per_thread_ * threads + 16)]) {}
-  float* get(int thread) const {
-    const uintptr_t base = reinterpret_cast<uintptr_t>(data_.get());
-    float* aligned = reinterpret_cast<float*>((base + 63) / 64 * 64);
-    return aligned + per_thread_ * thread;
-  }
-
- private:
-  int64_t per_thread_;
-  std::unique_ptr<float[]> data_;
-};
-
 }  // namespace
 
 void CpuBackend::attention_forward(const Tensor& out, const Tensor& lse, const Tensor& q, const Tensor& k,
@@ -383,14 +368,16 @@ void CpuBackend::attention_forward(const Tensor& out, const Tensor& lse, const T
   const int64_t block_rows = round_up(std::max<int64_t>(1, (sh.seq + wanted - 1) / wanted), kRows);
   const int64_t blocks = std::max<int64_t>(1, (sh.seq + block_rows - 1) / block_rows);
   const int64_t tasks = heads * blocks;
-  ThreadScratch scratch(threads_, forward_scratch(hd));
+  const int64_t per_thread = round_up(forward_scratch(hd), 16);  // whole cache lines per thread
+  std::lock_guard<std::mutex> lock(scratch_mutex_);
+  float* scratch = this->scratch(static_cast<size_t>(per_thread * threads_));
 #pragma omp parallel for num_threads(threads_) schedule(dynamic, 1) if (tasks > 1)
   for (int64_t task = 0; task < tasks; ++task) {
     const int64_t bh = task / blocks, blk = blocks - 1 - task % blocks;  // long rows first
     const int64_t b = bh / sh.heads, h = bh % sh.heads;
     const int64_t off = sh.head_offset(b, h);
     forward_task(po + off, pl + sh.lse_offset(b, h), pq + off, pk + off, pv + off, hd, blk * block_rows,
-                 std::min(sh.seq, (blk + 1) * block_rows), scale, scratch.get(omp_get_thread_num()));
+                 std::min(sh.seq, (blk + 1) * block_rows), scale, scratch + per_thread * omp_get_thread_num());
   }
 }
 
@@ -411,13 +398,15 @@ void CpuBackend::attention_backward(const Tensor& dq, const Tensor& dk, const Te
       {{&k, "k"}, {&v, "v"}, {&out, "out"}, {&dout, "dout"}, {&dq, "dq"}, {&dk, "dk"}, {&dv, "dv"}}, lse);
   const Head hd = sh.head();
   const int64_t tasks = sh.batch * sh.heads;
-  ThreadScratch scratch(threads_, backward_scratch(hd));
+  const int64_t per_thread = round_up(backward_scratch(hd), 16);
+  std::lock_guard<std::mutex> lock(scratch_mutex_);
+  float* scratch = this->scratch(static_cast<size_t>(per_thread * threads_));
 #pragma omp parallel for num_threads(threads_) schedule(dynamic, 1) if (tasks > 1)
   for (int64_t task = 0; task < tasks; ++task) {
     const int64_t b = task / sh.heads, h = task % sh.heads;
     const int64_t off = sh.head_offset(b, h);
     backward_task(pdq + off, pdk + off, pdv + off, accumulate, pdo + off, pq + off, pk + off, pv + off, po + off,
-                  pl + sh.lse_offset(b, h), hd, scale, scratch.get(omp_get_thread_num()));
+                  pl + sh.lse_offset(b, h), hd, scale, scratch + per_thread * omp_get_thread_num());
   }
 }
 

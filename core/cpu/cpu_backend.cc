@@ -3,12 +3,15 @@
 // thread count is set once here and which is never entered from inside an OpenMP region.
 #include <cblas.h>
 
+#include <atomic>
 #include <cstdlib>
 #include <cstring>
+#include <new>
 #include <sstream>
 #include <thread>
 
 #include "core/cpu/cpu_internal.h"
+#include "core/log.h"
 
 namespace loom {
 namespace cpu {
@@ -16,12 +19,36 @@ namespace {
 
 constexpr size_t kAlignment = 256;
 
-// "OpenBLAS 0.3.21" out of the runtime library's configuration string ("OpenBLAS 0.3.21 DYNAMIC_ARCH ...").
-std::string openblas_version() {
+// "OpenBLAS 0.3.21 SkylakeX": the runtime library's version (from its configuration string, "OpenBLAS 0.3.21
+// DYNAMIC_ARCH ...") and the kernels it chose for this CPU, which decide matmul speed more than anything else.
+std::string openblas_description() {
   std::istringstream config(openblas_get_config());
   std::string product, version;
   config >> product >> version;
-  return product.empty() ? "OpenBLAS" : product + (version.empty() ? "" : " " + version);
+  std::string out = product.empty() ? "OpenBLAS" : product + (version.empty() ? "" : " " + version);
+  const char* core = openblas_get_corename();
+  if (core != nullptr && *core != 0) out += std::string(" ") + core;
+  return out;
+}
+
+// OpenBLAS picks its kernels from the CPU model once, at load time. A model the library does not know (a newer
+// one, or one a VM disguises) gets the generic "Prescott" SSE3 kernels: on a 16-core AVX-512 VM that made an
+// 8192x2048x2048 sgemm 5x slower (206 vs 1049 GFLOP/s) than OPENBLAS_CORETYPE=SkylakeX. The choice cannot be
+// changed after load, so say once what to set.
+void warn_if_generic_openblas_kernels() {
+#if defined(__x86_64__) && defined(__GNUC__)
+  static std::atomic<bool> warned{false};
+  const char* core = openblas_get_corename();
+  if (core == nullptr || std::strcmp(core, "Prescott") != 0) return;
+  const char* better = __builtin_cpu_supports("avx512f")                                   ? "SkylakeX"
+                       : (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) ? "Haswell"
+                                                                                           : nullptr;
+  if (better == nullptr || warned.exchange(true)) return;
+  LOOM_WARN("OpenBLAS chose its generic '"
+            << core << "' kernels on a CPU with " << (better[0] == 'S' ? "AVX-512" : "AVX2")
+            << ": matmul runs several times slower than it could; set OPENBLAS_CORETYPE=" << better
+            << " in the environment of every rank");
+#endif
 }
 
 void check_host(const Tensor& t, const char* op, const char* arg) {
@@ -49,8 +76,13 @@ CpuBackend::CpuBackend(int threads) : threads_(threads) {
   LOOM_CHECK(threads >= 0, kConfig, "cpu backend: threads must be >= 0 (0: all hardware threads), got " << threads);
   if (threads_ == 0) threads_ = static_cast<int>(std::thread::hardware_concurrency());
   if (threads_ < 1) threads_ = 1;
-  openblas_set_num_threads(threads_);
-  name_ = "cpu (" + std::to_string(threads_) + (threads_ == 1 ? " thread, " : " threads, ") + openblas_version() + ")";
+  // One threading runtime: OpenBLAS runs single-threaded inside Loom's OpenMP pool (matmul splits the product
+  // over the pool). With both pools live, each spins after its work and steals the cores the other needs:
+  // on 2 cores that made a tiny-model step 1.7x slower.
+  openblas_set_num_threads(1);
+  warn_if_generic_openblas_kernels();
+  name_ =
+      "cpu (" + std::to_string(threads_) + (threads_ == 1 ? " thread, " : " threads, ") + openblas_description() + ")";
 }
 
 // ---- memory ------------------------------------------------------------------------------------------
@@ -65,6 +97,21 @@ void* CpuBackend::allocate(size_t bytes) {
 
 void CpuBackend::deallocate(void* ptr) {
   std::free(ptr);
+}
+
+float* CpuBackend::scratch(size_t floats) {
+  constexpr size_t kLineFloats = 16;  // 64 bytes
+  if (floats > scratch_floats_) {
+    scratch_.reset();  // release the old block before taking a larger one
+    scratch_floats_ = 0;
+    scratch_.reset(new (std::nothrow) float[floats + kLineFloats]);
+    LOOM_CHECK(scratch_ != nullptr, kIo,
+               "cpu backend: out of host memory allocating " << (floats + kLineFloats) * sizeof(float)
+                                                             << " bytes of kernel scratch");
+    scratch_floats_ = floats;
+  }
+  const uintptr_t base = reinterpret_cast<uintptr_t>(scratch_.get());
+  return reinterpret_cast<float*>((base + 63) / 64 * 64);
 }
 
 void CpuBackend::copy(const Tensor& dst, const Tensor& src) {
@@ -118,6 +165,9 @@ void CpuBackend::fill(const Tensor& dst, float value) {
 
 // ---- matrix product ----------------------------------------------------------------------------------
 
+// Below this many multiply-adds a product runs on one thread: splitting it costs more than it saves.
+constexpr int64_t kParallelGemmWork = int64_t{1} << 18;
+
 void CpuBackend::matmul(const Tensor& c, const Tensor& a, bool trans_a, const Tensor& b, bool trans_b, float alpha,
                         float beta) {
   float* pc = f32_data(c, "matmul", "c");
@@ -148,9 +198,34 @@ void CpuBackend::matmul(const Tensor& c, const Tensor& a, bool trans_a, const Te
   LOOM_CHECK(m <= kMaxDim && n <= kMaxDim && k <= kMaxDim && a.size(1) <= kMaxDim && b.size(1) <= kMaxDim, kShape,
              "matmul: dimensions of " << a.shape().str() << " x " << b.shape().str() << " exceed the BLAS int range");
   // BLAS (reference semantics, which OpenBLAS follows) does not read C when beta is zero.
-  cblas_sgemm(CblasRowMajor, trans_a ? CblasTrans : CblasNoTrans, trans_b ? CblasTrans : CblasNoTrans,
-              static_cast<int>(m), static_cast<int>(n), static_cast<int>(k), alpha, pa, static_cast<int>(a.size(1)), pb,
-              static_cast<int>(b.size(1)), beta, pc, static_cast<int>(n));
+  const int lda = static_cast<int>(a.size(1)), ldb = static_cast<int>(b.size(1)), ldc = static_cast<int>(n);
+  const CBLAS_TRANSPOSE ta = trans_a ? CblasTrans : CblasNoTrans, tb = trans_b ? CblasTrans : CblasNoTrans;
+  // Split the larger output dimension into one block per thread (blocks of whole 16-element panels); each
+  // block is an independent product, so threads share nothing but the inputs.
+  const bool split_rows = m >= n;
+  const int64_t extent = split_rows ? m : n;
+  const int64_t min_block = 16;
+  const int parts = static_cast<int>(std::min<int64_t>(threads_, std::max<int64_t>(1, extent / min_block)));
+  if (parts == 1 || m * n * k < kParallelGemmWork) {
+    cblas_sgemm(CblasRowMajor, ta, tb, static_cast<int>(m), static_cast<int>(n), static_cast<int>(k), alpha, pa, lda,
+                pb, ldb, beta, pc, ldc);
+    return;
+  }
+#pragma omp parallel for num_threads(parts) schedule(static)
+  for (int part = 0; part < parts; ++part) {
+    const int64_t per = (extent / parts + min_block - 1) / min_block * min_block;
+    const int64_t lo = std::min(extent, part * per), hi = part == parts - 1 ? extent : std::min(extent, lo + per);
+    if (lo >= hi) continue;
+    if (split_rows) {  // C[lo:hi, :] = op(A)[lo:hi, :] op(B)
+      const float* a_blk = trans_a ? pa + lo : pa + lo * lda;
+      cblas_sgemm(CblasRowMajor, ta, tb, static_cast<int>(hi - lo), static_cast<int>(n), static_cast<int>(k), alpha,
+                  a_blk, lda, pb, ldb, beta, pc + lo * ldc, ldc);
+    } else {  // C[:, lo:hi] = op(A) op(B)[:, lo:hi]
+      const float* b_blk = trans_b ? pb + lo * ldb : pb + lo;
+      cblas_sgemm(CblasRowMajor, ta, tb, static_cast<int>(m), static_cast<int>(hi - lo), static_cast<int>(k), alpha,
+                  pa, lda, b_blk, ldb, beta, pc + lo, ldc);
+    }
+  }
 }
 
 }  // namespace cpu

@@ -94,11 +94,17 @@ class CpuBackend final : public Backend {
   // RoPE rotation shared by forward (sign +1) and backward (sign -1, the inverse rotation).
   void rope_rotate(const Tensor& dst, bool accumulate, const Tensor& src, float base, float sign, const char* op);
   std::shared_ptr<const RopeTable> rope_table(int64_t max_t, int64_t head_dim, float base);
+  // At least `floats` floats of uninitialised scratch, 64-byte aligned, kept between calls so that a kernel does
+  // not pay the page faults of fresh memory every step. The caller holds scratch_mutex_ while it uses it.
+  float* scratch(size_t floats);
 
   int threads_;
   std::string name_;
   std::mutex rope_mutex_;
   std::shared_ptr<const RopeTable> rope_table_;
+  std::mutex scratch_mutex_;
+  std::unique_ptr<float[]> scratch_;
+  size_t scratch_floats_ = 0;
 };
 
 // ---- argument access ---------------------------------------------------------------------------------
@@ -158,24 +164,6 @@ LOOM_CPU_INLINE float dot(const float* a, const float* b, int64_t n) {
 #pragma omp simd reduction(+ : acc)
   for (int64_t i = 0; i < n; ++i) acc += a[i] * b[i];
   return acc;
-}
-
-// Four dot products sharing x: four independent accumulator chains instead of one, and x loaded once.
-LOOM_CPU_INLINE void dot4(const float* x, const float* y0, const float* y1, const float* y2, const float* y3, int64_t n,
-                          float* out) {
-  float a0 = 0, a1 = 0, a2 = 0, a3 = 0;
-#pragma omp simd reduction(+ : a0, a1, a2, a3)
-  for (int64_t i = 0; i < n; ++i) {
-    float xi = x[i];
-    a0 += xi * y0[i];
-    a1 += xi * y1[i];
-    a2 += xi * y2[i];
-    a3 += xi * y3[i];
-  }
-  out[0] = a0;
-  out[1] = a1;
-  out[2] = a2;
-  out[3] = a3;
 }
 
 // Sums of f32 vectors: f32 lanes over blocks of kSumBlock, the block sums added in double, so the error stays

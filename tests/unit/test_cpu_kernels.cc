@@ -249,7 +249,7 @@ TEST_F(CpuKernels, MatmulAllTransposesAndBetas) {
   struct Size {
     int64_t m, n, k;
   };
-  for (Size sz : {Size{19, 23, 37}, Size{67, 45, 130}, Size{1, 5, 3}}) {
+  for (Size sz : {Size{19, 23, 37}, Size{67, 45, 130}, Size{1, 5, 3}, Size{4, 3, 0}}) {  // k = 0: C = beta C
     for (bool ta : {false, true}) {
       for (bool tb : {false, true}) {
         for (float beta : {0.0f, 1.0f}) {
@@ -471,8 +471,10 @@ struct AttnCase {
 };
 
 TEST_F(CpuKernels, AttentionForwardAndBackward) {
+  // Odd sizes; T = 1; Dh not a multiple of anything; several key blocks (T > 128); and rows split into several
+  // tasks and several row blocks per task (T = 600 with one head).
   for (AttnCase cs : {AttnCase{2, 37, 3, 16}, AttnCase{1, 1, 2, 8}, AttnCase{1, 6, 1, 5}, AttnCase{1, 70, 2, 32},
-                      AttnCase{1, 130, 2, 72}}) {
+                      AttnCase{1, 130, 2, 72}, AttnCase{1, 600, 1, 8}}) {
     const Shape shape{cs.b, cs.t, cs.h, cs.dh};
     const Shape lse_shape{cs.b, cs.h, cs.t};
     const int64_t n = shape.numel();
@@ -573,10 +575,6 @@ TEST_F(CpuKernels, SwigluForwardAndBackward) {
 }
 
 // ---- cross-entropy -----------------------------------------------------------------------------------
-
-struct CeStats {
-  std::vector<float> row_max, sumexp_target;  // sumexp_target: [2, N] = sumexp rows, then target logits
-};
 
 TEST_F(CpuKernels, CrossEntropyShardWithForeignTargets) {
   const int64_t n = 9, v = 23, start = 40;
@@ -791,23 +789,27 @@ TEST(CpuBackend, ResultsDoNotDependOnTheThreadCount) {
   EXPECT_TRUE(all_equal(dx1, dx2)) << "rmsnorm dx";
   EXPECT_TRUE(all_equal(dw1, dw2)) << "rmsnorm dw";
 
-  const Shape shape{2, 45, 4, 16}, lse_shape{2, 4, 45};
-  const int64_t na = shape.numel();
-  std::vector<float> q = randn(na, 155), k = randn(na, 156), v = randn(na, 157), dout = randn(na, 158);
-  std::vector<float> o1(na), o2(na), l1(2 * 4 * 45), l2(2 * 4 * 45);
-  one->attention_forward(view(o1, shape), view(l1, lse_shape), view(q, shape), view(k, shape), view(v, shape), 0.25f);
-  two->attention_forward(view(o2, shape), view(l2, lse_shape), view(q, shape), view(k, shape), view(v, shape), 0.25f);
-  EXPECT_TRUE(all_equal(o1, o2)) << "attention out";
-  EXPECT_TRUE(all_equal(l1, l2)) << "attention lse";
-  std::vector<float> g1(3 * na), g2(3 * na);
-  auto grads = [&](Backend& be, std::vector<float>& g) {
-    Tensor all = view(g, Shape{3 * shape[0], shape[1], shape[2], shape[3]});
-    be.attention_backward(all.rows(0, 2), all.rows(2, 4), all.rows(4, 6), false, view(dout, shape), view(q, shape),
-                          view(k, shape), view(v, shape), view(o1, shape), view(l1, lse_shape), 0.25f);
-  };
-  grads(*one, g1);
-  grads(*two, g2);
-  EXPECT_TRUE(all_equal(g1, g2)) << "attention gradients";
+  // The forward splits heads into row blocks by the thread count: the split must not change any bit.
+  for (AttnCase cs : {AttnCase{2, 45, 4, 16}, AttnCase{1, 600, 1, 8}}) {
+    const Shape shape{cs.b, cs.t, cs.h, cs.dh}, lse_shape{cs.b, cs.h, cs.t};
+    const int64_t na = shape.numel(), nl = lse_shape.numel();
+    std::vector<float> q = randn(na, 155), k = randn(na, 156), v = randn(na, 157), dout = randn(na, 158);
+    std::vector<float> o1(na), o2(na), l1(nl), l2(nl);
+    one->attention_forward(view(o1, shape), view(l1, lse_shape), view(q, shape), view(k, shape), view(v, shape), 0.25f);
+    two->attention_forward(view(o2, shape), view(l2, lse_shape), view(q, shape), view(k, shape), view(v, shape), 0.25f);
+    EXPECT_TRUE(all_equal(o1, o2)) << "attention out, T " << cs.t;
+    EXPECT_TRUE(all_equal(l1, l2)) << "attention lse, T " << cs.t;
+    std::vector<float> g1(3 * na), g2(3 * na);
+    auto grads = [&](Backend& be, std::vector<float>& g) {
+      Tensor all = view(g, Shape{3 * cs.b, cs.t, cs.h, cs.dh});
+      be.attention_backward(all.rows(0, cs.b), all.rows(cs.b, 2 * cs.b), all.rows(2 * cs.b, 3 * cs.b), false,
+                            view(dout, shape), view(q, shape), view(k, shape), view(v, shape), view(o1, shape),
+                            view(l1, lse_shape), 0.25f);
+    };
+    grads(*one, g1);
+    grads(*two, g2);
+    EXPECT_TRUE(all_equal(g1, g2)) << "attention gradients, T " << cs.t;
+  }
 }
 
 }  // namespace
