@@ -61,14 +61,13 @@ class Backend {
   // ---- matrix product ------------------------------------------------------------------------------
   // C[M,N] = alpha * op(A) op(B) + beta * C, row-major, op(X) = X or X^T. A and B are 2-D in compute dtype;
   // C is 2-D in compute dtype or f32; accumulation is f32. With beta == 0, C is not read (may hold NaN).
-  virtual void matmul(const Tensor& c, const Tensor& a, bool trans_a, const Tensor& b, bool trans_b,
-                      float alpha, float beta) = 0;
+  virtual void matmul(const Tensor& c, const Tensor& a, bool trans_a, const Tensor& b, bool trans_b, float alpha,
+                      float beta) = 0;
 
   // ---- embedding (vocab-parallel aware) ------------------------------------------------------------
   // out[n,:] = table[tokens[n] - vocab_start, :] when vocab_start <= tokens[n] < vocab_start + V_local,
   // else 0.  out [N, D], table [V_local, D], tokens i32 [N].
-  virtual void embedding_forward(const Tensor& out, const Tensor& table, const Tensor& tokens,
-                                 int64_t vocab_start) = 0;
+  virtual void embedding_forward(const Tensor& out, const Tensor& table, const Tensor& tokens, int64_t vocab_start) = 0;
   // dtable[tokens[n] - vocab_start, :] += dout[n, :] for in-range tokens. Always accumulates.
   virtual void embedding_backward(const Tensor& dtable, const Tensor& dout, const Tensor& tokens,
                                   int64_t vocab_start) = 0;
@@ -76,8 +75,7 @@ class Backend {
   // ---- RMSNorm over the last dimension -------------------------------------------------------------
   // rstd[n] = 1 / sqrt(mean_d x[n,d]^2 + eps); y[n,d] = x[n,d] * rstd[n] * w[d].
   // x, y [N, D]; w [D]; rstd f32 [N].
-  virtual void rmsnorm_forward(const Tensor& y, const Tensor& rstd, const Tensor& x, const Tensor& w,
-                               float eps) = 0;
+  virtual void rmsnorm_forward(const Tensor& y, const Tensor& rstd, const Tensor& x, const Tensor& w, float eps) = 0;
   // dx (+)= rstd * (w*dy - xhat * mean_d(w*dy*xhat)), xhat = x*rstd;  dw += sum_n dy*xhat (always accumulates).
   virtual void rmsnorm_backward(const Tensor& dx, bool accumulate_dx, const Tensor& dw, const Tensor& dy,
                                 const Tensor& x, const Tensor& w, const Tensor& rstd) = 0;
@@ -122,8 +120,8 @@ class Backend {
   // dlogits[n,v] (+)= dloss[0] * scale * (exp(logits[n,v] - row_max[n]) / sumexp[n] - [v == target - start]).
   // dloss is f32 [1] (the gradient of the mean loss); scale is normally 1/N.
   virtual void ce_backward(const Tensor& dlogits, bool accumulate, const Tensor& logits, const Tensor& row_max,
-                           const Tensor& sumexp, const Tensor& targets, int64_t vocab_start,
-                           const Tensor& dloss, float scale) = 0;
+                           const Tensor& sumexp, const Tensor& targets, int64_t vocab_start, const Tensor& dloss,
+                           float scale) = 0;
 
   // ---- reductions and the optimizer ----------------------------------------------------------------
   // out f32 [1] (+)= sum x^2.

@@ -523,8 +523,9 @@ std::string cached_text_corpus_path(const std::string& text_path, const std::str
   namespace fs = std::filesystem;
   std::error_code ec;
   const fs::path abs = fs::absolute(text_path, ec);
-  LOOM_CHECK(!ec && fs::is_regular_file(abs, ec), kData,
-             "data.dataset '" << text_path << "' is not a token .bin file and no readable text file of that name exists");
+  LOOM_CHECK(
+      !ec && fs::is_regular_file(abs, ec), kData,
+      "data.dataset '" << text_path << "' is not a token .bin file and no readable text file of that name exists");
   const uint64_t size = fs::file_size(abs, ec);
   const auto mtime = fs::last_write_time(abs, ec).time_since_epoch().count();
   LOOM_CHECK(!ec, kData, "cannot read the size or time of '" << text_path << "': " << ec.message());

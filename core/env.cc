@@ -25,8 +25,7 @@ int64_t get_int(const std::string& name, int64_t fallback) {
   if (!v || v->empty()) return fallback;
   char* end = nullptr;
   long long x = std::strtoll(v->c_str(), &end, 10);
-  LOOM_CHECK(end && *end == '\0', kConfig,
-             "environment variable " << name << "='" << *v << "' is not an integer");
+  LOOM_CHECK(end && *end == '\0', kConfig, "environment variable " << name << "='" << *v << "' is not an integer");
   return x;
 }
 

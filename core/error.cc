@@ -40,7 +40,9 @@ void throw_error(ErrorKind kind, const char* file, int line, const std::string& 
                         std::to_string(line) + "]");
 }
 
-std::string errno_string() { return std::strerror(errno); }
+std::string errno_string() {
+  return std::strerror(errno);
+}
 
 }  // namespace detail
 }  // namespace loom

@@ -33,8 +33,7 @@ class Error : public std::runtime_error {
 class ReportedElsewhere : public Error {
  public:
   explicit ReportedElsewhere(int failing_rank)
-      : Error(ErrorKind::kAborted, "rank " + std::to_string(failing_rank) + " failed"),
-        failing_rank_(failing_rank) {}
+      : Error(ErrorKind::kAborted, "rank " + std::to_string(failing_rank) + " failed"), failing_rank_(failing_rank) {}
   int failing_rank() const { return failing_rank_; }
 
  private:
@@ -48,15 +47,15 @@ std::string errno_string();
 
 }  // namespace loom
 
-#define LOOM_THROW(kind, msg)                                                            \
-  do {                                                                                   \
-    std::ostringstream loom_msg_;                                                        \
-    loom_msg_ << msg;                                                                    \
+#define LOOM_THROW(kind, msg)                                                                  \
+  do {                                                                                         \
+    std::ostringstream loom_msg_;                                                              \
+    loom_msg_ << msg;                                                                          \
     ::loom::detail::throw_error(::loom::ErrorKind::kind, __FILE__, __LINE__, loom_msg_.str()); \
   } while (0)
 
-#define LOOM_CHECK(cond, kind, msg) \
-  do {                              \
+#define LOOM_CHECK(cond, kind, msg)     \
+  do {                                  \
     if (!(cond)) LOOM_THROW(kind, msg); \
   } while (0)
 
@@ -64,7 +63,7 @@ std::string errno_string();
 #define LOOM_ASSERT(cond) LOOM_CHECK(cond, kInternal, "assertion failed: " #cond)
 
 // System calls that return -1 and set errno.
-#define LOOM_SYSCALL_CHECK(expr)                                                                   \
-  do {                                                                                             \
-    if ((expr) < 0) LOOM_THROW(kIo, #expr << " failed: " << ::loom::detail::errno_string());        \
+#define LOOM_SYSCALL_CHECK(expr)                                                             \
+  do {                                                                                       \
+    if ((expr) < 0) LOOM_THROW(kIo, #expr << " failed: " << ::loom::detail::errno_string()); \
   } while (0)

@@ -90,15 +90,13 @@ GradCheckReport check_gradients(Backend& cpu, const GradCheckFn& fn, const std::
       if (err > options.atol) rep.max_rel_error = std::max(rep.max_rel_error, rel);
       if (err > options.atol + options.rtol * std::max(std::fabs(a), std::fabs(numeric))) {
         rep.ok = false;
-        if (shown++ < 8)
-          mism << "\n  input " << i << " element " << e << ": analytic " << a << ", numeric " << numeric;
+        if (shown++ < 8) mism << "\n  input " << i << " element " << e << ": analytic " << a << ", numeric " << numeric;
       }
     }
   }
   std::ostringstream s;
-  s << (rep.ok ? "gradients match" : "GRADIENT MISMATCH") << ": " << rep.checked
-    << " elements checked, max abs error " << rep.max_abs_error << ", max rel error " << rep.max_rel_error
-    << mism.str();
+  s << (rep.ok ? "gradients match" : "GRADIENT MISMATCH") << ": " << rep.checked << " elements checked, max abs error "
+    << rep.max_abs_error << ", max rel error " << rep.max_rel_error << mism.str();
   rep.summary = s.str();
   return rep;
 }

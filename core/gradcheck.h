@@ -20,8 +20,8 @@
 namespace loom {
 
 struct GradCheckOptions {
-  double step = 1e-2;        // h, relative to max(1, |x_i|)
-  double rtol = 2e-2;        // |analytic - numeric| <= atol + rtol * max(|analytic|, |numeric|)
+  double step = 1e-2;  // h, relative to max(1, |x_i|)
+  double rtol = 2e-2;  // |analytic - numeric| <= atol + rtol * max(|analytic|, |numeric|)
   double atol = 2e-3;
   int max_checks_per_input = 96;  // elements checked per input (spread evenly); all when the input is smaller
   uint64_t seed = 7;              // for R

@@ -10,8 +10,7 @@ namespace loom {
 // y = x W^T, W [out, in], no bias (Llama-style models use none).
 class Linear : public Module {
  public:
-  Linear(int64_t in_features, int64_t out_features, InitSpec init = InitSpec::normal(0.02f),
-         ParamOptions options = {});
+  Linear(int64_t in_features, int64_t out_features, InitSpec init = InitSpec::normal(0.02f), ParamOptions options = {});
   Tensor operator()(Ctx& c, const Tensor& x) const { return ops::linear(c, x, weight_.value()); }
   Parameter& weight() const { return weight_; }
 

@@ -36,9 +36,15 @@ void set_identity(int rank, int node) {
   g_rank = rank;
   g_node = node;
 }
-int rank() { return g_rank; }
-void set_level(Level l) { level_ref() = l; }
-Level level() { return level_ref(); }
+int rank() {
+  return g_rank;
+}
+void set_level(Level l) {
+  level_ref() = l;
+}
+Level level() {
+  return level_ref();
+}
 
 Level parse_level(const std::string& name) {
   if (name == "debug") return Level::kDebug;

@@ -21,30 +21,32 @@ void set_level(Level level);
 Level level();
 // Parses "debug", "info", "warn", "error"; throws a config error otherwise.
 Level parse_level(const std::string& name);
-inline bool enabled(Level l) { return static_cast<int>(l) >= static_cast<int>(level()); }
+inline bool enabled(Level l) {
+  return static_cast<int>(l) >= static_cast<int>(level());
+}
 void write(Level level, const std::string& message);
 // Seconds since the process started logging (monotonic).
 double uptime_s();
 
 }  // namespace loom::log
 
-#define LOOM_LOG(lvl, msg)                                           \
-  do {                                                               \
-    if (::loom::log::enabled(::loom::log::Level::lvl)) {             \
-      std::ostringstream loom_log_;                                  \
-      loom_log_ << msg;                                              \
-      ::loom::log::write(::loom::log::Level::lvl, loom_log_.str());  \
-    }                                                                \
+#define LOOM_LOG(lvl, msg)                                          \
+  do {                                                              \
+    if (::loom::log::enabled(::loom::log::Level::lvl)) {            \
+      std::ostringstream loom_log_;                                 \
+      loom_log_ << msg;                                             \
+      ::loom::log::write(::loom::log::Level::lvl, loom_log_.str()); \
+    }                                                               \
   } while (0)
 #define LOOM_DEBUG(msg) LOOM_LOG(kDebug, msg)
 #define LOOM_INFO(msg) LOOM_LOG(kInfo, msg)
 #define LOOM_WARN(msg) LOOM_LOG(kWarn, msg)
 #define LOOM_ERROR(msg) LOOM_LOG(kError, msg)
-#define LOOM_INFO0(msg)                                  \
-  do {                                                   \
-    if (::loom::log::rank() <= 0) LOOM_LOG(kInfo, msg);  \
+#define LOOM_INFO0(msg)                                 \
+  do {                                                  \
+    if (::loom::log::rank() <= 0) LOOM_LOG(kInfo, msg); \
   } while (0)
-#define LOOM_WARN0(msg)                                  \
-  do {                                                   \
-    if (::loom::log::rank() <= 0) LOOM_LOG(kWarn, msg);  \
+#define LOOM_WARN0(msg)                                 \
+  do {                                                  \
+    if (::loom::log::rank() <= 0) LOOM_LOG(kWarn, msg); \
   } while (0)

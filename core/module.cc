@@ -26,8 +26,7 @@ bool Parameter::weight_decay() const {
 }
 
 Tensor Parameter::value() const {
-  LOOM_CHECK(finalized(), kConfig,
-             "parameter '" << name_ << "' used before ParameterArena::finalize() allocated it");
+  LOOM_CHECK(finalized(), kConfig, "parameter '" << name_ << "' used before ParameterArena::finalize() allocated it");
   return value_;
 }
 Tensor Parameter::grad() const {

@@ -92,8 +92,7 @@ class Module {
   int64_t num_parameters_global();  // sum of global numels (the model's size, whatever the TP split)
 
  protected:
-  Parameter& register_parameter(const std::string& name, Shape global_shape, InitSpec init,
-                                ParamOptions options = {});
+  Parameter& register_parameter(const std::string& name, Shape global_shape, InitSpec init, ParamOptions options = {});
   template <class M, class... Args>
   M& register_module(const std::string& name, Args&&... args) {
     auto child = std::make_unique<M>(std::forward<Args>(args)...);

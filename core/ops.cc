@@ -25,6 +25,33 @@ void check_tokens(const Ctx& c, const Tensor& t, const char* op, const char* arg
   LOOM_CHECK(t.device() == c.backend().device(), kShape, op << ": '" << arg << "' is on the wrong device");
 }
 
+// Kernels that write several input gradients take one accumulate flag. When any target must accumulate, the
+// targets that would be overwritten are zero-filled first; an input that needs no gradient gets scratch (zeroed
+// when the kernel accumulates into it).
+struct JointTargets {
+  std::vector<Tensor> grads;
+  bool accumulate = false;
+};
+
+JointTargets joint_targets(Tape& t, std::initializer_list<Tensor> inputs) {
+  ActivationArena& arena = t.arena();
+  Backend& be = arena.backend();
+  std::vector<std::optional<Tape::Target>> targets;
+  JointTargets out;
+  for (const Tensor& in : inputs) {
+    targets.push_back(t.target(in));
+    out.accumulate = out.accumulate || (targets.back() && targets.back()->accumulate);
+  }
+  size_t i = 0;
+  for (const Tensor& in : inputs) {
+    auto& tg = targets[i++];
+    Tensor g = tg ? tg->grad : arena.allocate(in.shape(), in.dtype());
+    if (out.accumulate && (!tg || !tg->accumulate)) be.fill(g, 0.0f);
+    out.grads.push_back(g);
+  }
+  return out;
+}
+
 }  // namespace
 
 Tensor linear(Ctx& c, const Tensor& x, const Tensor& w) {
@@ -32,8 +59,8 @@ Tensor linear(Ctx& c, const Tensor& x, const Tensor& w) {
   check_compute(c, w, "linear", "weight");
   LOOM_CHECK(w.ndim() == 2, kShape, "linear: weight must be 2-D [out, in], got " << w.shape().str());
   LOOM_CHECK(x.ndim() >= 1 && x.size(-1) == w.size(1), kShape,
-             "linear: input " << x.shape().str() << " has " << (x.ndim() ? x.size(-1) : 0)
-                              << " features, the weight " << w.shape().str() << " expects " << w.size(1));
+             "linear: input " << x.shape().str() << " has " << (x.ndim() ? x.size(-1) : 0) << " features, the weight "
+                              << w.shape().str() << " expects " << w.size(1));
   Shape out_shape = x.shape();
   out_shape[-1] = w.size(0);
   bool grad = c.needs_grad({x, w});
@@ -180,25 +207,11 @@ Tensor causal_attention(Ctx& c, const Tensor& q, const Tensor& k, const Tensor& 
   c.backend().attention_forward(y, lse, q, k, v, sc);
   if (grad) {
     Backend* be = &c.backend();
-    ActivationArena* arena = &c.arena();
     c.tape()->record([=](Tape& t) {
       auto dy = t.grad(y);
       if (!dy) return;
-      auto tq = t.target(q), tk = t.target(k), tv = t.target(v);
-      // The kernel writes all three with one accumulate flag: unify by zero-filling fresh targets.
-      bool acc = (tq && tq->accumulate) || (tk && tk->accumulate) || (tv && tv->accumulate);
-      auto resolve = [&](std::optional<Tape::Target>& tg, const Tensor& like) {
-        if (!tg) return arena->allocate(like.shape(), like.dtype());
-        if (acc && !tg->accumulate) be->fill(tg->grad, 0.0f);
-        return tg->grad;
-      };
-      Tensor dq = resolve(tq, q), dk = resolve(tk, k), dv = resolve(tv, v);
-      if (acc) {
-        if (!tq) be->fill(dq, 0.0f);
-        if (!tk) be->fill(dk, 0.0f);
-        if (!tv) be->fill(dv, 0.0f);
-      }
-      be->attention_backward(dq, dk, dv, acc, *dy, q, k, v, y, lse, sc);
+      JointTargets g = joint_targets(t, {q, k, v});
+      be->attention_backward(g.grads[0], g.grads[1], g.grads[2], g.accumulate, *dy, q, k, v, y, lse, sc);
     });
   }
   return y;
@@ -213,19 +226,11 @@ Tensor swiglu(Ctx& c, const Tensor& gate, const Tensor& up) {
   c.backend().swiglu_forward(y, gate, up);
   if (grad) {
     Backend* be = &c.backend();
-    ActivationArena* arena = &c.arena();
     c.tape()->record([=](Tape& t) {
       auto dy = t.grad(y);
       if (!dy) return;
-      auto tg = t.target(gate), tu = t.target(up);
-      bool acc = (tg && tg->accumulate) || (tu && tu->accumulate);
-      auto resolve = [&](std::optional<Tape::Target>& tt, const Tensor& like) {
-        Tensor g = tt ? tt->grad : arena->allocate(like.shape(), like.dtype());
-        if (acc && (!tt || !tt->accumulate)) be->fill(g, 0.0f);
-        return g;
-      };
-      Tensor dg = resolve(tg, gate), du = resolve(tu, up);
-      be->swiglu_backward(dg, du, acc, *dy, gate, up);
+      JointTargets g = joint_targets(t, {gate, up});
+      be->swiglu_backward(g.grads[0], g.grads[1], g.accumulate, *dy, gate, up);
     });
   }
   return y;

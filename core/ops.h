@@ -60,8 +60,8 @@ class CustomOp {
   virtual void forward(Backend& backend, const std::vector<Tensor>& inputs, const Tensor& out) = 0;
   // Overwrite input_grads[i] with d(loss)/d(inputs[i]) given dout = d(loss)/d(out). input_grads[i] is a null
   // Tensor where that input needs no gradient.
-  virtual void backward(Backend& backend, const std::vector<Tensor>& inputs, const Tensor& out,
-                        const Tensor& dout, const std::vector<Tensor>& input_grads) = 0;
+  virtual void backward(Backend& backend, const std::vector<Tensor>& inputs, const Tensor& out, const Tensor& dout,
+                        const std::vector<Tensor>& input_grads) = 0;
 };
 
 namespace ops {

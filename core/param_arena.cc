@@ -9,7 +9,9 @@
 namespace loom {
 namespace {
 
-int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+int64_t round_up(int64_t x, int64_t m) {
+  return (x + m - 1) / m * m;
+}
 
 // outer = product of dims before the split axis, inner = product after it.
 void split_extent(const Shape& g, int axis, int64_t* outer, int64_t* inner) {
@@ -77,8 +79,7 @@ void insert_shard(const float* local, const Shape& global_shape, const TpSplit& 
   copy_shard<false>(local, global, global_shape, split);
 }
 
-ParameterArena::ParameterArena(Backend& backend, ParamArenaOptions options)
-    : backend_(backend), options_(options) {
+ParameterArena::ParameterArena(Backend& backend, ParamArenaOptions options) : backend_(backend), options_(options) {
   LOOM_CHECK(options_.dp_size >= 1, kConfig, "data-parallel size must be at least 1");
   LOOM_CHECK(options_.grad_dtype == DType::kF32 || options_.grad_dtype == backend.compute_dtype(), kConfig,
              "gradient dtype must be f32 or the compute dtype");
@@ -111,8 +112,7 @@ void ParameterArena::finalize(Module& root) {
     p->index_ = static_cast<int>(params_.size());
     params_.push_back(p);
     int64_t n = p->local_shape().numel();
-    layout_.push_back(LayoutEntry{name, p->global_shape(), p->local_shape(), p->split(), offset, n,
-                                  p->weight_decay()});
+    layout_.push_back(LayoutEntry{name, p->global_shape(), p->local_shape(), p->split(), offset, n, p->weight_decay()});
     numel_ += n;
     offset = round_up(offset + n, kParamAlign);
   }
@@ -178,17 +178,21 @@ int ParameterArena::find(const std::string& name) const {
   return -1;
 }
 
-void ParameterArena::zero_grads() { backend_.fill(grads_, 0.0f); }
+void ParameterArena::zero_grads() {
+  backend_.fill(grads_, 0.0f);
+}
 
-void ParameterArena::sync_compute_from_master() { backend_.copy(compute_, master_); }
+void ParameterArena::sync_compute_from_master() {
+  backend_.copy(compute_, master_);
+}
 
 void ParameterArena::load_global(const std::string& name, const float* global_data, int64_t global_numel) {
   int i = find(name);
   LOOM_CHECK(i >= 0, kConfig, "no parameter named '" << name << "' in the model");
   const LayoutEntry& e = layout_[static_cast<size_t>(i)];
   LOOM_CHECK(global_numel == e.global_shape.numel(), kShape,
-             "parameter '" << name << "' has global shape " << e.global_shape.str() << " ("
-                           << e.global_shape.numel() << " elements), got " << global_numel << " elements");
+             "parameter '" << name << "' has global shape " << e.global_shape.str() << " (" << e.global_shape.numel()
+                           << " elements), got " << global_numel << " elements");
   std::vector<float> local(static_cast<size_t>(e.numel));
   extract_shard(global_data, e.global_shape, e.split, local.data());
   Parameter& p = param(i);

@@ -22,8 +22,8 @@ namespace loom {
 
 struct ParamArenaOptions {
   DType grad_dtype = DType::kF32;
-  int dp_size = 1;         // the padded length divides by dp_size
-  uint64_t seed = 1234;    // initialisation seed
+  int dp_size = 1;       // the padded length divides by dp_size
+  uint64_t seed = 1234;  // initialisation seed
 };
 
 struct LayoutEntry {

@@ -60,8 +60,7 @@ std::optional<Tensor> Tape::grad(const Tensor& t) const {
 void Tape::backward(const Tensor& loss, float seed) {
   LOOM_CHECK(loss.numel() == 1 && loss.dtype() == DType::kF32, kShape,
              "backward() needs a one-element f32 loss, got " << loss.describe());
-  LOOM_CHECK(loss.requires_grad(), kShape,
-             "backward(): the loss does not depend on anything that needs a gradient");
+  LOOM_CHECK(loss.requires_grad(), kShape, "backward(): the loss does not depend on anything that needs a gradient");
   LOOM_CHECK(!ran_, kInternal, "backward() called twice on one tape");
   auto tgt = target(loss);
   arena_.backend().fill(tgt->grad, seed);

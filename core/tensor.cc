@@ -16,7 +16,9 @@ const char* dtype_name(DType t) {
   return "?";
 }
 
-const char* device_name(Device d) { return d == Device::kCpu ? "cpu" : "cuda"; }
+const char* device_name(Device d) {
+  return d == Device::kCpu ? "cpu" : "cuda";
+}
 
 Shape::Shape(std::initializer_list<int64_t> dims) {
   for (int64_t d : dims) push_back(d);
@@ -100,15 +102,15 @@ void check_shape(const Tensor& t, const Shape& expected, const char* op, const c
 }
 
 void check_dtype(const Tensor& t, DType expected, const char* op, const char* arg) {
-  LOOM_CHECK(t.dtype() == expected, kShape,
-             op << ": argument '" << arg << "' has dtype " << dtype_name(t.dtype()) << ", expected "
-                << dtype_name(expected));
+  LOOM_CHECK(
+      t.dtype() == expected, kShape,
+      op << ": argument '" << arg << "' has dtype " << dtype_name(t.dtype()) << ", expected " << dtype_name(expected));
 }
 
 void check_same_device(const Tensor& a, const Tensor& b, const char* op) {
-  LOOM_CHECK(a.device() == b.device(), kShape,
-             op << ": tensors on different devices (" << device_name(a.device()) << " and "
-                << device_name(b.device()) << ")");
+  LOOM_CHECK(
+      a.device() == b.device(), kShape,
+      op << ": tensors on different devices (" << device_name(a.device()) << " and " << device_name(b.device()) << ")");
 }
 
 }  // namespace loom

@@ -55,8 +55,7 @@ void TrainConfig::validate(int world_size) const {
              "--dp " << dp << " x --tp " << tp << " needs " << dp * tp << " ranks, but " << world_size
                      << " were started (mpirun -np " << dp * tp << ", or leave --dp at 0)");
   LOOM_CHECK(batch_size % dps == 0, kConfig,
-             "train.batch_size " << batch_size << " does not split evenly over " << dps
-                                 << " data-parallel ranks");
+             "train.batch_size " << batch_size << " does not split evenly over " << dps << " data-parallel ranks");
   const int64_t local = batch_size / dps;
   LOOM_CHECK(micro_batch == 0 || local % micro_batch == 0, kConfig,
              "train.micro_batch " << micro_batch << " does not divide the per-rank batch " << local);

@@ -24,7 +24,7 @@ struct TrainConfig {
   double grad_clip = 1.0;
   int64_t seed = 1234;
   int64_t log_every = 10;
-  int64_t eval_every = 0;   // 0: evaluate only at the end
+  int64_t eval_every = 0;  // 0: evaluate only at the end
   int64_t eval_batches = 4;
   std::string metrics_file;
   // [data]
@@ -34,7 +34,7 @@ struct TrainConfig {
   double val_fraction = 0.05;
   // [parallel]
   int64_t tp = 1;
-  int64_t dp = 0;  // 0: world size / tp
+  int64_t dp = 0;              // 0: world size / tp
   int64_t ranks_per_node = 0;  // 0: real nodes; >0: emulated nodes of this many ranks
   // [runtime]
   std::string device = "auto";  // auto | cpu | cuda

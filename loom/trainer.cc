@@ -38,8 +38,7 @@ std::string format_rate(double tokens_per_s) {
 
 }  // namespace
 
-Trainer::Trainer(Session& session, LanguageModel& model)
-    : s_(session), cfg_(session.train_config()), model_(model) {
+Trainer::Trainer(Session& session, LanguageModel& model) : s_(session), cfg_(session.train_config()), model_(model) {
   ProcessGroups& g = s_.groups();
   local_batch_ = cfg_.batch_size / g.dp_size();
   micro_batch_ = cfg_.micro_batch > 0 ? cfg_.micro_batch : local_batch_;
@@ -61,11 +60,11 @@ Trainer::Trainer(Session& session, LanguageModel& model)
   arena_ = std::make_unique<ActivationArena>(be);
   loss_buf_ = be.allocate(sizeof(float));
   loss_sum_ = Tensor(loss_buf_, Shape{1}, DType::kF32, be.device());
-  LOOM_INFO0("model: " << model_.num_parameters_global() << " parameters (" << params_->numel()
-                       << " on this rank, " << params_->layout().size() << " tensors, "
-                       << params_->total_bytes() / (1 << 20) << " MiB of weights, gradients and AdamW state)");
-  LOOM_INFO0("batch: " << cfg_.batch_size << " sequences x " << model_.seq_len() << " tokens per step; "
-                       << local_batch_ << " per data-parallel rank in micro-batches of " << micro_batch_);
+  LOOM_INFO0("model: " << model_.num_parameters_global() << " parameters (" << params_->numel() << " on this rank, "
+                       << params_->layout().size() << " tensors, " << params_->total_bytes() / (1 << 20)
+                       << " MiB of weights, gradients and AdamW state)");
+  LOOM_INFO0("batch: " << cfg_.batch_size << " sequences x " << model_.seq_len() << " tokens per step; " << local_batch_
+                       << " per data-parallel rank in micro-batches of " << micro_batch_);
 }
 
 Trainer::~Trainer() {
@@ -159,8 +158,8 @@ StepStats Trainer::train_step() {
   st.lr = lr;
   st.step_time_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   st.tokens_per_s = static_cast<double>(cfg_.batch_size * model_.seq_len()) / st.step_time_s;
-  LOOM_CHECK(std::isfinite(st.loss), kData, "the training loss became " << st.loss << " at step " << step_
-                                                                         << "; lower train.lr or check the data");
+  LOOM_CHECK(std::isfinite(st.loss), kData,
+             "the training loss became " << st.loss << " at step " << step_ << "; lower train.lr or check the data");
   return st;
 }
 
@@ -199,7 +198,8 @@ double Trainer::fit() {
       double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
       double avg = elapsed / static_cast<double>(last.step - first);
       char buf[256];
-      std::snprintf(buf, sizeof buf, "step %lld/%lld | loss %.4f | lr %.2e | grad norm %.3f | %s tok/s | %.3f s/step | ETA %s",
+      std::snprintf(buf, sizeof buf,
+                    "step %lld/%lld | loss %.4f | lr %.2e | grad norm %.3f | %s tok/s | %.3f s/step | ETA %s",
                     static_cast<long long>(last.step), static_cast<long long>(cfg_.steps), last.loss, last.lr,
                     last.grad_norm, format_rate(last.tokens_per_s).c_str(), last.step_time_s,
                     format_duration(avg * static_cast<double>(cfg_.steps - last.step)).c_str());

@@ -15,7 +15,9 @@ Tensor ColumnParallelLinear::operator()(Ctx& c, const Tensor& x) const {
 RowParallelLinear::RowParallelLinear(int64_t in_features, int64_t out_features, TpGroup tp, InitSpec init)
     : tp_(tp), weight_(register_parameter("weight", Shape{out_features, in_features}, init, {tp.split(1)})) {}
 
-Tensor RowParallelLinear::partial(Ctx& c, const Tensor& x) const { return ops::linear(c, x, weight_.value()); }
+Tensor RowParallelLinear::partial(Ctx& c, const Tensor& x) const {
+  return ops::linear(c, x, weight_.value());
+}
 
 Tensor RowParallelLinear::operator()(Ctx& c, const Tensor& x) const {
   return ops::reduce_from_tp(c, partial(c, x), tp_.comm);

@@ -26,8 +26,7 @@ struct TpGroup {
 
 class ColumnParallelLinear : public Module {
  public:
-  ColumnParallelLinear(int64_t in_features, int64_t out_features, TpGroup tp,
-                       InitSpec init = InitSpec::normal(0.02f));
+  ColumnParallelLinear(int64_t in_features, int64_t out_features, TpGroup tp, InitSpec init = InitSpec::normal(0.02f));
   // x [..., in] (replicated) -> [..., out / tp]
   Tensor operator()(Ctx& c, const Tensor& x) const;
   Parameter& weight() const { return weight_; }
@@ -39,8 +38,7 @@ class ColumnParallelLinear : public Module {
 
 class RowParallelLinear : public Module {
  public:
-  RowParallelLinear(int64_t in_features, int64_t out_features, TpGroup tp,
-                    InitSpec init = InitSpec::normal(0.02f));
+  RowParallelLinear(int64_t in_features, int64_t out_features, TpGroup tp, InitSpec init = InitSpec::normal(0.02f));
   // x [..., in / tp] (sharded) -> [..., out], summed over the TP group
   Tensor operator()(Ctx& c, const Tensor& x) const;
   // The partial product before the all-reduce (for the fused all-reduce + residual + RMSNorm path).

@@ -2,7 +2,9 @@
 
 namespace loom::ops {
 
-static bool active(const Communicator* tp) { return tp != nullptr && tp->size() > 1; }
+static bool active(const Communicator* tp) {
+  return tp != nullptr && tp->size() > 1;
+}
 
 Tensor copy_to_tp(Ctx& c, const Tensor& x, Communicator* tp) {
   if (!active(tp) || !c.needs_grad({x})) return x;

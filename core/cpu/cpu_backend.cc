@@ -222,8 +222,8 @@ void CpuBackend::matmul(const Tensor& c, const Tensor& a, bool trans_a, const Te
                   a_blk, lda, pb, ldb, beta, pc + lo * ldc, ldc);
     } else {  // C[:, lo:hi] = op(A) op(B)[:, lo:hi]
       const float* b_blk = trans_b ? pb + lo * ldb : pb + lo;
-      cblas_sgemm(CblasRowMajor, ta, tb, static_cast<int>(m), static_cast<int>(hi - lo), static_cast<int>(k), alpha,
-                  pa, lda, b_blk, ldb, beta, pc + lo, ldc);
+      cblas_sgemm(CblasRowMajor, ta, tb, static_cast<int>(m), static_cast<int>(hi - lo), static_cast<int>(k), alpha, pa,
+                  lda, b_blk, ldb, beta, pc + lo, ldc);
     }
   }
 }

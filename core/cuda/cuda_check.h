@@ -6,12 +6,12 @@
 
 #include "core/error.h"
 
-#define LOOM_CUDA_CHECK(expr)                                                                         \
-  do {                                                                                                \
-    cudaError_t loom_err_ = (expr);                                                                   \
-    if (loom_err_ != cudaSuccess)                                                                     \
-      LOOM_THROW(kCuda, #expr << " failed: " << cudaGetErrorName(loom_err_) << " ("                   \
-                              << cudaGetErrorString(loom_err_) << ")");                               \
+#define LOOM_CUDA_CHECK(expr)                                                                                          \
+  do {                                                                                                                 \
+    cudaError_t loom_err_ = (expr);                                                                                    \
+    if (loom_err_ != cudaSuccess)                                                                                      \
+      LOOM_THROW(kCuda,                                                                                                \
+                 #expr << " failed: " << cudaGetErrorName(loom_err_) << " (" << cudaGetErrorString(loom_err_) << ")"); \
   } while (0)
 
 // After a kernel launch: catches bad launch configurations at once.

@@ -32,8 +32,7 @@ class CausalEma : public loom::CustomOp {
 
   Shape output_shape(const std::vector<Tensor>& in) const override {
     LOOM_CHECK(in.size() == 2 && in[0].ndim() == 3 && in[1].ndim() == 1 && in[1].size(0) == in[0].size(2), kShape,
-               "causal_ema takes x [B, T, C] and a [C], got " << in[0].shape().str() << " and "
-                                                               << in[1].shape().str());
+               "causal_ema takes x [B, T, C] and a [C], got " << in[0].shape().str() << " and " << in[1].shape().str());
     LOOM_CHECK(in[0].device() == loom::Device::kCpu, kShape, "causal_ema has CPU kernels only");
     return in[0].shape();
   }

@@ -23,37 +23,65 @@ void GptConfig::declare(loom::Config& cfg) {
   cfg.add("model.init_std", &init_std, "std of the normal initialisation");
   // tiny trains in a few minutes on 2 CPU cores; the last is the reference model of the GPU benchmarks.
   cfg.add_preset("tiny",
-                 {{"model.dim", "128"}, {"model.n_layers", "4"}, {"model.n_heads", "4"}, {"model.ffn_hidden", "384"},
-                  {"model.seq_len", "128"}, {"model.vocab_size", "256"}, {"train.batch_size", "16"},
-                  {"train.steps", "600"}, {"train.lr", "3e-3"}, {"train.min_lr", "3e-4"},
+                 {{"model.dim", "128"},
+                  {"model.n_layers", "4"},
+                  {"model.n_heads", "4"},
+                  {"model.ffn_hidden", "384"},
+                  {"model.seq_len", "128"},
+                  {"model.vocab_size", "256"},
+                  {"train.batch_size", "16"},
+                  {"train.steps", "600"},
+                  {"train.lr", "3e-3"},
+                  {"train.min_lr", "3e-4"},
                   {"train.warmup_steps", "30"}},
                  "0.9M parameters, seq 128: about a minute on 2 CPU cores");
   cfg.add_preset("small",
-                 {{"model.dim", "384"}, {"model.n_layers", "6"}, {"model.n_heads", "6"}, {"model.ffn_hidden", "1024"},
-                  {"model.seq_len", "256"}, {"model.vocab_size", "256"}, {"train.batch_size", "32"},
-                  {"train.steps", "2000"}, {"train.lr", "1e-3"}, {"train.min_lr", "1e-4"},
+                 {{"model.dim", "384"},
+                  {"model.n_layers", "6"},
+                  {"model.n_heads", "6"},
+                  {"model.ffn_hidden", "1024"},
+                  {"model.seq_len", "256"},
+                  {"model.vocab_size", "256"},
+                  {"train.batch_size", "32"},
+                  {"train.steps", "2000"},
+                  {"train.lr", "1e-3"},
+                  {"train.min_lr", "1e-4"},
                   {"train.warmup_steps", "100"}},
                  "11M parameters, seq 256");
   cfg.add_preset("medium",
-                 {{"model.dim", "1024"}, {"model.n_layers", "12"}, {"model.n_heads", "16"},
-                  {"model.ffn_hidden", "2816"}, {"model.seq_len", "1024"}, {"model.vocab_size", "256"},
-                  {"train.batch_size", "32"}, {"train.steps", "5000"}, {"train.lr", "6e-4"},
-                  {"train.min_lr", "6e-5"}, {"train.warmup_steps", "200"}},
+                 {{"model.dim", "1024"},
+                  {"model.n_layers", "12"},
+                  {"model.n_heads", "16"},
+                  {"model.ffn_hidden", "2816"},
+                  {"model.seq_len", "1024"},
+                  {"model.vocab_size", "256"},
+                  {"train.batch_size", "32"},
+                  {"train.steps", "5000"},
+                  {"train.lr", "6e-4"},
+                  {"train.min_lr", "6e-5"},
+                  {"train.warmup_steps", "200"}},
                  "0.15B parameters, seq 1024 (GPU)");
   cfg.add_preset("ref-0.95b",
-                 {{"model.dim", "2048"}, {"model.n_layers", "16"}, {"model.n_heads", "16"},
-                  {"model.ffn_hidden", "5632"}, {"model.seq_len", "2048"}, {"model.vocab_size", "32000"},
-                  {"train.batch_size", "8"}, {"train.steps", "100"}, {"train.lr", "3e-4"},
-                  {"train.min_lr", "3e-5"}, {"train.warmup_steps", "10"}},
+                 {{"model.dim", "2048"},
+                  {"model.n_layers", "16"},
+                  {"model.n_heads", "16"},
+                  {"model.ffn_hidden", "5632"},
+                  {"model.seq_len", "2048"},
+                  {"model.vocab_size", "32000"},
+                  {"train.batch_size", "8"},
+                  {"train.steps", "100"},
+                  {"train.lr", "3e-4"},
+                  {"train.min_lr", "3e-5"},
+                  {"train.warmup_steps", "10"}},
                  "the 0.95B reference model of the GPU benchmarks (d 2048, 16 layers, seq 2048)");
   cfg.set_default_preset("tiny");
 }
 
 void GptConfig::validate(int64_t tp) const {
   LOOM_CHECK(vocab_size > 0 && dim > 0 && n_layers > 0 && n_heads > 0 && ffn_hidden > 0 && seq_len > 0, kConfig,
-             "model sizes must be positive (vocab_size " << vocab_size << ", dim " << dim << ", n_layers "
-                                                         << n_layers << ", n_heads " << n_heads << ", ffn_hidden "
-                                                         << ffn_hidden << ", seq_len " << seq_len << ")");
+             "model sizes must be positive (vocab_size " << vocab_size << ", dim " << dim << ", n_layers " << n_layers
+                                                         << ", n_heads " << n_heads << ", ffn_hidden " << ffn_hidden
+                                                         << ", seq_len " << seq_len << ")");
   LOOM_CHECK(dim % n_heads == 0, kConfig, "model.dim " << dim << " is not divisible by model.n_heads " << n_heads);
   LOOM_CHECK(head_dim() % 2 == 0, kConfig, "the head dimension dim/n_heads = " << head_dim() << " must be even (RoPE)");
   LOOM_CHECK(n_heads % tp == 0, kConfig,
@@ -76,7 +104,9 @@ double GptConfig::flops_per_token() const {
   return 6.0 * matmul_params + attention;
 }
 
-static InitSpec matrix_init(const GptConfig& c) { return InitSpec::normal(static_cast<float>(c.init_std)); }
+static InitSpec matrix_init(const GptConfig& c) {
+  return InitSpec::normal(static_cast<float>(c.init_std));
+}
 // Output projections into the residual stream start smaller so the stream's variance does not grow with depth.
 static InitSpec residual_init(const GptConfig& c) {
   return InitSpec::normal(static_cast<float>(c.init_std / std::sqrt(2.0 * static_cast<double>(c.n_layers))));

@@ -12,8 +12,7 @@ int main(int argc, char** argv) {
     gpt::GptConfig model_cfg;
     model_cfg.declare(cfg);
     loom::TrainConfig train;
-    if (!session.start(cfg, train, argc, argv, [&](const loom::TrainConfig& t) { model_cfg.validate(t.tp); }))
-      return;
+    if (!session.start(cfg, train, argc, argv, [&](const loom::TrainConfig& t) { model_cfg.validate(t.tp); })) return;
     gpt::Gpt model(model_cfg, session.tp());
     loom::Trainer trainer(session, model);
     trainer.fit();

@@ -19,30 +19,16 @@
 #include "core/rng.h"
 #include "parallel/mpi_check.h"
 #include "parallel/mpi_communicator.h"
+#include "tests/mpi/mpi_test_util.h"
 
 namespace loom {
 namespace {
 
+using test::count_ranks;
+using test::world_rank;
+using test::world_size;
+
 constexpr uint64_t kSeed = 20240611;
-
-int world_rank() {
-  int r = 0;
-  MPI_Comm_rank(MPI_COMM_WORLD, &r);
-  return r;
-}
-
-int world_size() {
-  int s = 0;
-  MPI_Comm_size(MPI_COMM_WORLD, &s);
-  return s;
-}
-
-// How many ranks have flag set (over MPI_COMM_WORLD directly, outside the communicator under test).
-int count_ranks(bool flag) {
-  int mine = flag ? 1 : 0, total = 0;
-  MPI_Allreduce(&mine, &total, 1, MPI_INT, MPI_SUM, MPI_COMM_WORLD);
-  return total;
-}
 
 std::vector<float> random_f32(int rank, int64_t n, uint64_t salt) {
   std::vector<float> v(static_cast<size_t>(n));

@@ -11,24 +11,16 @@
 #include "core/error.h"
 #include "core/rng.h"
 #include "parallel/process_groups.h"
+#include "tests/mpi/mpi_test_util.h"
 
 namespace loom {
 namespace {
 
+using test::count_ranks;
+using test::world_rank;
+using test::world_size;
+
 constexpr uint64_t kSeed = 777;
-
-int world_size() {
-  int s = 0;
-  MPI_Comm_size(MPI_COMM_WORLD, &s);
-  return s;
-}
-
-// How many ranks have flag set (over MPI_COMM_WORLD directly, outside the groups under test).
-int count_ranks(bool flag) {
-  int mine = flag ? 1 : 0, total = 0;
-  MPI_Allreduce(&mine, &total, 1, MPI_INT, MPI_SUM, MPI_COMM_WORLD);
-  return total;
-}
 
 // The world ranks of a group's members, in group-rank order (through the group's own all_gather).
 std::vector<int32_t> members(Communicator& group, int world_rank) {

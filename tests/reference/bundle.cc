@@ -21,7 +21,9 @@ constexpr uint32_t kMaxDims = 16;          // far above any real tensor; guards 
 constexpr uint32_t kMaxNameLen = 1 << 16;  // likewise for names
 constexpr size_t kListedNames = 8;         // how many present names a "missing tensor" error lists
 
-size_t dtype_bytes(BundleDType dtype) { return dtype == BundleDType::kF64 ? 8 : 4; }
+size_t dtype_bytes(BundleDType dtype) {
+  return dtype == BundleDType::kF64 ? 8 : 4;
+}
 
 // Bounds-checked reads from the file's bytes.
 class Cursor {
@@ -206,7 +208,9 @@ const BundleTensor& Bundle::get(const std::string& name, BundleDType dtype) cons
   return t;
 }
 
-bool Bundle::has(const std::string& name) const { return index_.count(name) != 0; }
+bool Bundle::has(const std::string& name) const {
+  return index_.count(name) != 0;
+}
 
 void Bundle::add(BundleTensor t) {
   LOOM_CHECK(!has(t.name), kData, "tensor bundle: '" << t.name << "' added twice");

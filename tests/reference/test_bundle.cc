@@ -53,9 +53,13 @@ fs::path source_dir() {
 #endif
 }
 
-std::string python() { return env::get_string("LOOM_TEST_PYTHON", "/usr/bin/python3"); }
+std::string python() {
+  return env::get_string("LOOM_TEST_PYTHON", "/usr/bin/python3");
+}
 
-std::string quoted(const std::string& s) { return "'" + s + "'"; }
+std::string quoted(const std::string& s) {
+  return "'" + s + "'";
+}
 
 bool python_has(const std::string& modules) {
   const std::string cmd = quoted(python()) + " -c 'import " + modules + "' >/dev/null 2>&1";

@@ -4,10 +4,10 @@
 // the script in the repository; nothing is edited by hand.
 #include <gtest/gtest.h>
 
+#include <unistd.h>
 #include <cmath>
 #include <cstdlib>
 #include <filesystem>
-#include <unistd.h>
 
 #include "core/env.h"
 #include "examples/gpt/model.h"
@@ -28,7 +28,8 @@ class GptVsTorch : public ::testing::Test {
       skip_reason_ = python + " cannot import torch and numpy (install python3-torch python3-numpy)";
       return;
     }
-    path_ = (std::filesystem::temp_directory_path() / ("loom_gpt_ref_" + std::to_string(::getpid()) + ".bundle")).string();
+    path_ =
+        (std::filesystem::temp_directory_path() / ("loom_gpt_ref_" + std::to_string(::getpid()) + ".bundle")).string();
     const std::string cmd = python + " " LOOM_SOURCE_DIR "/tests/reference/torch_gpt_reference.py --out " + path_;
     ASSERT_EQ(std::system(cmd.c_str()), 0) << "reference generator failed: " << cmd;
     bundle_ = new Bundle(Bundle::read(path_));

@@ -54,14 +54,13 @@ inline ::testing::AssertionResult all_close(const float* a, const float* b, size
     if (!ok && bad++ < 5) first << "\n  [" << k << "] got " << a[k] << ", expected " << b[k];
   }
   if (bad == 0) return ::testing::AssertionSuccess();
-  return ::testing::AssertionFailure() << bad << " of " << n << " elements differ; max abs diff " << worst
-                                       << " at " << worst_i << first.str();
+  return ::testing::AssertionFailure() << bad << " of " << n << " elements differ; max abs diff " << worst << " at "
+                                       << worst_i << first.str();
 }
 
 inline ::testing::AssertionResult all_close(const std::vector<float>& a, const std::vector<float>& b, double rtol,
                                             double atol) {
-  if (a.size() != b.size())
-    return ::testing::AssertionFailure() << "size " << a.size() << " != " << b.size();
+  if (a.size() != b.size()) return ::testing::AssertionFailure() << "size " << a.size() << " != " << b.size();
   return all_close(a.data(), b.data(), a.size(), rtol, atol);
 }
 

@@ -29,51 +29,48 @@ TEST_F(OpsGradcheck, Linear) {
 TEST_F(OpsGradcheck, AddScaleAndReuse) {
   // y = x*2 + x: x feeds two ops, so its gradient must accumulate (3 * dy).
   auto x = HostTensor::randn({4, 6}, 3);
-  auto r = check_gradients(*cpu, [](Ctx& c, const std::vector<Tensor>& in) {
-    return ops::add(c, ops::scale(c, in[0], 2.0f), in[0]);
-  }, {x.t});
+  auto r = check_gradients(
+      *cpu, [](Ctx& c, const std::vector<Tensor>& in) { return ops::add(c, ops::scale(c, in[0], 2.0f), in[0]); },
+      {x.t});
   EXPECT_TRUE(r.ok) << r.summary;
 }
 
 TEST_F(OpsGradcheck, RmsNorm) {
   auto x = HostTensor::randn({5, 16}, 4), w = HostTensor::randn({16}, 5);
-  auto r = check_gradients(*cpu, [](Ctx& c, const std::vector<Tensor>& in) {
-    return ops::rmsnorm(c, in[0], in[1], 1e-5f);
-  }, {x.t, w.t});
+  auto r = check_gradients(
+      *cpu, [](Ctx& c, const std::vector<Tensor>& in) { return ops::rmsnorm(c, in[0], in[1], 1e-5f); }, {x.t, w.t});
   EXPECT_TRUE(r.ok) << r.summary;
 }
 
 TEST_F(OpsGradcheck, Embedding) {
   auto table = HostTensor::randn({10, 4}, 6);
   auto tok = HostTensor::tokens({2, 5}, 10, 7);
-  auto r = check_gradients(*cpu, [](Ctx& c, const std::vector<Tensor>& in) {
-    return ops::embedding(c, in[0], in[1]);
-  }, {table.t, tok.t});
+  auto r = check_gradients(*cpu, [](Ctx& c, const std::vector<Tensor>& in) { return ops::embedding(c, in[0], in[1]); },
+                           {table.t, tok.t});
   EXPECT_TRUE(r.ok) << r.summary;
 }
 
 TEST_F(OpsGradcheck, Rope) {
   auto x = HostTensor::randn({2, 7, 3, 8}, 8);
-  auto r = check_gradients(*cpu, [](Ctx& c, const std::vector<Tensor>& in) { return ops::rope(c, in[0], 10000.0f); },
-                           {x.t});
+  auto r =
+      check_gradients(*cpu, [](Ctx& c, const std::vector<Tensor>& in) { return ops::rope(c, in[0], 10000.0f); }, {x.t});
   EXPECT_TRUE(r.ok) << r.summary;
 }
 
 TEST_F(OpsGradcheck, CausalAttention) {
   auto q = HostTensor::randn({2, 9, 2, 8}, 9), k = HostTensor::randn({2, 9, 2, 8}, 10),
        v = HostTensor::randn({2, 9, 2, 8}, 11);
-  auto r = check_gradients(*cpu, [](Ctx& c, const std::vector<Tensor>& in) {
-    return ops::causal_attention(c, in[0], in[1], in[2]);
-  }, {q.t, k.t, v.t});
+  auto r = check_gradients(
+      *cpu, [](Ctx& c, const std::vector<Tensor>& in) { return ops::causal_attention(c, in[0], in[1], in[2]); },
+      {q.t, k.t, v.t});
   EXPECT_TRUE(r.ok) << r.summary;
 }
 
 TEST_F(OpsGradcheck, AttentionWithSharedInput) {
   // q = k = v = x: three gradient contributions into one slot.
   auto x = HostTensor::randn({1, 6, 2, 4}, 12);
-  auto r = check_gradients(*cpu, [](Ctx& c, const std::vector<Tensor>& in) {
-    return ops::causal_attention(c, in[0], in[0], in[0]);
-  }, {x.t});
+  auto r = check_gradients(
+      *cpu, [](Ctx& c, const std::vector<Tensor>& in) { return ops::causal_attention(c, in[0], in[0], in[0]); }, {x.t});
   EXPECT_TRUE(r.ok) << r.summary;
 }
 
@@ -87,20 +84,22 @@ TEST_F(OpsGradcheck, SwiGlu) {
 TEST_F(OpsGradcheck, CrossEntropy) {
   auto logits = HostTensor::randn({6, 11}, 15, 2.0f);
   auto tgt = HostTensor::tokens({6}, 11, 16);
-  auto r = check_gradients(*cpu, [](Ctx& c, const std::vector<Tensor>& in) {
-    return ops::cross_entropy(c, in[0], in[1]);
-  }, {logits.t, tgt.t});
+  auto r =
+      check_gradients(*cpu, [](Ctx& c, const std::vector<Tensor>& in) { return ops::cross_entropy(c, in[0], in[1]); },
+                      {logits.t, tgt.t});
   EXPECT_TRUE(r.ok) << r.summary;
 }
 
 TEST_F(OpsGradcheck, RowViewsGetTheirOwnGradientRows) {
   // Process the two halves of a batch separately and put them back through a linear layer each.
   auto x = HostTensor::randn({4, 5}, 17), w = HostTensor::randn({3, 5}, 18);
-  auto r = check_gradients(*cpu, [](Ctx& c, const std::vector<Tensor>& in) {
-    Tensor top = ops::linear(c, in[0].rows(0, 2), in[1]);
-    Tensor bottom = ops::scale(c, ops::linear(c, in[0].rows(2, 4), in[1]), -0.5f);
-    return ops::add(c, top, bottom);
-  }, {x.t, w.t});
+  auto r = check_gradients(*cpu,
+                           [](Ctx& c, const std::vector<Tensor>& in) {
+                             Tensor top = ops::linear(c, in[0].rows(0, 2), in[1]);
+                             Tensor bottom = ops::scale(c, ops::linear(c, in[0].rows(2, 4), in[1]), -0.5f);
+                             return ops::add(c, top, bottom);
+                           },
+                           {x.t, w.t});
   EXPECT_TRUE(r.ok) << r.summary;
 }
 
@@ -110,15 +109,17 @@ TEST_F(OpsGradcheck, SmallTransformerBlock) {
   auto x = HostTensor::randn({B, T, D}, 19), wn = HostTensor::randn({D}, 20), wq = HostTensor::randn({D, D}, 21, 0.5f),
        wk = HostTensor::randn({D, D}, 22, 0.5f), wv = HostTensor::randn({D, D}, 23, 0.5f),
        wo = HostTensor::randn({D, D}, 24, 0.5f);
-  auto r = check_gradients(*cpu, [&](Ctx& c, const std::vector<Tensor>& in) {
-    Tensor n = ops::rmsnorm(c, in[0], in[1], 1e-5f);
-    Shape hs{B, T, H, Dh};
-    Tensor q = ops::rope(c, ops::linear(c, n, in[2]).reshape(hs), 10000.0f);
-    Tensor k = ops::rope(c, ops::linear(c, n, in[3]).reshape(hs), 10000.0f);
-    Tensor v = ops::linear(c, n, in[4]).reshape(hs);
-    Tensor a = ops::causal_attention(c, q, k, v).reshape(Shape{B, T, D});
-    return ops::add(c, in[0], ops::linear(c, a, in[5]));
-  }, {x.t, wn.t, wq.t, wk.t, wv.t, wo.t});
+  auto r = check_gradients(*cpu,
+                           [&](Ctx& c, const std::vector<Tensor>& in) {
+                             Tensor n = ops::rmsnorm(c, in[0], in[1], 1e-5f);
+                             Shape hs{B, T, H, Dh};
+                             Tensor q = ops::rope(c, ops::linear(c, n, in[2]).reshape(hs), 10000.0f);
+                             Tensor k = ops::rope(c, ops::linear(c, n, in[3]).reshape(hs), 10000.0f);
+                             Tensor v = ops::linear(c, n, in[4]).reshape(hs);
+                             Tensor a = ops::causal_attention(c, q, k, v).reshape(Shape{B, T, D});
+                             return ops::add(c, in[0], ops::linear(c, a, in[5]));
+                           },
+                           {x.t, wn.t, wq.t, wk.t, wv.t, wo.t});
   EXPECT_TRUE(r.ok) << r.summary;
 }
 
@@ -150,9 +151,11 @@ class ScaledSigmoidGate : public CustomOp {
 TEST_F(OpsGradcheck, CustomOp) {
   auto x = HostTensor::randn({3, 4}, 25), a = HostTensor::randn({4}, 26);
   auto op = std::make_shared<ScaledSigmoidGate>();
-  auto r = check_gradients(*cpu, [&](Ctx& c, const std::vector<Tensor>& in) {
-    return ops::apply(c, op, {in[0], in[1]});
-  }, {x.t, a.t});
+  auto r = check_gradients(*cpu,
+                           [&](Ctx& c, const std::vector<Tensor>& in) {
+                             return ops::apply(c, op, {in[0], in[1]});
+                           },
+                           {x.t, a.t});
   EXPECT_TRUE(r.ok) << r.summary;
 }
 
@@ -167,9 +170,11 @@ TEST_F(OpsGradcheck, CheckerCatchesAWrongGradient) {
   };
   auto x = HostTensor::randn({2, 2}, 27), a = HostTensor::randn({2}, 28);
   auto op = std::make_shared<Wrong>();
-  auto r = check_gradients(*cpu, [&](Ctx& c, const std::vector<Tensor>& in) {
-    return ops::apply(c, op, {in[0], in[1]});
-  }, {x.t, a.t});
+  auto r = check_gradients(*cpu,
+                           [&](Ctx& c, const std::vector<Tensor>& in) {
+                             return ops::apply(c, op, {in[0], in[1]});
+                           },
+                           {x.t, a.t});
   EXPECT_FALSE(r.ok) << r.summary;
 }
 
