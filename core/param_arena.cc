@@ -61,13 +61,16 @@ void init_local(const Parameter& p, uint64_t seed, float* out) {
     ll = gl / s.size;
     start = s.rank * ll;
   }
+  // Every element is a pure function of its global index, so the rows can be drawn in parallel (a 0.95B model
+  // takes about a minute on one core) with the same result for any thread count.
+#pragma omp parallel for collapse(2) schedule(static)
   for (int64_t o = 0; o < outer; ++o)
-    for (int64_t a = 0; a < ll; ++a)
-      for (int64_t i = 0; i < inner; ++i) {
-        int64_t local = (o * ll + a) * inner + i;
-        int64_t global = (o * gl + start + a) * inner + i;
-        out[local] = std * random_normal(seed, stream, static_cast<uint64_t>(global));
-      }
+    for (int64_t a = 0; a < ll; ++a) {
+      const int64_t local_row = (o * ll + a) * inner;
+      const int64_t global_row = (o * gl + start + a) * inner;
+      for (int64_t i = 0; i < inner; ++i)
+        out[local_row + i] = std * random_normal(seed, stream, static_cast<uint64_t>(global_row + i));
+    }
 }
 
 }  // namespace

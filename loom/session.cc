@@ -10,6 +10,13 @@
 
 #include "core/error.h"
 #include "core/log.h"
+#ifdef LOOM_HAVE_CUDA
+#include "core/cuda/cuda_backend.h"
+#include "core/cuda/device.h"
+#endif
+#ifdef LOOM_HAVE_NCCL
+#include "parallel/nccl/nccl_communicator.h"
+#endif
 
 namespace loom {
 
@@ -19,6 +26,7 @@ Session::Session(int& argc, char**& argv) {
   if (!initialized) {
     int provided = 0;
     MPI_Init_thread(&argc, &argv, MPI_THREAD_FUNNELED, &provided);
+    owns_mpi_ = true;
   }
   MPI_Comm_rank(MPI_COMM_WORLD, &rank_);
   MPI_Comm_size(MPI_COMM_WORLD, &world_size_);
@@ -31,7 +39,7 @@ Session::~Session() {
   groups_.reset();
   int finalized = 0;
   MPI_Finalized(&finalized);
-  if (!finalized) MPI_Finalize();
+  if (owns_mpi_ && !finalized) MPI_Finalize();
 }
 
 void Session::agree(const std::function<void()>& fn) {
@@ -102,16 +110,26 @@ bool Session::start(Config& cfg, TrainConfig& train, int argc, char** argv,
   log::set_identity(rank_, groups_->node_id());
   LOOM_INFO0("layout: " << groups_->describe());
   agree([&] { make_backend(); });
+  make_device_communicators();
   LOOM_INFO0("backend: " << backend_->name());
   return true;
 }
 
 void Session::make_backend() {
   std::string reason;
-  bool want_cuda = train_.device == "cuda" || (train_.device == "auto" && cuda_available(&reason));
-  if (want_cuda) {
-    LOOM_CHECK(cuda_available(&reason), kConfig, "runtime.device is 'cuda' but " << reason);
-    LOOM_THROW(kConfig, "runtime.device 'cuda': the CUDA backend is not part of this build yet; use --device cpu");
+  const bool gpu = cuda_available(&reason);
+  LOOM_CHECK(train_.device != "cuda" || gpu, kConfig, "runtime.device is 'cuda' but " << reason);
+  if (train_.device == "cuda" || (train_.device == "auto" && gpu)) {
+#ifdef LOOM_HAVE_CUDA
+    // One GPU per rank, by the rank's place on its real node (emulated nodes share the machine's GPUs).
+    int local = detect_local_rank();
+    if (local < 0) local = groups_->local_rank();
+    const int count = cuda::device_count();
+    if (groups_->local_size() > count && local == 0)
+      LOOM_WARN(groups_->local_size() << " ranks share " << count << " GPU(s) on this node; expect them to run slowly");
+    backend_ = make_cuda_backend(local % count);
+    return;
+#endif
   }
   CpuBackendOptions opt;
   int threads = static_cast<int>(train_.threads);
@@ -121,6 +139,20 @@ void Session::make_backend() {
   }
   opt.threads = threads;
   backend_ = make_cpu_backend(opt);
+}
+
+// Collective: the TP and DP groups get NCCL communicators on the backend's stream. A failure here is reported
+// by the failing rank and aborts the job (peers are inside NCCL's initialisation with it).
+void Session::make_device_communicators() {
+  if (backend_->device() != Device::kCuda || world_size_ == 1) return;
+#ifdef LOOM_HAVE_NCCL
+  cudaStream_t stream = static_cast<cuda::CudaBackend&>(*backend_).stream();
+  groups_->use_device_communicators([stream](MpiCommunicator& group, const std::string& name, uint32_t id) {
+    return std::make_unique<NcclCommunicator>(group.comm(), name, id, stream);
+  });
+#else
+  LOOM_THROW(kConfig, "this build of Loom has no NCCL, so it cannot train on several GPUs (rebuild with NCCL found)");
+#endif
 }
 
 ProcessGroups& Session::groups() const {

@@ -1,4 +1,4 @@
-// Session: one rank's view of a Loom job. It starts MPI, parses the configuration identically on every rank,
+// Session: one rank's view of a Loom job. It starts MPI (unless the program already did), parses the configuration identically on every rank,
 // checks that every rank got the same configuration, builds the process groups (DP x TP, nodes) and the
 // backend, and turns failures into one clear message:
 //
@@ -54,8 +54,10 @@ class Session {
 
  private:
   void make_backend();
+  void make_device_communicators();
   int rank_ = 0;
   int world_size_ = 1;
+  bool owns_mpi_ = false;  // MPI is finalized only by the Session that initialized it
   TrainConfig train_;
   std::unique_ptr<ProcessGroups> groups_;
   std::unique_ptr<Backend> backend_;

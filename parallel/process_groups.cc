@@ -151,4 +151,9 @@ int detect_local_rank() {
   return -1;
 }
 
+void ProcessGroups::use_device_communicators(const DeviceCommFactory& make) {
+  tp_device_ = make(*tp_, "tp", kTpGroupId);
+  dp_device_ = make(*dp_, "dp", kDpGroupId);
+}
+
 }  // namespace loom

@@ -12,6 +12,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 
@@ -36,10 +37,20 @@ class ProcessGroups {
   // disagree get a kConfig error, all of them).
   static std::unique_ptr<ProcessGroups> create(MPI_Comm world, const ParallelConfig& cfg);
 
+  // The communicators of the training tensors: MPI on host memory, or the device communicators installed by
+  // use_device_communicators() (NCCL) when training on GPUs. world() and node() always stay on MPI: they carry
+  // control traffic (start-up agreement, barriers), never tensors of the model.
   Communicator& world() { return *world_; }
-  Communicator& tp() { return *tp_; }
-  Communicator& dp() { return *dp_; }
+  Communicator& tp() { return tp_device_ ? *tp_device_ : *tp_; }
+  Communicator& dp() { return dp_device_ ? *dp_device_ : *dp_; }
   Communicator& node() { return *node_; }  // the ranks of this rank's (emulated) node
+  MpiCommunicator& host_tp() { return *tp_; }
+  MpiCommunicator& host_dp() { return *dp_; }
+  // Builds a device communicator for the TP and the DP group with `make` (collective over each group, TP
+  // first); tp() and dp() return them from then on.
+  using DeviceCommFactory =
+      std::function<std::unique_ptr<Communicator>(MpiCommunicator& group, const std::string& name, uint32_t id)>;
+  void use_device_communicators(const DeviceCommFactory& make);
 
   int rank() const { return world_->rank(); }
   int world_size() const { return world_->size(); }
@@ -60,6 +71,7 @@ class ProcessGroups {
   ProcessGroups() = default;
 
   std::unique_ptr<MpiCommunicator> world_, tp_, dp_, node_;
+  std::unique_ptr<Communicator> tp_device_, dp_device_;
   int node_id_ = 0;
   int num_nodes_ = 1;
   bool emulated_nodes_ = false;

@@ -1,0 +1,119 @@
+// CudaBackend: the GPU implementation of core/backend.h. Compute dtype bf16 with f32 accumulation everywhere;
+// statistics, losses, master weights and optimizer state f32; parameter gradients f32 (see docs/design.md).
+//
+// Every kernel is enqueued on the backend's stream (stream()) and returns without waiting; only download(),
+// read_scalar() and synchronize() wait. The member functions are defined across several files, one per kind of
+// kernel:
+//   cuda_backend.cc   device, memory, copies, fill, matmul (cuBLASLt), factory
+//   elementwise.cu    add, axpy, casts, SwiGLU, RoPE, embedding
+//   norm.cu           RMSNorm forward / backward
+//   loss.cu           cross-entropy pieces
+//   optim.cu          sum of squares, fused AdamW
+//   attention.cu      flash-style causal attention forward / backward
+// Kernels never allocate memory of their own except through scratch(), which grows during the first step only.
+#pragma once
+
+#include <cublasLt.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <mutex>
+#include <string>
+#include <unordered_map>
+
+#include "core/backend.h"
+
+namespace loom::cuda {
+
+class CudaBackend final : public Backend {
+ public:
+  explicit CudaBackend(int device);
+  ~CudaBackend() override;
+
+  Device device() const override { return Device::kCuda; }
+  DType compute_dtype() const override { return DType::kBF16; }
+  std::string name() const override { return name_; }
+
+  void* allocate(size_t bytes) override;
+  void deallocate(void* ptr) override;
+  void copy(const Tensor& dst, const Tensor& src) override;
+  void fill(const Tensor& dst, float value) override;
+  void synchronize() override;
+
+  void add(const Tensor& out, const Tensor& a, const Tensor& b) override;
+  void axpy(const Tensor& dst, const Tensor& src, float alpha, bool accumulate) override;
+  void matmul(const Tensor& c, const Tensor& a, bool trans_a, const Tensor& b, bool trans_b, float alpha,
+              float beta) override;
+  void embedding_forward(const Tensor& out, const Tensor& table, const Tensor& tokens, int64_t vocab_start) override;
+  void embedding_backward(const Tensor& dtable, const Tensor& dout, const Tensor& tokens, int64_t vocab_start) override;
+  void rmsnorm_forward(const Tensor& y, const Tensor& rstd, const Tensor& x, const Tensor& w, float eps) override;
+  void rmsnorm_backward(const Tensor& dx, bool accumulate_dx, const Tensor& dw, const Tensor& dy, const Tensor& x,
+                        const Tensor& w, const Tensor& rstd) override;
+  void rope_forward(const Tensor& out, const Tensor& x, float base) override;
+  void rope_backward(const Tensor& dx, bool accumulate, const Tensor& dy, float base) override;
+  void attention_forward(const Tensor& out, const Tensor& lse, const Tensor& q, const Tensor& k, const Tensor& v,
+                         float scale) override;
+  void attention_backward(const Tensor& dq, const Tensor& dk, const Tensor& dv, bool accumulate, const Tensor& dout,
+                          const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out, const Tensor& lse,
+                          float scale) override;
+  void swiglu_forward(const Tensor& out, const Tensor& gate, const Tensor& up) override;
+  void swiglu_backward(const Tensor& dgate, const Tensor& dup, bool accumulate, const Tensor& dout, const Tensor& gate,
+                       const Tensor& up) override;
+  void ce_row_max(const Tensor& row_max, const Tensor& logits) override;
+  void ce_sumexp_target(const Tensor& sumexp, const Tensor& target_logit, const Tensor& logits, const Tensor& row_max,
+                        const Tensor& targets, int64_t vocab_start) override;
+  void ce_loss_mean(const Tensor& loss_mean, const Tensor& row_max, const Tensor& sumexp,
+                    const Tensor& target_logit) override;
+  void ce_backward(const Tensor& dlogits, bool accumulate, const Tensor& logits, const Tensor& row_max,
+                   const Tensor& sumexp, const Tensor& targets, int64_t vocab_start, const Tensor& dloss,
+                   float scale) override;
+  void sum_squares(const Tensor& out, const Tensor& x, bool accumulate) override;
+  void adamw(const Tensor& master, const Tensor& m, const Tensor& v, const Tensor& grad, const Tensor& compute_out,
+             const Tensor& norm_sq, const AdamWArgs& args) override;
+
+  cudaStream_t stream() const { return stream_; }
+  int device_index() const { return device_; }
+  int num_sms() const { return num_sms_; }
+  // Device scratch of at least `bytes`, valid until the next scratch() call; grows (with a synchronize) only
+  // when a larger request comes, so after the first step it never allocates.
+  void* scratch(size_t bytes);
+
+ private:
+  struct GemmKey {
+    int64_t m, n, k;
+    bool ta, tb;
+    DType c_dtype;
+    bool operator==(const GemmKey& o) const {
+      return m == o.m && n == o.n && k == o.k && ta == o.ta && tb == o.tb && c_dtype == o.c_dtype;
+    }
+  };
+  struct GemmKeyHash {
+    size_t operator()(const GemmKey& k) const;
+  };
+  struct GemmPlan;
+  GemmPlan& gemm_plan(const GemmKey& key);
+
+  int device_;
+  int num_sms_ = 0;
+  std::string name_;
+  cudaStream_t stream_ = nullptr;
+  cublasLtHandle_t lt_ = nullptr;
+  void* workspace_ = nullptr;
+  size_t workspace_bytes_ = 0;
+  void* scratch_ = nullptr;
+  size_t scratch_bytes_ = 0;
+  std::mutex gemm_mutex_;
+  std::unordered_map<GemmKey, GemmPlan*, GemmKeyHash> gemm_plans_;
+};
+
+// Pointer helpers with checks that name the op and the argument (device residency, dtype).
+const void* device_ptr(const Tensor& t, const char* op, const char* arg);
+void* device_mut_ptr(const Tensor& t, const char* op, const char* arg);
+void check_float_dtype(const Tensor& t, const char* op, const char* arg);  // f32 or bf16
+
+}  // namespace loom::cuda
+
+namespace loom {
+// The CUDA backend on GPU `device` (throws a CUDA error naming the device when it cannot be used).
+std::unique_ptr<Backend> make_cuda_backend(int device);
+}  // namespace loom

@@ -1,0 +1,63 @@
+// NcclCommunicator: the Communicator (parallel/communicator.h) for device memory, over NCCL.
+//
+// Stream contract: every call is enqueued on the stream given at construction (the CUDA backend's compute
+// stream) and returns without waiting, so collectives are ordered with the kernels that produce and consume
+// their tensors and the host never blocks — except barrier(), which waits for the stream. The trace records of
+// this communicator therefore time the enqueue, not the transfer (event-based timing belongs to the monitor).
+//
+// Creation is collective over the group's MPI communicator: rank 0 makes the NCCL unique id and broadcasts it
+// over MPI. A failed NCCL call marks the communicator broken; it is then aborted (ncclCommAbort) rather than
+// destroyed, so a dead peer cannot hang the teardown. NVLink multicast (NVLS) is never requested.
+#pragma once
+
+#include <cuda_runtime.h>
+#include <mpi.h>
+#include <nccl.h>
+
+#include <string>
+
+#include "parallel/communicator.h"
+
+#define LOOM_NCCL_CHECK(comm_obj, expr)                                                              \
+  do {                                                                                               \
+    ncclResult_t loom_nccl_ = (expr);                                                                \
+    if (loom_nccl_ != ncclSuccess && loom_nccl_ != ncclInProgress) {                                 \
+      (comm_obj)->mark_broken();                                                                     \
+      LOOM_THROW(kComm, #expr << " failed: " << ncclGetErrorString(loom_nccl_) << " ("               \
+                              << ncclGetLastError(nullptr) << ")");                                  \
+    }                                                                                                \
+  } while (0)
+
+namespace loom {
+
+class NcclCommunicator final : public Communicator {
+ public:
+  // Collective over `comm` (every rank of it calls this with the same name/group id).
+  NcclCommunicator(MPI_Comm comm, std::string name, uint32_t group_id, cudaStream_t stream);
+  ~NcclCommunicator() override;
+
+  Device device() const override { return Device::kCuda; }
+  const char* backend_name() const override { return "NCCL"; }
+  cudaStream_t stream() const { return stream_; }
+  // Aborts the NCCL communicator (idempotent): in-flight collectives are cancelled and peers see an error.
+  void abort();
+  void mark_broken() { broken_ = true; }
+
+ protected:
+  bool supports(DType dtype, bool reduction) const override;
+  void do_all_reduce(const Tensor& t, ReduceOp op) override;
+  void do_reduce_scatter(const Tensor& out, const Tensor& in, ReduceOp op) override;
+  void do_all_gather(const Tensor& out, const Tensor& in) override;
+  void do_broadcast(const Tensor& t, int root) override;
+  void do_send(const Tensor& t, int peer) override;
+  void do_recv(const Tensor& t, int peer) override;
+  void do_barrier() override;
+
+ private:
+  ncclComm_t comm_ = nullptr;
+  cudaStream_t stream_;
+  void* barrier_buf_ = nullptr;
+  bool broken_ = false;
+};
+
+}  // namespace loom
