@@ -136,6 +136,23 @@ class Backend {
   virtual void adamw(const Tensor& master, const Tensor& m, const Tensor& v, const Tensor& grad,
                      const Tensor& compute_out, const Tensor& norm_sq, const AdamWArgs& args) = 0;
 
+  // ---- asynchronous copies to host memory (snapshot staging) ---------------------------------------
+  // A copy of device data into host memory that runs beside the training work. On CUDA it runs on a side stream
+  // after everything enqueued so far on the compute stream; on the CPU, on a helper thread.
+  class HostCopy {
+   public:
+    virtual ~HostCopy() = default;
+    // Blocks the calling thread until the bytes are in host memory.
+    virtual void wait() = 0;
+    // Makes work enqueued from now on wait for the copy (CUDA: the compute stream waits on an event, the host
+    // does not block; CPU: same as wait()). Call before overwriting the source.
+    virtual void fence() = 0;
+  };
+  virtual std::unique_ptr<HostCopy> copy_to_host_async(void* host_dst, const Tensor& src) = 0;
+  // Page-locks host memory that copies will target many times (no-op on the CPU).
+  virtual void pin_host_memory(void* ptr, size_t bytes) {}
+  virtual void unpin_host_memory(void* ptr) {}
+
   // ---- helpers built on the above -----------------------------------------------------------------
   // Copies to / from host memory; blocks until done.
   void download(const Tensor& src, void* host);

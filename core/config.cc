@@ -624,8 +624,13 @@ ConfigSource Config::source(const std::string& key) const {
 }
 
 uint64_t Config::hash() const {
+  return hash_if([](const std::string&) { return true; });
+}
+
+uint64_t Config::hash_if(const std::function<bool(const std::string&)>& keep) const {
   std::string all;
-  for (const auto& [key, e] : entries_) all += key + "=" + e.print() + "\n";
+  for (const auto& [key, e] : entries_)
+    if (keep(key)) all += key + "=" + e.print() + "\n";
   return fnv1a64(all);
 }
 

@@ -90,6 +90,9 @@ class Config {
   ConfigSource source(const std::string& key) const;
   // FNV-1a over "key=value\n" of every key in key order: ranks compare it to detect mismatched configs.
   uint64_t hash() const;
+  // The same hash over the keys for which keep(key) is true (e.g. to identify a run across restarts that change
+  // only how long it runs or how much it logs).
+  uint64_t hash_if(const std::function<bool(const std::string&)>& keep) const;
   // A TOML document that parse() reads back to the same values (and preset).
   std::string to_toml() const;
   // LOOM_* variables seen by parse() that are neither keys nor allowed (sorted). Not an error: the caller

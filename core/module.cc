@@ -39,8 +39,9 @@ Tensor Parameter::master() const {
 }
 
 void Module::check_name(const std::string& name) const {
-  LOOM_CHECK(!name.empty() && name.find('.') == std::string::npos, kConfig,
-             "module or parameter name '" << name << "' must be non-empty and contain no '.'");
+  // Names become dotted paths, HDF5 group names and fields of the snapshot protocol.
+  LOOM_CHECK(!name.empty() && name.find_first_of("./|") == std::string::npos, kConfig,
+             "module or parameter name '" << name << "' must be non-empty and contain none of '.', '/', '|'");
   for (const Entry& e : entries_)
     LOOM_CHECK(e.name != name, kConfig, "name '" << name << "' registered twice in one module");
 }

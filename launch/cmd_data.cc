@@ -4,6 +4,11 @@
 #include <iostream>
 #include <string>
 
+#include <filesystem>
+
+#include "checkpoint/daemon.h"
+#include "checkpoint/hdf5_format.h"
+#include "checkpoint/protocol.h"
 #include "core/backend.h"
 #include "core/data.h"
 #include "core/error.h"
@@ -48,10 +53,54 @@ int cmd_tokenize(int argc, char** argv) {
   return 0;
 }
 
+namespace {
+
+// job:ID[:NODE] -> the daemon's STATUS: ranks, memory, buffers and their states.
+int inspect_job(const std::string& spec) {
+  std::string rest = spec.substr(4);
+  int node = 0;
+  if (auto colon = rest.find(':'); colon != std::string::npos) {
+    node = std::atoi(rest.substr(colon + 1).c_str());
+    rest = rest.substr(0, colon);
+  }
+  const std::string path = snap::daemon_socket_path(rest, node);
+  boost::asio::io_context io;
+  snap::Socket sock(io);
+  boost::system::error_code ec;
+  sock.connect(boost::asio::local::stream_protocol::endpoint(path), ec);
+  LOOM_CHECK(!ec, kSnapshot, "no snapshot daemon for job '" << rest << "' node " << node << " (" << path << ": "
+                                                            << ec.message() << ")");
+  snap::write_message(sock, snap::Message(snap::MsgType::kStatus));
+  snap::Message r = snap::read_message(sock);
+  std::cout << "snapshot daemon of job " << rest << ", node " << node << "\n";
+  for (const auto& [k, v] : r.fields) std::cout << "  " << k << ": " << v << "\n";
+  std::cout << "  (rank lines: version/state of each of the 3 buffers)\n";
+  return 0;
+}
+
+int inspect_snapshot_dir(const std::string& dir) {
+  auto versions = snap::complete_versions(dir);
+  std::cout << "snapshot folder " << dir << ": " << versions.size() << " complete version(s)";
+  for (int64_t v : versions) std::cout << " " << v;
+  std::cout << "\n";
+  for (const auto& entry : std::filesystem::directory_iterator(dir))
+    if (entry.path().extension() == ".h5") std::cout << "  " << entry.path().filename().string() << "\n";
+  return 0;
+}
+
+}  // namespace
+
 int cmd_inspect(int argc, char** argv) {
   if (argc != 1) {
-    std::cerr << "usage: loom inspect FILE.bin\n";
+    std::cerr << "usage: loom inspect FILE.bin | FILE.h5 | SNAPSHOT_DIR | job:ID[:NODE]\n";
     return 2;
+  }
+  const std::string target = argv[0];
+  if (target.rfind("job:", 0) == 0) return inspect_job(target);
+  if (std::filesystem::is_directory(target)) return inspect_snapshot_dir(target);
+  if (target.size() > 3 && target.compare(target.size() - 3, 3, ".h5") == 0) {
+    std::cout << snap::describe_file(target);
+    return 0;
   }
   TokenFile f = TokenFile::open(argv[0]);
   std::cout << "token file " << f.path() << "\n"

@@ -5,4 +5,5 @@ namespace loom::cli {
 int cmd_info(int argc, char** argv);
 int cmd_tokenize(int argc, char** argv);
 int cmd_inspect(int argc, char** argv);
+int cmd_snapshotd(int argc, char** argv);
 }  // namespace loom::cli

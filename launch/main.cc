@@ -2,7 +2,8 @@
 //
 //   loom info                      build features, devices, default data location
 //   loom tokenize IN.txt OUT.bin   byte-level tokenize a text file into a Loom token file
-//   loom inspect FILE.bin          header, size, vocabulary and a preview of a token file
+//   loom inspect PATH              token files, HDF5 snapshots, in-memory snapshots of a job
+//   loom snapshotd ...             the per-node snapshot daemon
 //
 // Each subcommand lives in its own file (launch/cmd_*.cc); later subcommands (run, snapshotd, monitor) join
 // them there.
@@ -20,7 +21,9 @@ void usage(std::ostream& os) {
         "commands:\n"
         "  info                       build features, GPUs, data cache\n"
         "  tokenize IN.txt OUT.bin    byte-level tokenize a text file into a token file\n"
-        "  inspect FILE.bin           describe a token file\n"
+        "  inspect PATH               describe a token file (.bin), an HDF5 snapshot (.h5), a folder of\n"
+        "                             snapshots, or a job's in-memory snapshots (job:ID[:NODE])\n"
+        "  snapshotd --job ID ...     the per-node snapshot daemon (trainers start it themselves)\n"
         "  help                       this text\n";
 }
 
@@ -36,6 +39,7 @@ int main(int argc, char** argv) {
     if (cmd == "info") return loom::cli::cmd_info(argc - 2, argv + 2);
     if (cmd == "tokenize") return loom::cli::cmd_tokenize(argc - 2, argv + 2);
     if (cmd == "inspect") return loom::cli::cmd_inspect(argc - 2, argv + 2);
+    if (cmd == "snapshotd") return loom::cli::cmd_snapshotd(argc - 2, argv + 2);
   } catch (const loom::Error& e) {
     std::cerr << "loom " << cmd << ": " << e.what() << "\n";
     return 1;

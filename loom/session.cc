@@ -2,14 +2,18 @@
 
 #include <mpi.h>
 
+#include <unistd.h>
+
 #include <algorithm>
 #include <climits>
+#include <filesystem>
 #include <cstdio>
 #include <iostream>
 #include <thread>
 
 #include "core/error.h"
 #include "core/log.h"
+#include "core/rng.h"
 #ifdef LOOM_HAVE_CUDA
 #include "core/cuda/cuda_backend.h"
 #include "core/cuda/device.h"
@@ -109,10 +113,59 @@ bool Session::start(Config& cfg, TrainConfig& train, int argc, char** argv,
   });
   log::set_identity(rank_, groups_->node_id());
   LOOM_INFO0("layout: " << groups_->describe());
+  config_hash_ = hash;
+  config_toml_ = cfg.to_toml();
+  start_snapshot_daemons(cfg);  // before CUDA starts: it forks
   agree([&] { make_backend(); });
   make_device_communicators();
   LOOM_INFO0("backend: " << backend_->name());
   return true;
+}
+
+bool Session::all_ok(bool ok) {
+  int mine = ok ? 1 : 0, all = 0;
+  MPI_Allreduce(&mine, &all, 1, MPI_INT, MPI_MIN, MPI_COMM_WORLD);
+  return all == 1;
+}
+
+// One daemon per node, started by the node's first rank. The job id names the daemons' memory, so a restart of
+// the same run (same folder, same settings apart from how long it runs and how much it logs) finds it again.
+void Session::start_snapshot_daemons(const Config& cfg) {
+  if (train_.snapshot_every <= 0) return;
+  snap::SnapshotOptions& o = snapshot_options_;
+  o.every = train_.snapshot_every;
+  o.memory_budget = static_cast<uint64_t>(train_.snapshot_budget_mb) << 20;
+  o.dir = train_.snapshot_dir.empty() ? "" : std::filesystem::absolute(train_.snapshot_dir).string();
+  o.persist_every = train_.persist_every;
+  o.idle_timeout_s = static_cast<int>(train_.snapshot_idle_timeout);
+  o.loom_path = train_.loom_path;
+  o.job = train_.snapshot_job;
+  if (o.job.empty()) {
+    static const char* kVolatile[] = {"train.steps", "train.log_every", "train.eval_every", "train.eval_batches",
+                                      "train.metrics_file", "runtime.log_level", "runtime.threads", "fault."};
+    uint64_t h = cfg.hash_if([](const std::string& key) {
+      if (key.rfind("snapshot.", 0) == 0) return false;
+      for (const char* v : kVolatile)
+        if (key.rfind(v, 0) == 0) return false;
+      return true;
+    });
+    h = fnv1a64(std::filesystem::current_path().string(), h);
+    char id[24];
+    std::snprintf(id, sizeof id, "j%012llx", static_cast<unsigned long long>(h & 0xffffffffffffull));
+    o.job = id;
+  }
+  bool ok = true;
+  if (groups_->local_rank() == 0) {
+    try {
+      snap::ensure_daemon(o, groups_->node_id());
+    } catch (const std::exception& e) {
+      LOOM_WARN("snapshots disabled: " << e.what());
+      ok = false;
+    }
+  }
+  snapshots_enabled_ = all_ok(ok);
+  groups_->node().barrier();
+  if (snapshots_enabled_) LOOM_INFO0("snapshots: every " << o.every << " step(s), job " << o.job);
 }
 
 void Session::make_backend() {

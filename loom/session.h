@@ -17,6 +17,7 @@
 #include <string>
 #include <vector>
 
+#include "checkpoint/client.h"
 #include "core/backend.h"
 #include "core/config.h"
 #include "loom/train_config.h"
@@ -51,14 +52,27 @@ class Session {
   Backend& backend() const;
   TpGroup tp() const;
   const TrainConfig& train_config() const { return train_; }
+  // Snapshot settings with the job id resolved; enabled() is false when snapshots are off or could not start.
+  const snap::SnapshotOptions& snapshot_options() const { return snapshot_options_; }
+  bool snapshots_enabled() const { return snapshots_enabled_; }
+  uint64_t config_hash() const { return config_hash_; }
+  std::string config_toml() const { return config_toml_; }
+  // Every rank passes in ok; returns whether all did (one MPI all-reduce). For decisions that must be the same
+  // everywhere but may fail on one rank without being fatal (snapshots).
+  bool all_ok(bool ok);
 
  private:
+  void start_snapshot_daemons(const Config& cfg);
   void make_backend();
   void make_device_communicators();
   int rank_ = 0;
   int world_size_ = 1;
   bool owns_mpi_ = false;  // MPI is finalized only by the Session that initialized it
   TrainConfig train_;
+  snap::SnapshotOptions snapshot_options_;
+  bool snapshots_enabled_ = false;
+  uint64_t config_hash_ = 0;
+  std::string config_toml_;
   std::unique_ptr<ProcessGroups> groups_;
   std::unique_ptr<Backend> backend_;
 };

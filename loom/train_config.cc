@@ -28,6 +28,19 @@ void TrainConfig::declare(Config& cfg) {
   cfg.add("parallel.tp", &tp, "tensor-parallel size");
   cfg.add("parallel.dp", &dp, "data-parallel size; 0 = world size / tp");
   cfg.add("parallel.ranks_per_node", &ranks_per_node, "emulate nodes of this many ranks; 0 = real nodes");
+  cfg.add("snapshot.snapshot_every", &snapshot_every, "in-memory snapshot after every N-th step; 0 disables");
+  cfg.add("snapshot.snapshot_job", &snapshot_job, "job id of the snapshot daemons; empty = derived from config and folder");
+  cfg.add("snapshot.snapshot_budget_mb", &snapshot_budget_mb,
+          "shared memory per node for snapshots (MiB); 0 = half of the machine's memory");
+  cfg.add("snapshot.snapshot_dir", &snapshot_dir, "folder of the HDF5 snapshot files");
+  cfg.add("snapshot.persist_every", &persist_every, "write every M-th snapshot version to HDF5; 0 disables");
+  cfg.add("snapshot.snapshot_idle_timeout", &snapshot_idle_timeout,
+          "seconds a snapshot daemon waits without trainers before it exits");
+  cfg.add("snapshot.loom_path", &loom_path, "path of the loom tool that runs the daemon; empty = next to the program");
+  cfg.add_choice("fault.fault_kind", &fault_kind, {"none", "crash", "kill_daemon"},
+                 "inject a fault (tests, demo): crash = SIGKILL the rank; kill_daemon = SIGKILL its node's snapshot daemon");
+  cfg.add("fault.fault_rank", &fault_rank, "the rank the fault hits");
+  cfg.add("fault.fault_step", &fault_step, "the fault hits after this many completed steps");
   cfg.add_choice("runtime.device", &device, {"auto", "cpu", "cuda"}, "where to train");
   cfg.add("runtime.threads", &threads, "CPU threads per rank; 0 = cores / ranks on the node");
   cfg.allow_env("LOOM_FORTUNES_DIR");  // read by core/data.cc: where the fortunes corpus lives
@@ -59,6 +72,10 @@ void TrainConfig::validate(int world_size) const {
   const int64_t local = batch_size / dps;
   LOOM_CHECK(micro_batch == 0 || local % micro_batch == 0, kConfig,
              "train.micro_batch " << micro_batch << " does not divide the per-rank batch " << local);
+  LOOM_CHECK(snapshot_every >= 0 && persist_every >= 0 && snapshot_budget_mb >= 0 && snapshot_idle_timeout > 0,
+             kConfig, "snapshot.* counts must be >= 0 (and the idle timeout > 0)");
+  LOOM_CHECK(fault_kind == "none" || (fault_rank >= 0 && fault_rank < world_size && fault_step >= 0), kConfig,
+             "fault.fault_rank " << fault_rank << " is not a rank of this job (0.." << world_size - 1 << ")");
   LOOM_CHECK(ranks_per_node >= 0, kConfig, "parallel.ranks_per_node must be >= 0, got " << ranks_per_node);
 }
 

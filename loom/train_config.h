@@ -36,6 +36,18 @@ struct TrainConfig {
   int64_t tp = 1;
   int64_t dp = 0;              // 0: world size / tp
   int64_t ranks_per_node = 0;  // 0: real nodes; >0: emulated nodes of this many ranks
+  // [snapshot]
+  int64_t snapshot_every = 1;          // in-memory snapshot after every N-th step; 0 disables
+  std::string snapshot_job;            // job id of the daemons' memory; "" -> derived from the config and folder
+  int64_t snapshot_budget_mb = 0;      // shared memory per node for snapshots; 0 -> half of the machine's memory
+  std::string snapshot_dir = "snapshots";  // HDF5 files
+  int64_t persist_every = 50;          // write every M-th snapshot to HDF5; 0 disables
+  int64_t snapshot_idle_timeout = 300; // a daemon without trainers exits after this many seconds
+  std::string loom_path;               // the `loom` tool; "" -> next to the program
+  // [fault] (fault injection, for tests and the demo)
+  std::string fault_kind = "none";     // none | crash | kill_daemon
+  int64_t fault_rank = 0;
+  int64_t fault_step = 0;              // after this many completed steps
   // [runtime]
   std::string device = "auto";  // auto | cpu | cuda
   int64_t threads = 0;          // CPU threads per rank; 0: cores / ranks on the node

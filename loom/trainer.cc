@@ -1,11 +1,17 @@
 #include "loom/trainer.h"
 
+#include <mpi.h>
+#include <signal.h>
+#include <unistd.h>
+
 #include <chrono>
 #include <cmath>
+#include <map>
 #include <cstdio>
 #include <iostream>
 #include <sstream>
 
+#include "checkpoint/hdf5_format.h"
 #include "core/error.h"
 #include "core/log.h"
 
@@ -63,12 +69,178 @@ Trainer::Trainer(Session& session, LanguageModel& model) : s_(session), cfg_(ses
   LOOM_INFO0("model: " << model_.num_parameters_global() << " parameters (" << params_->numel() << " on this rank, "
                        << params_->layout().size() << " tensors, " << params_->total_bytes() / (1 << 20)
                        << " MiB of weights, gradients and AdamW state)");
+  setup_snapshots();
+  restore();
   LOOM_INFO0("batch: " << cfg_.batch_size << " sequences x " << model_.seq_len() << " tokens per step; " << local_batch_
                        << " per data-parallel rank in micro-batches of " << micro_batch_);
 }
 
 Trainer::~Trainer() {
+  snap_.reset();  // joins its staging thread before the arena goes
   if (loss_buf_) s_.backend().deallocate(loss_buf_);
+}
+
+void Trainer::setup_snapshots() {
+  if (!s_.snapshots_enabled()) return;
+  ProcessGroups& g = s_.groups();
+  const int64_t P = params_->padded_numel(), D = g.dp_size(), d = g.dp_rank();
+  snap::SegmentIdentity id;
+  id.rank = g.rank();
+  id.world_size = g.world_size();
+  id.tp_rank = g.tp_rank();
+  id.tp_size = g.tp_size();
+  id.dp_rank = g.dp_rank();
+  id.dp_size = g.dp_size();
+  id.slice_begin = d * P / D;
+  id.slice_end = (d + 1) * P / D;
+  id.padded_numel = P;
+  id.layout_hash = params_->layout_hash();
+  id.seed = static_cast<uint64_t>(cfg_.seed);
+  bool ok = true;
+  try {
+    snap_ = std::make_unique<snap::SnapshotClient>(s_.snapshot_options(), g.node_id(), s_.backend());
+    snap_->attach(id, params_->layout(), s_.config_hash(), g.num_nodes());
+  } catch (const std::exception& e) {
+    LOOM_WARN("snapshots disabled: " << e.what());
+    ok = false;
+  }
+  if (!s_.all_ok(ok)) {
+    if (ok) LOOM_WARN0("snapshots disabled: another rank could not attach to its snapshot daemon");
+    snap_.reset();
+  }
+}
+
+void Trainer::restore() {
+  if (restore_from_memory()) return;
+  if (restore_from_hdf5()) return;
+  LOOM_INFO0("no snapshot to resume from: starting at step 0");
+}
+
+bool Trainer::restore_from_memory() {
+  // Each rank offers up to three (version, CRC ok) pairs; the newest version every rank holds intact wins.
+  constexpr int kSlots = snap::kBuffers;
+  std::vector<int64_t> mine(2 * kSlots, -1);
+  std::vector<snap::SnapshotClient::Available> avail;
+  bool query_ok = true;
+  if (snap_) {
+    try {
+      avail = snap_->query();
+    } catch (const std::exception& e) {
+      LOOM_WARN("cannot list in-memory snapshots: " << e.what());
+      query_ok = false;
+    }
+  }
+  for (size_t i = 0; i < avail.size() && i < static_cast<size_t>(kSlots); ++i) {
+    mine[2 * i] = avail[i].version;
+    mine[2 * i + 1] = avail[i].crc_ok ? 1 : 0;
+    if (!avail[i].crc_ok)
+      LOOM_WARN("in-memory snapshot of step " << avail[i].version << " of rank " << s_.rank() << " (tp "
+                                              << s_.groups().tp_rank() << ", dp " << s_.groups().dp_rank()
+                                              << ") fails its CRC check; falling back");
+  }
+  if (!s_.all_ok(snap_ != nullptr && query_ok)) return false;
+  const int world = s_.world_size();
+  std::vector<int64_t> all(static_cast<size_t>(2 * kSlots * world));
+  MPI_Allgather(mine.data(), 2 * kSlots, MPI_INT64_T, all.data(), 2 * kSlots, MPI_INT64_T, MPI_COMM_WORLD);
+  std::map<int64_t, int> intact;  // version -> ranks holding it intact
+  for (int r = 0; r < world; ++r)
+    for (int i = 0; i < kSlots; ++i) {
+      const int64_t v = all[static_cast<size_t>(2 * kSlots * r + 2 * i)];
+      if (v >= 0 && all[static_cast<size_t>(2 * kSlots * r + 2 * i + 1)] == 1) ++intact[v];
+    }
+  for (auto it = intact.rbegin(); it != intact.rend(); ++it) {
+    if (it->second != world) continue;
+    const int64_t v = it->first;
+    int buffer = -1;
+    for (auto& a : avail)
+      if (a.version == v) buffer = a.buffer;
+    const int64_t b = snap_->identity().slice_begin, e = snap_->identity().slice_end;
+    bool ok = buffer >= 0 && snap_->load(buffer, params_->master().flat_range(b, e), params_->adam_m().flat_range(b, e),
+                                         params_->adam_v().flat_range(b, e));
+    if (!ok) LOOM_WARN("in-memory snapshot of step " << v << " of rank " << s_.rank() << " changed since its CRC was taken");
+    if (!s_.all_ok(ok)) continue;  // an older version then
+    finish_restore(v);
+    resumed_from_ = "memory";
+    LOOM_INFO0("resumed from the in-memory snapshot of step " << v << " (every rank's shared memory)");
+    return true;
+  }
+  if (!intact.empty())
+    LOOM_WARN0("in-memory snapshots exist but no step is intact on every rank (a node was lost or memory is corrupt)");
+  return false;
+}
+
+bool Trainer::restore_from_hdf5() {
+  const std::string& dir = s_.snapshot_options().dir;
+  if (dir.empty()) return false;
+  int64_t version = -1;
+  if (s_.is_root()) {
+    try {
+      auto versions = snap::complete_versions(dir);
+      if (!versions.empty()) version = versions.front();
+    } catch (const std::exception& e) {
+      LOOM_WARN("cannot list HDF5 snapshots in " << dir << ": " << e.what());
+    }
+  }
+  MPI_Bcast(&version, 1, MPI_INT64_T, 0, MPI_COMM_WORLD);
+  if (version < 0) return false;
+  // Every rank assembles the global tensors and takes its own TP shard: this also loads a snapshot written at
+  // another TP or DP size (resharding).
+  bool ok = true;
+  try {
+    snap::GlobalState state = snap::load_global(dir, version);
+    const int64_t P = params_->padded_numel();
+    std::vector<float> master(static_cast<size_t>(P), 0.0f), m(master.size(), 0.0f), v(master.size(), 0.0f);
+    snap::fill_slice(state, params_->layout(), 0, P, master.data(), m.data(), v.data());
+    Backend& be = s_.backend();
+    be.upload(params_->master(), master.data());
+    be.upload(params_->adam_m(), m.data());
+    be.upload(params_->adam_v(), v.data());
+  } catch (const std::exception& e) {
+    LOOM_WARN("cannot load HDF5 snapshot " << version << " from " << dir << ": " << e.what());
+    ok = false;
+  }
+  if (!s_.all_ok(ok)) return false;
+  params_->sync_compute_from_master();
+  optimizer_->set_steps_taken(version);
+  step_ = version;
+  resumed_from_ = "hdf5";
+  LOOM_INFO0("resumed from the HDF5 snapshot of step " << version << " in " << dir);
+  return true;
+}
+
+void Trainer::finish_restore(int64_t version) {
+  ProcessGroups& g = s_.groups();
+  if (g.dp_size() > 1) {
+    const int64_t b = snap_->identity().slice_begin, e = snap_->identity().slice_end;
+    for (const Tensor& region : {params_->master(), params_->adam_m(), params_->adam_v()})
+      g.dp().all_gather(region, region.flat_range(b, e));
+  }
+  params_->sync_compute_from_master();
+  optimizer_->set_steps_taken(version);
+  step_ = version;
+}
+
+void Trainer::end_step() {
+  if (snap_ && step_ % cfg_.snapshot_every == 0) {
+    const int64_t b = snap_->identity().slice_begin, e = snap_->identity().slice_end;
+    snap_->stage(step_, params_->master().flat_range(b, e), params_->adam_m().flat_range(b, e),
+                 params_->adam_v().flat_range(b, e));
+  }
+  inject_fault();
+}
+
+void Trainer::inject_fault() {
+  if (cfg_.fault_kind == "none" || s_.rank() != cfg_.fault_rank || step_ != cfg_.fault_step) return;
+  if (cfg_.fault_kind == "crash") {
+    LOOM_WARN("fault injection: rank " << s_.rank() << " crashes (SIGKILL) after step " << step_);
+    ::kill(::getpid(), SIGKILL);
+  }
+  if (cfg_.fault_kind == "kill_daemon") {
+    const int pid = snap::daemon_pid(snap::daemon_socket_path(s_.snapshot_options().job, s_.groups().node_id()));
+    LOOM_WARN("fault injection: killing the snapshot daemon of node " << s_.groups().node_id() << " (pid " << pid
+                                                                       << ") after step " << step_);
+    if (pid > 0) ::kill(pid, SIGKILL);
+  }
 }
 
 void Trainer::open_data() {
@@ -149,11 +321,13 @@ StepStats Trainer::train_step() {
   const double lr = schedule_.at(step_);
   std::optional<CommReducer> tp_reduce;
   if (g.tp_size() > 1) tp_reduce.emplace(g.tp());
+  // The optimizer overwrites master/m/v: it must come after the copy of the last snapshot (the stall, if any).
+  if (snap_) snapshot_stall_s_ += snap_->fence();
   optimizer_->step(lr, 1.0 / static_cast<double>(g.dp_size()), tp_reduce ? &*tp_reduce : nullptr);
   StepStats st;
+  ++step_;
   st.loss = be.read_scalar(loss);
   st.grad_norm = optimizer_->last_grad_norm();
-  ++step_;
   st.step = step_;
   st.lr = lr;
   st.step_time_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
@@ -174,7 +348,7 @@ void Trainer::write_metrics(const StepStats& s) {
   if (!metrics_.is_open()) return;
   char line[256];
   std::snprintf(line, sizeof line,
-                "{\"step\":%lld,\"loss\":%.6f,\"lr\":%.6g,\"grad_norm\":%.6g,\"step_time_s\":%.6f,"
+                "{\"step\":%lld,\"loss\":%.9g,\"lr\":%.6g,\"grad_norm\":%.6g,\"step_time_s\":%.6f,"
                 "\"tokens_per_s\":%.1f,\"elapsed_s\":%.3f}\n",
                 static_cast<long long>(s.step), s.loss, s.lr, s.grad_norm, s.step_time_s, s.tokens_per_s,
                 log::uptime_s());
@@ -183,7 +357,9 @@ void Trainer::write_metrics(const StepStats& s) {
 
 double Trainer::fit() {
   if (s_.is_root() && !cfg_.metrics_file.empty()) {
-    metrics_.open(cfg_.metrics_file, std::ios::out | std::ios::trunc);
+    // A resumed run appends, so the file holds the whole run (steps after the snapshot appear twice; the later
+    // line is the one that counts).
+    metrics_.open(cfg_.metrics_file, std::ios::out | (step_ > 0 ? std::ios::app : std::ios::trunc));
     LOOM_CHECK(metrics_.is_open(), kIo, "cannot open train.metrics_file '" << cfg_.metrics_file << "' for writing");
   }
   LOOM_INFO0("training for " << cfg_.steps - step_ << " steps");
@@ -192,7 +368,10 @@ double Trainer::fit() {
   StepStats last;
   while (step_ < cfg_.steps) {
     last = train_step();
+    // The step's metrics line is written before its snapshot is staged: a run resumed from that snapshot never
+    // repeats the step, so its line must already be in the file.
     write_metrics(last);
+    end_step();
     const bool log_now = last.step % cfg_.log_every == 0 || last.step == cfg_.steps || last.step == first + 1;
     if (s_.is_root() && log_now) {
       double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
@@ -215,6 +394,11 @@ double Trainer::fit() {
         metrics_ << line << std::flush;
       }
     }
+  }
+  if (snap_) {
+    snap_->finish();
+    LOOM_INFO0("snapshots: " << snap_->staged_versions() << " staged; optimizer waited " << snapshot_stall_s_
+                             << " s for them in total");
   }
   std::string val;
   if (cfg_.eval_batches > 0) {

@@ -15,6 +15,7 @@
 #include <memory>
 #include <optional>
 
+#include "checkpoint/client.h"
 #include "core/arena.h"
 #include "core/data.h"
 #include "core/module.h"
@@ -52,17 +53,34 @@ class Trainer {
 
   // Runs the remaining steps up to train.steps with progress output; returns the last training loss.
   double fit();
+  // One optimizer step. fit() then writes its metrics and calls end_step().
   StepStats train_step();
+  // Stages the snapshot of the step just taken (every snapshot.snapshot_every steps) and injects a configured
+  // fault.
+  void end_step();
   // Mean validation loss over `batches` global batches of the held-out split.
   double evaluate(int64_t batches);
 
   ParameterArena& params() { return *params_; }
   AdamW& optimizer() { return *optimizer_; }
   int64_t step() const { return step_; }
+  // Where training resumed from: "fresh", "memory" or "hdf5".
+  const std::string& resumed_from() const { return resumed_from_; }
+  double snapshot_stall_s() const { return snapshot_stall_s_; }
   const BatchSampler& sampler() const { return *sampler_; }
 
  private:
   void open_data();
+  void setup_snapshots();
+  // The restore ladder: newest version in every rank's shared memory (CRC-checked, older in-memory versions
+  // next), then the newest complete HDF5 version, else a fresh start. Every rank takes the same rung.
+  void restore();
+  bool restore_from_memory();
+  bool restore_from_hdf5();
+  // After this rank's DP slice of master/m/v is in place: gathers the full regions over DP and derives the
+  // compute weights.
+  void finish_restore(int64_t version);
+  void inject_fault();
   // Mean loss over this rank's part of the global batch of `step` in `split`; with a tape when training.
   Tensor run_batch(Split split, int64_t step, bool train);
   void write_metrics(const StepStats& s);
@@ -81,6 +99,9 @@ class Trainer {
   void* loss_buf_ = nullptr;  // device f32 [1]: the step's loss, summed over micro-batches
   Tensor loss_sum_;
   std::ofstream metrics_;
+  std::unique_ptr<snap::SnapshotClient> snap_;
+  std::string resumed_from_ = "fresh";
+  double snapshot_stall_s_ = 0;
 };
 
 }  // namespace loom

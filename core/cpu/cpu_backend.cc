@@ -8,6 +8,7 @@
 #include <cstring>
 #include <new>
 #include <sstream>
+#include <mutex>
 #include <thread>
 
 #include "core/cpu/cpu_internal.h"
@@ -226,6 +227,29 @@ void CpuBackend::matmul(const Tensor& c, const Tensor& a, bool trans_a, const Te
                   lda, b_blk, ldb, beta, pc + lo, ldc);
     }
   }
+}
+
+namespace {
+// The copy runs on its own thread so that training goes on meanwhile; wait() and fence() join it once.
+class CpuHostCopy final : public Backend::HostCopy {
+ public:
+  CpuHostCopy(void* dst, const void* src, size_t bytes)
+      : thread_([dst, src, bytes] { std::memcpy(dst, src, bytes); }) {}
+  ~CpuHostCopy() override { wait(); }
+  void wait() override {
+    std::call_once(joined_, [this] { thread_.join(); });
+  }
+  void fence() override { wait(); }
+
+ private:
+  std::thread thread_;
+  std::once_flag joined_;
+};
+}  // namespace
+
+std::unique_ptr<Backend::HostCopy> CpuBackend::copy_to_host_async(void* host_dst, const Tensor& src) {
+  check_host(src, "copy_to_host_async", "src");
+  return std::make_unique<CpuHostCopy>(host_dst, src.data(), src.nbytes());
 }
 
 }  // namespace cpu

@@ -89,6 +89,7 @@ class CpuBackend final : public Backend {
   void sum_squares(const Tensor& out, const Tensor& x, bool accumulate) override;
   void adamw(const Tensor& master, const Tensor& m, const Tensor& v, const Tensor& grad, const Tensor& compute_out,
              const Tensor& norm_sq, const AdamWArgs& args) override;
+  std::unique_ptr<HostCopy> copy_to_host_async(void* host_dst, const Tensor& src) override;
 
  private:
   // RoPE rotation shared by forward (sign +1) and backward (sign -1, the inverse rotation).

@@ -47,6 +47,10 @@ CudaBackend::CudaBackend(int device) : device_(device) {
   LOOM_CUDA_CHECK(cudaGetDeviceProperties(&prop, device));
   num_sms_ = prop.multiProcessorCount;
   LOOM_CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
+  // Lowest priority: staging copies yield to compute whenever both want the copy engines' scheduler.
+  int least = 0, greatest = 0;
+  LOOM_CUDA_CHECK(cudaDeviceGetStreamPriorityRange(&least, &greatest));
+  LOOM_CUDA_CHECK(cudaStreamCreateWithPriority(&copy_stream_, cudaStreamNonBlocking, least));
   LOOM_CUBLAS_CHECK(cublasLtCreate(&lt_));
   workspace_bytes_ = size_t{32} << 20;
   LOOM_CUDA_CHECK(cudaMalloc(&workspace_, workspace_bytes_));
@@ -73,8 +77,54 @@ CudaBackend::~CudaBackend() {
   if (lt_) cublasLtDestroy(lt_);
   if (workspace_) cudaFree(workspace_);
   if (scratch_) cudaFree(scratch_);
+  if (copy_stream_) cudaStreamSynchronize(copy_stream_);
+  if (copy_stream_) cudaStreamDestroy(copy_stream_);
   if (stream_) cudaStreamDestroy(stream_);
 }
+
+// ---- staging copies to host memory ---------------------------------------------------------------------
+
+namespace {
+class CudaHostCopy final : public Backend::HostCopy {
+ public:
+  CudaHostCopy(cudaStream_t compute, cudaEvent_t done) : compute_(compute), done_(done) {}
+  ~CudaHostCopy() override {
+    cudaEventSynchronize(done_);
+    cudaEventDestroy(done_);
+  }
+  void wait() override { LOOM_CUDA_CHECK(cudaEventSynchronize(done_)); }
+  void fence() override { LOOM_CUDA_CHECK(cudaStreamWaitEvent(compute_, done_, 0)); }
+
+ private:
+  cudaStream_t compute_;
+  cudaEvent_t done_;
+};
+}  // namespace
+
+std::unique_ptr<Backend::HostCopy> CudaBackend::copy_to_host_async(void* host_dst, const Tensor& src) {
+  const void* p = device_ptr(src, "copy_to_host_async", "src");
+  cudaEvent_t ready = nullptr, done = nullptr;
+  LOOM_CUDA_CHECK(cudaEventCreateWithFlags(&ready, cudaEventDisableTiming));
+  LOOM_CUDA_CHECK(cudaEventCreateWithFlags(&done, cudaEventDisableTiming));
+  LOOM_CUDA_CHECK(cudaEventRecord(ready, stream_));  // after the work that produced src
+  LOOM_CUDA_CHECK(cudaStreamWaitEvent(copy_stream_, ready, 0));
+  // Chunks of 64 MiB keep each transfer large while letting the scheduler interleave other copies.
+  const size_t chunk = size_t{64} << 20;
+  for (size_t off = 0; off < src.nbytes(); off += chunk) {
+    const size_t n = std::min(chunk, src.nbytes() - off);
+    LOOM_CUDA_CHECK(cudaMemcpyAsync(static_cast<char*>(host_dst) + off, static_cast<const char*>(p) + off, n,
+                                    cudaMemcpyDeviceToHost, copy_stream_));
+  }
+  LOOM_CUDA_CHECK(cudaEventRecord(done, copy_stream_));
+  LOOM_CUDA_CHECK(cudaEventDestroy(ready));
+  return std::make_unique<CudaHostCopy>(stream_, done);
+}
+
+void CudaBackend::pin_host_memory(void* ptr, size_t bytes) {
+  LOOM_CUDA_CHECK(cudaHostRegister(ptr, bytes, cudaHostRegisterPortable));
+}
+
+void CudaBackend::unpin_host_memory(void* ptr) { cudaHostUnregister(ptr); }
 
 void* CudaBackend::allocate(size_t bytes) {
   void* p = nullptr;

@@ -71,6 +71,10 @@ class CudaBackend final : public Backend {
   void adamw(const Tensor& master, const Tensor& m, const Tensor& v, const Tensor& grad, const Tensor& compute_out,
              const Tensor& norm_sq, const AdamWArgs& args) override;
 
+  std::unique_ptr<HostCopy> copy_to_host_async(void* host_dst, const Tensor& src) override;
+  void pin_host_memory(void* ptr, size_t bytes) override;
+  void unpin_host_memory(void* ptr) override;
+
   cudaStream_t stream() const { return stream_; }
   int device_index() const { return device_; }
   int num_sms() const { return num_sms_; }
@@ -97,6 +101,7 @@ class CudaBackend final : public Backend {
   int num_sms_ = 0;
   std::string name_;
   cudaStream_t stream_ = nullptr;
+  cudaStream_t copy_stream_ = nullptr;  // device-to-host staging, beside the compute stream
   cublasLtHandle_t lt_ = nullptr;
   void* workspace_ = nullptr;
   size_t workspace_bytes_ = 0;

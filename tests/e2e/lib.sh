@@ -53,3 +53,34 @@ $out"
   done
   echo "ok: $* -> '$pattern' once, every rank non-zero"
 }
+
+# merged_losses FILE : "step loss" per step of a metrics file that several incarnations appended to; the last
+# line of a step wins (a resumed run repeats the steps after its snapshot).
+merged_losses() {
+  sed -n 's/^{"step":\([0-9]*\),"loss":\([^,]*\),.*/\1 \2/p' "$1" | awk '{ last[$1] = $2 } END { for (s in last) print s, last[s] }' |
+    sort -n
+}
+
+# same_run A B : the merged loss logs of two metrics files are identical (bit-exact losses, same steps).
+same_run() {
+  diff <(merged_losses "$1") <(merged_losses "$2") >"$WORK/diff.txt" || {
+    echo "loss logs differ (< $1, > $2):"
+    head -20 "$WORK/diff.txt"
+    return 1
+  }
+}
+
+# A small model that trains a step in tens of milliseconds on 2 cores; snapshots every step, no HDF5.
+SMALL=(--dim 64 --n-layers 2 --n-heads 4 --ffn-hidden 128 --seq-len 32 --vocab-size 256 --batch-size 8
+  --eval-batches 0 --log-level warn --persist-every 0 --snapshot-idle-timeout 20)
+
+# Stops the daemons of a job (they exit by themselves when a run finishes; this is for runs that did not).
+stop_daemons() {
+  local lock pid
+  for lock in /tmp/loom-$(id -u)/"$1"-node*.sock.lock; do
+    [ -f "$lock" ] || continue
+    pid=$(cat "$lock" 2>/dev/null || true)
+    [ -n "$pid" ] && kill -9 "$pid" 2>/dev/null || true
+  done
+  rm -f /dev/shm/loom-$(id -u)-"$1"-r* 2>/dev/null || true
+}

@@ -1,0 +1,111 @@
+// SnapshotClient: a trainer rank's side of the snapshot protocol (checkpoint/protocol.h).
+//
+// After the optimizer step v the trainer calls stage(v, ...): the rank's data-parallel slices of the f32
+// master, Adam m and Adam v regions are copied into its shared-memory segment beside the next step's
+// forward/backward (CUDA: a side stream; CPU: helper threads). Before the optimizer of step v+1 writes those
+// regions, fence() orders it after the copy: on CUDA without blocking the host, on the CPU by waiting (that wait
+// is the stall). A background thread then marks the buffer staged and tells the daemon, which checksums and
+// commits it. A failing or vanished daemon never stops training: the client reconnects (starting a new daemon if
+// needed) and otherwise reports and carries on.
+#pragma once
+
+#include <condition_variable>
+#include <cstdint>
+#include <deque>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "checkpoint/daemon.h"
+#include "checkpoint/protocol.h"
+#include "checkpoint/segment.h"
+#include "core/backend.h"
+#include "core/param_arena.h"
+
+namespace loom::snap {
+
+struct SnapshotOptions {
+  int64_t every = 1;            // snapshot after every N-th optimizer step; 0 disables snapshots
+  std::string job;              // job id (Session derives one when empty)
+  uint64_t memory_budget = 0;   // bytes of shared memory per node; 0: half of the machine's memory
+  std::string dir = "snapshots";
+  int64_t persist_every = 50;   // HDF5 every M-th version; 0: never
+  int idle_timeout_s = 300;
+  std::string loom_path;        // the `loom` tool that runs the daemon; "" -> next to this executable
+};
+
+// Makes sure the node's daemon runs: when nothing answers on its socket, starts `loom snapshotd` in its own
+// session (so it outlives this process and mpirun) and waits for its socket. Call before CUDA starts (it forks).
+void ensure_daemon(const SnapshotOptions& options, int node);
+
+class SnapshotClient {
+ public:
+  SnapshotClient(const SnapshotOptions& options, int node, Backend& backend);
+  ~SnapshotClient();
+  SnapshotClient(const SnapshotClient&) = delete;
+  SnapshotClient& operator=(const SnapshotClient&) = delete;
+
+  // Registers this rank with the daemon and maps (and page-locks) its segment. Throws kSnapshot on refusal.
+  void attach(const SegmentIdentity& id, const std::vector<LayoutEntry>& layout, uint64_t config_hash,
+              int num_nodes);
+  // Starts staging `version` from the three slice tensors (each identity.slice_floats() f32 elements, on the
+  // backend's device).
+  void stage(int64_t version, const Tensor& master, const Tensor& adam_m, const Tensor& adam_v);
+  // Orders the next writes of the sources after the last stage(); returns the seconds the host waited.
+  double fence();
+  // Waits until everything staged has been handed to the daemon.
+  void drain();
+
+  struct Available {
+    int64_t version;
+    int buffer;
+    bool crc_ok;
+  };
+  std::vector<Available> query();
+  // Copies a buffer into the three slices (host or device tensors) after re-checking its CRC; false when the
+  // bytes no longer match the CRC recorded at commit.
+  bool load(int buffer, const Tensor& master, const Tensor& adam_m, const Tensor& adam_v);
+  // Tells the daemon this rank ended cleanly.
+  void finish();
+
+  const SegmentIdentity& identity() const { return segment_->identity(); }
+  int64_t staged_versions() const { return staged_versions_; }
+  double copy_seconds() const { return copy_seconds_; }
+
+ private:
+  struct Job {
+    int64_t version;
+    int buffer;
+    std::vector<std::shared_ptr<Backend::HostCopy>> copies;
+    double started;
+  };
+  void connect_and_hello();
+  Message request(const Message& m, bool expect_reply);
+  void worker();
+
+  SnapshotOptions options_;
+  int node_;
+  Backend& backend_;
+  std::string socket_path_;
+  boost::asio::io_context io_;
+  std::unique_ptr<Socket> socket_;
+  std::mutex socket_mu_;
+  std::optional<SnapshotSegment> segment_;
+  bool pinned_ = false;
+  // Registration, kept to re-register after a daemon restart.
+  Message hello_;
+  std::vector<std::shared_ptr<Backend::HostCopy>> pending_;  // the last stage()'s copies, for fence()
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::deque<Job> jobs_;
+  bool stop_ = false;
+  int in_flight_ = 0;
+  std::thread worker_;
+  int64_t staged_versions_ = 0;
+  double copy_seconds_ = 0;
+};
+
+}  // namespace loom::snap
