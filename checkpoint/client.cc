@@ -138,13 +138,13 @@ void SnapshotClient::connect_and_hello() {
 }
 
 void SnapshotClient::attach(const SegmentIdentity& id, const std::vector<LayoutEntry>& layout, uint64_t config_hash,
-                            int num_nodes) {
+                            int num_nodes, int local_size) {
   hello_ = Message(MsgType::kHello);
   hello_.set("job", options_.job).set("rank", id.rank).set("world_size", id.world_size);
   hello_.set("tp_rank", id.tp_rank).set("tp_size", id.tp_size).set("dp_rank", id.dp_rank).set("dp_size", id.dp_size);
   hello_.set("slice_begin", id.slice_begin).set("slice_end", id.slice_end).set("padded_numel", id.padded_numel);
   hello_.set("layout_hash", std::to_string(id.layout_hash)).set("seed", std::to_string(id.seed));
-  hello_.set("config_hash", std::to_string(config_hash)).set("num_nodes", num_nodes);
+  hello_.set("config_hash", std::to_string(config_hash)).set("num_nodes", num_nodes).set("local_size", local_size);
   encode_layout(layout, hello_);
   std::lock_guard<std::mutex> lock(socket_mu_);
   connect_and_hello();

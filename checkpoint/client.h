@@ -50,7 +50,7 @@ class SnapshotClient {
 
   // Registers this rank with the daemon and maps (and page-locks) its segment. Throws kSnapshot on refusal.
   void attach(const SegmentIdentity& id, const std::vector<LayoutEntry>& layout, uint64_t config_hash,
-              int num_nodes);
+              int num_nodes, int local_size);
   // Starts staging `version` from the three slice tensors (each identity.slice_floats() f32 elements, on the
   // backend's device).
   void stage(int64_t version, const Tensor& master, const Tensor& adam_m, const Tensor& adam_v);

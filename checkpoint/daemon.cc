@@ -91,6 +91,7 @@ class Daemon {
   Clock::time_point last_activity_ = Clock::now();
   bool stopping_ = false;
   int64_t last_persisted_ = -1;
+  int expected_ranks_ = 0;  // ranks on this node, as the trainers announce it
   std::vector<std::thread> connection_threads_;
 };
 
@@ -146,6 +147,7 @@ Message Daemon::handle_hello(const Message& m, int* rank_out) {
   e.layout = std::move(layout);
   e.config_hash = m.u64("config_hash");
   e.num_nodes = static_cast<int>(m.i64("num_nodes"));
+  expected_ranks_ = std::max(expected_ranks_, static_cast<int>(m.i64("local_size")));
   e.config_toml = m.has("config_toml_hex") ? m.str("config_toml_hex") : "";
   e.connected = true;
   e.finished = false;
@@ -398,8 +400,11 @@ int Daemon::run() {
     std::unique_lock<std::mutex> lock(mu_);
     for (;;) {
       cv_.wait_for(lock, std::chrono::milliseconds(500));
-      bool all_finished = !ranks_.empty();
-      for (auto& [r, e] : ranks_) all_finished = all_finished && e.finished;
+      // Done when every rank of the node has said so; after a restart of this daemon some ranks may not have
+      // registered again yet, so count against the node's size, not against the ranks seen.
+      int finished = 0;
+      for (auto& [r, e] : ranks_) finished += e.finished ? 1 : 0;
+      const bool all_finished = expected_ranks_ > 0 && finished >= expected_ranks_;
       if (all_finished && commits_.empty()) {
         clean = true;
         break;

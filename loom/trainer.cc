@@ -99,7 +99,7 @@ void Trainer::setup_snapshots() {
   bool ok = true;
   try {
     snap_ = std::make_unique<snap::SnapshotClient>(s_.snapshot_options(), g.node_id(), s_.backend());
-    snap_->attach(id, params_->layout(), s_.config_hash(), g.num_nodes());
+    snap_->attach(id, params_->layout(), s_.config_hash(), g.num_nodes(), g.local_size());
   } catch (const std::exception& e) {
     LOOM_WARN("snapshots disabled: " << e.what());
     ok = false;
@@ -172,40 +172,49 @@ bool Trainer::restore_from_memory() {
 bool Trainer::restore_from_hdf5() {
   const std::string& dir = s_.snapshot_options().dir;
   if (dir.empty()) return false;
-  int64_t version = -1;
+  std::vector<int64_t> versions;
   if (s_.is_root()) {
     try {
-      auto versions = snap::complete_versions(dir);
-      if (!versions.empty()) version = versions.front();
+      versions = snap::complete_versions(dir);
     } catch (const std::exception& e) {
       LOOM_WARN("cannot list HDF5 snapshots in " << dir << ": " << e.what());
     }
   }
-  MPI_Bcast(&version, 1, MPI_INT64_T, 0, MPI_COMM_WORLD);
-  if (version < 0) return false;
-  // Every rank assembles the global tensors and takes its own TP shard: this also loads a snapshot written at
+  int64_t count = static_cast<int64_t>(versions.size());
+  MPI_Bcast(&count, 1, MPI_INT64_T, 0, MPI_COMM_WORLD);
+  versions.resize(static_cast<size_t>(count));
+  MPI_Bcast(versions.data(), static_cast<int>(count), MPI_INT64_T, 0, MPI_COMM_WORLD);
+  // Newest first; a version of another model (other parameters or shapes) in the same folder is passed over.
+  // Every rank assembles the global tensors and takes its own shard: this also loads a snapshot written at
   // another TP or DP size (resharding).
-  bool ok = true;
-  try {
-    snap::GlobalState state = snap::load_global(dir, version);
-    const int64_t P = params_->padded_numel();
-    std::vector<float> master(static_cast<size_t>(P), 0.0f), m(master.size(), 0.0f), v(master.size(), 0.0f);
-    snap::fill_slice(state, params_->layout(), 0, P, master.data(), m.data(), v.data());
-    Backend& be = s_.backend();
-    be.upload(params_->master(), master.data());
-    be.upload(params_->adam_m(), m.data());
-    be.upload(params_->adam_v(), v.data());
-  } catch (const std::exception& e) {
-    LOOM_WARN("cannot load HDF5 snapshot " << version << " from " << dir << ": " << e.what());
-    ok = false;
+  for (int64_t version : versions) {
+    bool ok = true, incompatible = false;
+    try {
+      snap::GlobalState state = snap::load_global(dir, version);
+      const int64_t P = params_->padded_numel();
+      std::vector<float> master(static_cast<size_t>(P), 0.0f), m(master.size(), 0.0f), v(master.size(), 0.0f);
+      snap::fill_slice(state, params_->layout(), 0, P, master.data(), m.data(), v.data());
+      Backend& be = s_.backend();
+      be.upload(params_->master(), master.data());
+      be.upload(params_->adam_m(), m.data());
+      be.upload(params_->adam_v(), v.data());
+    } catch (const Error& e) {
+      ok = false;
+      incompatible = e.kind() == ErrorKind::kSnapshot;
+      if (!incompatible) LOOM_WARN("cannot load HDF5 snapshot " << version << " from " << dir << ": " << e.what());
+    }
+    if (!s_.all_ok(ok)) {
+      if (incompatible) LOOM_INFO0("HDF5 snapshot " << version << " in " << dir << " is of another model; passed over");
+      continue;
+    }
+    params_->sync_compute_from_master();
+    optimizer_->set_steps_taken(version);
+    step_ = version;
+    resumed_from_ = "hdf5";
+    LOOM_INFO0("resumed from the HDF5 snapshot of step " << version << " in " << dir);
+    return true;
   }
-  if (!s_.all_ok(ok)) return false;
-  params_->sync_compute_from_master();
-  optimizer_->set_steps_taken(version);
-  step_ = version;
-  resumed_from_ = "hdf5";
-  LOOM_INFO0("resumed from the HDF5 snapshot of step " << version << " in " << dir);
-  return true;
+  return false;
 }
 
 void Trainer::finish_restore(int64_t version) {

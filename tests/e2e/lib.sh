@@ -6,7 +6,7 @@ LOOM_SOURCE_DIR=${LOOM_SOURCE_DIR:-$(cd "$here/../.." && pwd)}
 LOOM_BIN=${LOOM_BIN:-$LOOM_SOURCE_DIR/build/bin}
 LOOM_MPIRUN=${LOOM_MPIRUN:-mpirun --oversubscribe --allow-run-as-root}
 WORK=$(mktemp -d /tmp/loom-e2e.XXXXXX)
-trap 'rm -rf "$WORK"' EXIT
+trap '[ -n "${KEEP_WORK:-}" ] || rm -rf "$WORK"' EXIT
 export LOOM_CACHE_DIR=${LOOM_CACHE_DIR:-$WORK/cache}
 export OMPI_MCA_btl_vader_single_copy_mechanism=none
 
