@@ -168,6 +168,13 @@ Message SnapshotClient::request(const Message& m, bool expect_reply) {
 
 void SnapshotClient::stage(int64_t version, const Tensor& master, const Tensor& adam_m, const Tensor& adam_v) {
   LOOM_CHECK(segment_.has_value(), kInternal, "SnapshotClient::stage before attach");
+  {
+    // The buffer of the previous version must be marked staged before a buffer is chosen for this one, or the
+    // still-unmarked buffer would look free. Its copy is complete by now (fence() ran before the optimizer), so
+    // this waits, if at all, for the worker to flip a flag.
+    std::unique_lock<std::mutex> lock(mu_);
+    cv_.wait(lock, [&] { return unmarked_ == 0; });
+  }
   const uint64_t n = segment_->identity().slice_floats();
   for (const Tensor* t : {&master, &adam_m, &adam_v})
     LOOM_CHECK(static_cast<uint64_t>(t->numel()) == n && t->dtype() == DType::kF32, kSnapshot,
@@ -182,6 +189,7 @@ void SnapshotClient::stage(int64_t version, const Tensor& master, const Tensor& 
   std::lock_guard<std::mutex> lock(mu_);
   jobs_.push_back(std::move(job));
   ++in_flight_;
+  ++unmarked_;
   cv_.notify_all();
 }
 
@@ -208,9 +216,16 @@ void SnapshotClient::worker() {
       job = std::move(jobs_.front());
       jobs_.pop_front();
     }
+    bool marked = false;
     try {
       for (auto& c : job.copies) c->wait();
       segment_->mark_staged(job.buffer);
+      marked = true;
+      {
+        std::lock_guard<std::mutex> lock(mu_);
+        --unmarked_;
+        cv_.notify_all();
+      }
       copy_seconds_ += now_s() - job.started;
       ++staged_versions_;
       Message m(MsgType::kStaged);
@@ -221,6 +236,7 @@ void SnapshotClient::worker() {
                                        << " (training goes on)");
     }
     std::lock_guard<std::mutex> lock(mu_);
+    if (!marked) --unmarked_;
     --in_flight_;
     cv_.notify_all();
   }

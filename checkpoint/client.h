@@ -102,7 +102,8 @@ class SnapshotClient {
   std::condition_variable cv_;
   std::deque<Job> jobs_;
   bool stop_ = false;
-  int in_flight_ = 0;
+  int in_flight_ = 0;  // jobs not yet handed to the daemon
+  int unmarked_ = 0;   // jobs whose buffer is not yet marked staged: no new staging may start meanwhile
   std::thread worker_;
   int64_t staged_versions_ = 0;
   double copy_seconds_ = 0;
