@@ -116,7 +116,12 @@ SnapshotClient::~SnapshotClient() {
   }
   worker_.join();
   pending_.clear();
-  if (segment_ && pinned_) backend_.unpin_host_memory(segment_->base());
+  segment_.reset();
+}
+
+std::shared_ptr<SnapshotSegment> SnapshotClient::current_segment() {
+  std::lock_guard<std::mutex> lock(segment_mu_);
+  return segment_;
 }
 
 void SnapshotClient::connect_and_hello() {
@@ -129,12 +134,17 @@ void SnapshotClient::connect_and_hello() {
   Message reply = read_message(*socket_);
   if (reply.type == MsgType::kError) LOOM_THROW(kSnapshot, reply.str("message"));
   LOOM_CHECK(reply.type == MsgType::kHelloOk, kSnapshot, "snapshot daemon answered HELLO with " << msg_type_name(reply.type));
-  SnapshotSegment seg = SnapshotSegment::open(reply.str("segment"));
-  if (segment_ && pinned_) backend_.unpin_host_memory(segment_->base());
-  pinned_ = false;
-  segment_.emplace(std::move(seg));
-  backend_.pin_host_memory(segment_->base(), segment_->size());
-  pinned_ = true;
+  ec_host_ = reply.has("ec_host") ? reply.str("ec_host") : "";
+  ec_port_ = reply.has("ec_port") ? static_cast<int>(reply.i64("ec_port")) : 0;
+  Backend* be = &backend_;
+  auto seg = std::shared_ptr<SnapshotSegment>(new SnapshotSegment(SnapshotSegment::open(reply.str("segment"))),
+                                              [be](SnapshotSegment* p) {
+                                                be->unpin_host_memory(p->base());
+                                                delete p;
+                                              });
+  be->pin_host_memory(seg->base(), seg->size());
+  std::lock_guard<std::mutex> lock(segment_mu_);
+  segment_ = std::move(seg);
 }
 
 void SnapshotClient::attach(const SegmentIdentity& id, const std::vector<LayoutEntry>& layout, uint64_t config_hash,
@@ -146,9 +156,10 @@ void SnapshotClient::attach(const SegmentIdentity& id, const std::vector<LayoutE
   hello_.set("layout_hash", std::to_string(id.layout_hash)).set("seed", std::to_string(id.seed));
   hello_.set("config_hash", std::to_string(config_hash)).set("num_nodes", num_nodes).set("local_size", local_size);
   encode_layout(layout, hello_);
+  identity_ = id;
   std::lock_guard<std::mutex> lock(socket_mu_);
   connect_and_hello();
-  LOOM_CHECK(segment_->identity().same_as(id), kSnapshot, "the daemon mapped a segment of another rank");
+  LOOM_CHECK(current_segment()->identity().same_as(id), kSnapshot, "the daemon mapped a segment of another rank");
 }
 
 Message SnapshotClient::request(const Message& m, bool expect_reply) {
@@ -167,7 +178,8 @@ Message SnapshotClient::request(const Message& m, bool expect_reply) {
 }
 
 void SnapshotClient::stage(int64_t version, const Tensor& master, const Tensor& adam_m, const Tensor& adam_v) {
-  LOOM_CHECK(segment_.has_value(), kInternal, "SnapshotClient::stage before attach");
+  std::shared_ptr<SnapshotSegment> segment = current_segment();
+  LOOM_CHECK(segment != nullptr, kInternal, "SnapshotClient::stage before attach");
   {
     // The buffer of the previous version must be marked staged before a buffer is chosen for this one, or the
     // still-unmarked buffer would look free. Its copy is complete by now (fence() ran before the optimizer), so
@@ -175,13 +187,13 @@ void SnapshotClient::stage(int64_t version, const Tensor& master, const Tensor& 
     std::unique_lock<std::mutex> lock(mu_);
     cv_.wait(lock, [&] { return unmarked_ == 0; });
   }
-  const uint64_t n = segment_->identity().slice_floats();
+  const uint64_t n = identity_.slice_floats();
   for (const Tensor* t : {&master, &adam_m, &adam_v})
     LOOM_CHECK(static_cast<uint64_t>(t->numel()) == n && t->dtype() == DType::kF32, kSnapshot,
                "stage: slice " << t->describe() << " does not match the segment's " << n << " f32 elements");
-  const int buffer = segment_->begin_staging(version);
-  float* dst = segment_->buffer_data(buffer);
-  Job job{version, buffer, {}, now_s()};
+  const int buffer = segment->begin_staging(version);
+  float* dst = segment->buffer_data(buffer);
+  Job job{segment, version, buffer, {}, now_s()};
   job.copies.push_back(backend_.copy_to_host_async(dst, master));
   job.copies.push_back(backend_.copy_to_host_async(dst + n, adam_m));
   job.copies.push_back(backend_.copy_to_host_async(dst + 2 * n, adam_v));
@@ -219,7 +231,7 @@ void SnapshotClient::worker() {
     bool marked = false;
     try {
       for (auto& c : job.copies) c->wait();
-      segment_->mark_staged(job.buffer);
+      job.segment->mark_staged(job.buffer);
       marked = true;
       {
         std::lock_guard<std::mutex> lock(mu_);
@@ -260,15 +272,39 @@ std::vector<SnapshotClient::Available> SnapshotClient::query() {
 }
 
 bool SnapshotClient::load(int buffer, const Tensor& master, const Tensor& adam_m, const Tensor& adam_v) {
-  if (!segment_->verify(buffer)) return false;
-  const uint64_t n = segment_->identity().slice_floats();
-  const float* src = segment_->buffer_data(buffer);
+  std::shared_ptr<SnapshotSegment> segment = current_segment();
+  if (!segment->verify(buffer)) return false;
+  const uint64_t n = identity_.slice_floats();
+  const float* src = segment->buffer_data(buffer);
   const Tensor* dst[3] = {&master, &adam_m, &adam_v};
   for (int i = 0; i < 3; ++i)
     backend_.copy(*dst[i], Tensor(const_cast<float*>(src + i * n), Shape{static_cast<int64_t>(n)}, DType::kF32,
                                   Device::kCpu));
   backend_.synchronize();
   return true;
+}
+
+void SnapshotClient::configure_ec(int group_size, int parity, int index, const std::vector<std::string>& peers,
+                                  int64_t every) {
+  Message m(MsgType::kPeers);
+  m.set("group_size", group_size).set("parity", parity).set("index", index).set("every", every);
+  for (size_t i = 0; i < peers.size(); ++i) m.set("peer" + std::to_string(i), peers[i]);
+  Message reply = request(m, true);
+  if (reply.type == MsgType::kError) LOOM_THROW(kSnapshot, reply.str("message"));
+}
+
+std::vector<int64_t> SnapshotClient::ec_versions() {
+  Message reply = request(Message(MsgType::kEcQuery), true);
+  std::vector<int64_t> out;
+  for (int64_t i = 0; i < reply.i64("count"); ++i) out.push_back(reply.i64("v" + std::to_string(i)));
+  return out;
+}
+
+void SnapshotClient::rebuild(int64_t version) {
+  Message m(MsgType::kRebuild);
+  m.set("version", version);
+  Message reply = request(m, true);
+  if (reply.type == MsgType::kError) LOOM_THROW(kSnapshot, reply.str("message"));
 }
 
 void SnapshotClient::finish() {

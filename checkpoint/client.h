@@ -71,12 +71,23 @@ class SnapshotClient {
   // Tells the daemon this rank ended cleanly.
   void finish();
 
-  const SegmentIdentity& identity() const { return segment_->identity(); }
+  // Erasure coding. The daemon's TCP endpoint for its EC peers (from HELLO_OK):
+  const std::string& ec_host() const { return ec_host_; }
+  int ec_port() const { return ec_port_; }
+  // Tells the daemon its EC group (group size, parity, its index, every member's "host:port").
+  void configure_ec(int group_size, int parity, int index, const std::vector<std::string>& peers, int64_t every);
+  // Versions whose parity this node's daemon holds completely.
+  std::vector<int64_t> ec_versions();
+  // Asks the daemon to rebuild this node's snapshots of `version` from its EC group; throws with its reason.
+  void rebuild(int64_t version);
+
+  const SegmentIdentity& identity() const { return identity_; }
   int64_t staged_versions() const { return staged_versions_; }
   double copy_seconds() const { return copy_seconds_; }
 
  private:
   struct Job {
+    std::shared_ptr<SnapshotSegment> segment;  // keeps the mapping alive while copies write into it
     int64_t version;
     int buffer;
     std::vector<std::shared_ptr<Backend::HostCopy>> copies;
@@ -93,8 +104,14 @@ class SnapshotClient {
   boost::asio::io_context io_;
   std::unique_ptr<Socket> socket_;
   std::mutex socket_mu_;
-  std::optional<SnapshotSegment> segment_;
-  bool pinned_ = false;
+  // The mapped segment. Replaced (not unmapped) when a new daemon is attached: copies still running into the old
+  // mapping hold it through their Job; the last holder unmaps (and unpins) it.
+  std::shared_ptr<SnapshotSegment> segment_;
+  std::mutex segment_mu_;
+  SegmentIdentity identity_;
+  std::shared_ptr<SnapshotSegment> current_segment();
+  std::string ec_host_;
+  int ec_port_ = 0;
   // Registration, kept to re-register after a daemon restart.
   Message hello_;
   std::vector<std::shared_ptr<Backend::HostCopy>> pending_;  // the last stage()'s copies, for fence()

@@ -15,11 +15,14 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <set>
+#include <tuple>
 #include <sstream>
 #include <thread>
 #include <vector>
 
 #include "checkpoint/crc.h"
+#include "checkpoint/ec_group.h"
 #include "checkpoint/hdf5_format.h"
 #include "checkpoint/layout_codec.h"
 #include "checkpoint/protocol.h"
@@ -62,9 +65,33 @@ struct RankEntry {
   bool finished = false;
 };
 
+// The node blob (every local rank's snapshot buffer of one version, in rank order) as the EC group sees it.
+class NodeBlobs : public BlobStore {
+ public:
+  NodeBlobs(std::mutex& mu, std::map<int, RankEntry>& ranks) : mu_(mu), ranks_(ranks) {}
+  size_t blob_bytes() override;
+  bool read(int64_t version, size_t offset, size_t len, uint8_t* out) override;
+  void begin_write(int64_t version) override;
+  void write(size_t offset, size_t len, const uint8_t* data) override;
+  void commit_write() override;
+
+ private:
+  // (segment, buffer, bytes) of each rank for a version, in rank order; empty when a rank lacks it.
+  struct Piece {
+    SnapshotSegment* seg;
+    int buffer;
+    size_t bytes;
+  };
+  std::vector<Piece> pieces(int64_t version, bool need_committed);
+  std::mutex& mu_;
+  std::map<int, RankEntry>& ranks_;
+  std::set<std::tuple<int, int, int64_t>> verified_;  // (rank, buffer, version) whose CRC was checked
+  std::vector<Piece> writing_;
+};
+
 class Daemon {
  public:
-  explicit Daemon(const DaemonConfig& c) : cfg_(c), acceptor_(io_) {}
+  explicit Daemon(const DaemonConfig& c) : cfg_(c), acceptor_(io_), blobs_(mu_, ranks_), ec_(blobs_) {}
   int run();
 
  private:
@@ -87,13 +114,86 @@ class Daemon {
   std::condition_variable cv_;
   std::map<int, RankEntry> ranks_;
   std::deque<std::pair<int, int>> commits_;  // (rank, buffer)
+  int busy_ = 0;                              // commits taken off the queue whose CRC/EC/HDF5 work is running
   int live_connections_ = 0;
   Clock::time_point last_activity_ = Clock::now();
   bool stopping_ = false;
   int64_t last_persisted_ = -1;
+  int64_t last_complete_ = -1;  // newest version committed by every local rank (for should_persist)
   int expected_ranks_ = 0;  // ranks on this node, as the trainers announce it
   std::vector<std::thread> connection_threads_;
+  NodeBlobs blobs_;
+  EcGroup ec_;
 };
+
+std::vector<NodeBlobs::Piece> NodeBlobs::pieces(int64_t version, bool need_committed) {
+  std::vector<Piece> out;
+  for (auto& [rank, e] : ranks_) {
+    if (!e.segment) return {};
+    int buffer = -1;
+    for (auto [v, b] : e.segment->restorable())
+      if (v == version) buffer = b;
+    if (buffer < 0) return {};
+    if (need_committed && !verified_.count({rank, buffer, version})) {
+      e.segment->commit(buffer);
+      if (!e.segment->verify(buffer)) return {};
+      verified_.insert({rank, buffer, version});
+    }
+    out.push_back(Piece{e.segment.get(), buffer, e.segment->identity().buffer_bytes()});
+  }
+  return out;
+}
+
+size_t NodeBlobs::blob_bytes() {
+  std::lock_guard<std::mutex> lock(mu_);
+  size_t total = 0;
+  for (auto& [rank, e] : ranks_)
+    if (e.segment) total += e.segment->identity().buffer_bytes();
+  return total;
+}
+
+bool NodeBlobs::read(int64_t version, size_t offset, size_t len, uint8_t* out) {
+  std::lock_guard<std::mutex> lock(mu_);
+  std::vector<Piece> ps = pieces(version, true);
+  if (ps.empty()) return false;
+  size_t base = 0;
+  std::memset(out, 0, len);
+  for (const Piece& p : ps) {
+    const size_t lo = std::max(offset, base), hi = std::min(offset + len, base + p.bytes);
+    if (lo < hi)
+      std::memcpy(out + (lo - offset), reinterpret_cast<const uint8_t*>(p.seg->buffer_data(p.buffer)) + (lo - base), hi - lo);
+    base += p.bytes;
+  }
+  return true;
+}
+
+void NodeBlobs::begin_write(int64_t version) {
+  std::lock_guard<std::mutex> lock(mu_);
+  writing_.clear();
+  for (auto& [rank, e] : ranks_) {
+    LOOM_CHECK(e.segment != nullptr, kSnapshot, "rank " << rank << " has no snapshot memory to rebuild into");
+    writing_.push_back(Piece{e.segment.get(), e.segment->begin_staging(version), e.segment->identity().buffer_bytes()});
+  }
+}
+
+void NodeBlobs::write(size_t offset, size_t len, const uint8_t* data) {
+  size_t base = 0;
+  for (const Piece& p : writing_) {
+    const size_t lo = std::max(offset, base), hi = std::min(offset + len, base + p.bytes);
+    if (lo < hi)
+      std::memcpy(reinterpret_cast<uint8_t*>(p.seg->buffer_data(p.buffer)) + (lo - base), data + (lo - offset), hi - lo);
+    base += p.bytes;
+  }
+}
+
+void NodeBlobs::commit_write() {
+  std::lock_guard<std::mutex> lock(mu_);
+  for (const Piece& p : writing_) {
+    p.seg->mark_staged(p.buffer);
+    p.seg->commit(p.buffer);
+  }
+  writing_.clear();
+}
 
 uint64_t Daemon::bytes_in_use() const {
   uint64_t total = 0;
@@ -154,6 +254,9 @@ Message Daemon::handle_hello(const Message& m, int* rank_out) {
   *rank_out = id.rank;
   Message ok(MsgType::kHelloOk);
   ok.set("segment", name);
+  char host[256] = {0};
+  ::gethostname(host, sizeof host - 1);
+  ok.set("ec_host", host).set("ec_port", ec_.port());
   return ok;
 }
 
@@ -188,6 +291,7 @@ Message Daemon::handle_status() {
   r.set("job", cfg_.job).set("node", cfg_.node).set("ranks", static_cast<int64_t>(ranks_.size()));
   r.set("bytes", static_cast<int64_t>(bytes_in_use())).set("budget", static_cast<int64_t>(cfg_.memory_budget));
   r.set("persisted", last_persisted_).set("connections", live_connections_);
+  r.set("ec", ec_.describe());
   for (auto& [rank, e] : ranks_) {
     if (!e.segment) continue;
     std::string s;
@@ -228,6 +332,44 @@ void Daemon::serve(std::shared_ptr<Socket> sock) {
         case MsgType::kStaged: handle_staged(rank, m); break;
         case MsgType::kQuery: write_message(*sock, handle_query(rank)); break;
         case MsgType::kStatus: write_message(*sock, handle_status()); break;
+        case MsgType::kPeers: {
+          Message reply(MsgType::kOk);
+          try {
+            std::vector<EcPeer> peers;
+            const int g = static_cast<int>(m.i64("group_size"));
+            for (int i = 0; i < g; ++i) {
+              const std::string& hp = m.str("peer" + std::to_string(i));
+              const auto colon = hp.rfind(':');
+              peers.push_back(EcPeer{hp.substr(0, colon), std::atoi(hp.c_str() + colon + 1)});
+            }
+            ec_.configure(g, static_cast<int>(m.i64("parity")), static_cast<int>(m.i64("index")), peers, m.i64("every"));
+          } catch (const Error& e) {
+            reply = Message(MsgType::kError);
+            reply.set("message", e.what());
+          }
+          write_message(*sock, reply);
+          break;
+        }
+        case MsgType::kEcQuery: {
+          Message reply(MsgType::kEcVersions);
+          auto versions = ec_.complete_versions();
+          reply.set("count", static_cast<int64_t>(versions.size()));
+          for (size_t i = 0; i < versions.size(); ++i) reply.set("v" + std::to_string(i), versions[i]);
+          write_message(*sock, reply);
+          break;
+        }
+        case MsgType::kRebuild: {
+          Message reply(MsgType::kOk);
+          try {
+            ec_.rebuild(m.i64("version"));
+            LOOM_INFO("snapshot daemon node " << cfg_.node << ": rebuilt version " << m.i64("version") << " from the EC group");
+          } catch (const Error& e) {
+            reply = Message(MsgType::kError);
+            reply.set("message", e.what());
+          }
+          write_message(*sock, reply);
+          break;
+        }
         case MsgType::kFinish: {
           {
             std::lock_guard<std::mutex> lock(mu_);
@@ -272,24 +414,42 @@ void Daemon::commit_worker() {
     if (commits_.empty() && stopping_) return;
     auto [rank, buffer] = commits_.front();
     commits_.pop_front();
+    ++busy_;
     RankEntry& e = ranks_.at(rank);
     SnapshotSegment* seg = e.segment.get();
     const int64_t version = seg->buffer_header(buffer).version;
     lock.unlock();
     seg->commit(buffer);  // CRC over the buffer, outside the lock
     lock.lock();
-    if (should_persist(version)) {
-      lock.unlock();
-      persist(version);
-      lock.lock();
+    bool all_committed = true;
+    for (auto& [r, e2] : ranks_) {
+      bool has = false;
+      for (auto [v, b] : e2.segment->restorable())
+        has = has || (v == version &&
+                      static_cast<BufferState>(e2.segment->buffer_header(b).state.load()) == BufferState::kCommitted);
+      all_committed = all_committed && has;
     }
+    const bool persist_now = all_committed && should_persist(version);
+    if (all_committed) last_complete_ = std::max(last_complete_, version);
+    lock.unlock();
+    if (all_committed && static_cast<int>(ranks_.size()) >= expected_ranks_) ec_.on_committed(version);
+    if (persist_now) persist(version);
+    lock.lock();
+    --busy_;
+    cv_.notify_all();
   }
 }
 
-// Called with mu_ held: whether every rank of this node has committed `version` and it is due for HDF5.
+// Called with mu_ held: whether every rank of this node has committed `version` and it is due for HDF5: the first
+// version at or past each multiple of persist_every (when the daemon falls behind, the trainers may already have
+// staged over the multiple itself, so the next committed version stands in for it).
 bool Daemon::should_persist(int64_t version) {
-  if (cfg_.persist_dir.empty() || cfg_.persist_every <= 0 || version % cfg_.persist_every != 0) return false;
-  if (version <= last_persisted_) return false;
+  if (cfg_.persist_dir.empty() || cfg_.persist_every <= 0 || version <= last_persisted_) return false;
+  const int64_t M = cfg_.persist_every, multiple = version / M * M;
+  // Due: a multiple itself, or the first version after a multiple this daemon saw skipped (it committed a
+  // version before the multiple, and has persisted nothing at or after it).
+  const bool crossed = last_complete_ >= 0 && last_complete_ < multiple && last_persisted_ < multiple;
+  if (version % M != 0 && !crossed) return false;
   for (auto& [rank, e] : ranks_) {
     bool has = false;
     for (auto [v, b] : e.segment->restorable())
@@ -391,6 +551,7 @@ int Daemon::run() {
   acceptor_.listen();
   LOOM_INFO("snapshot daemon for job " << cfg_.job << " node " << cfg_.node << " listening on " << cfg_.socket_path
                                        << " (budget " << (cfg_.memory_budget >> 20) << " MiB)");
+  ec_.listen();
   accept_next();
   std::thread io_thread([this] { io_.run(); });
   std::thread committer([this] { commit_worker(); });
@@ -405,7 +566,7 @@ int Daemon::run() {
       int finished = 0;
       for (auto& [r, e] : ranks_) finished += e.finished ? 1 : 0;
       const bool all_finished = expected_ranks_ > 0 && finished >= expected_ranks_;
-      if (all_finished && commits_.empty()) {
+      if (all_finished && commits_.empty() && busy_ == 0) {  // the last HDF5 file is written first
         clean = true;
         break;
       }

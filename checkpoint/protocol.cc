@@ -1,5 +1,6 @@
 #include "checkpoint/protocol.h"
 
+#include <array>
 #include <cstring>
 
 #include "core/error.h"
@@ -18,6 +19,13 @@ const char* msg_type_name(MsgType t) {
     case MsgType::kError: return "ERROR";
     case MsgType::kStatus: return "STATUS";
     case MsgType::kStatusReply: return "STATUS_REPLY";
+    case MsgType::kPeers: return "PEERS";
+    case MsgType::kEcQuery: return "EC_QUERY";
+    case MsgType::kEcVersions: return "EC_VERSIONS";
+    case MsgType::kRebuild: return "REBUILD";
+    case MsgType::kEcChunk: return "EC_CHUNK";
+    case MsgType::kEcFetch: return "EC_FETCH";
+    case MsgType::kEcData: return "EC_DATA";
   }
   return "?";
 }
@@ -60,9 +68,11 @@ std::string encode_frame(const Message& m) {
   for (const auto& [k, v] : m.fields) payload += k + "=" + v + "\n";
   LOOM_CHECK(payload.size() <= kMaxPayload, kInternal, "protocol message of " << payload.size() << " bytes is too big");
   uint32_t head[4] = {kMsgMagic, kProtocolVersion, static_cast<uint32_t>(m.type), static_cast<uint32_t>(payload.size())};
-  std::string frame(sizeof head, '\0');
+  const uint64_t data_len = m.data.size();
+  std::string frame(sizeof head + sizeof data_len, '\0');
   std::memcpy(frame.data(), head, sizeof head);
-  return frame + payload;
+  std::memcpy(frame.data() + sizeof head, &data_len, sizeof data_len);
+  return frame + payload;  // the data follows separately (no copy of large bodies)
 }
 
 Message decode_payload(MsgType type, const std::string& payload) {
@@ -80,30 +90,48 @@ Message decode_payload(MsgType type, const std::string& payload) {
   return m;
 }
 
-void write_message(Socket& s, const Message& m) {
+template <class Stream>
+void write_message(Stream& s, const Message& m) {
   std::string frame = encode_frame(m);
   boost::system::error_code ec;
-  boost::asio::write(s, boost::asio::buffer(frame), ec);
-  LOOM_CHECK(!ec, kSnapshot, "snapshot daemon connection: sending " << msg_type_name(m.type) << " failed: " << ec.message());
+  std::array<boost::asio::const_buffer, 2> parts = {boost::asio::buffer(frame), boost::asio::buffer(m.data)};
+  boost::asio::write(s, parts, ec);
+  LOOM_CHECK(!ec, kSnapshot, "snapshot connection: sending " << msg_type_name(m.type) << " failed: " << ec.message());
 }
 
-Message read_message(Socket& s) {
+template <class Stream>
+Message read_message(Stream& s) {
   uint32_t head[4];
+  uint64_t data_len = 0;
   boost::system::error_code ec;
-  boost::asio::read(s, boost::asio::buffer(head, sizeof head), ec);
-  LOOM_CHECK(!ec, kSnapshot, "snapshot daemon connection closed (" << ec.message() << ")");
+  std::array<boost::asio::mutable_buffer, 2> parts = {boost::asio::buffer(head, sizeof head),
+                                                       boost::asio::buffer(&data_len, sizeof data_len)};
+  boost::asio::read(s, parts, ec);
+  LOOM_CHECK(!ec, kSnapshot, "snapshot connection closed (" << ec.message() << ")");
   LOOM_CHECK(head[0] == kMsgMagic && head[1] == kProtocolVersion, kSnapshot,
-             "snapshot daemon connection: frame with magic " << std::hex << head[0] << " version " << std::dec << head[1]
-                                                             << " (expected protocol " << kProtocolVersion << ")");
-  LOOM_CHECK(head[3] <= kMaxPayload, kSnapshot, "snapshot daemon connection: frame of " << head[3] << " bytes refused");
-  LOOM_CHECK(head[2] >= 1 && head[2] <= static_cast<uint32_t>(MsgType::kStatusReply), kSnapshot,
-             "snapshot daemon connection: unknown message type " << head[2]);
+             "snapshot connection: frame with magic " << std::hex << head[0] << " version " << std::dec << head[1]
+                                                      << " (expected protocol " << kProtocolVersion << ")");
+  LOOM_CHECK(head[3] <= kMaxPayload && data_len <= kMaxData, kSnapshot,
+             "snapshot connection: frame of " << head[3] << " + " << data_len << " bytes refused");
+  LOOM_CHECK(head[2] >= 1 && head[2] <= static_cast<uint32_t>(MsgType::kEcData), kSnapshot,
+             "snapshot connection: unknown message type " << head[2]);
   std::string payload(head[3], '\0');
   if (head[3] > 0) {
     boost::asio::read(s, boost::asio::buffer(payload.data(), payload.size()), ec);
-    LOOM_CHECK(!ec, kSnapshot, "snapshot daemon connection closed mid-frame (" << ec.message() << ")");
+    LOOM_CHECK(!ec, kSnapshot, "snapshot connection closed mid-frame (" << ec.message() << ")");
   }
-  return decode_payload(static_cast<MsgType>(head[2]), payload);
+  Message m = decode_payload(static_cast<MsgType>(head[2]), payload);
+  if (data_len > 0) {
+    m.data.resize(data_len);
+    boost::asio::read(s, boost::asio::buffer(m.data.data(), m.data.size()), ec);
+    LOOM_CHECK(!ec, kSnapshot, "snapshot connection closed mid-frame (" << ec.message() << ")");
+  }
+  return m;
 }
+
+template void write_message<Socket>(Socket&, const Message&);
+template Message read_message<Socket>(Socket&);
+template void write_message<TcpSocket>(TcpSocket&, const Message&);
+template Message read_message<TcpSocket>(TcpSocket&);
 
 }  // namespace loom::snap

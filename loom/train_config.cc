@@ -37,6 +37,9 @@ void TrainConfig::declare(Config& cfg) {
   cfg.add("snapshot.snapshot_idle_timeout", &snapshot_idle_timeout,
           "seconds a snapshot daemon waits without trainers before it exits");
   cfg.add("snapshot.loom_path", &loom_path, "path of the loom tool that runs the daemon; empty = next to the program");
+  cfg.add("snapshot.ec_group", &ec_group, "nodes per erasure-coding group of the snapshot daemons");
+  cfg.add("snapshot.ec_parity", &ec_parity, "lost nodes per EC group that can be rebuilt (Reed-Solomon parity); 0 disables");
+  cfg.add("snapshot.ec_every", &ec_every, "erasure-code every N-th snapshot version");
   cfg.add_choice("fault.fault_kind", &fault_kind, {"none", "crash", "kill_daemon"},
                  "inject a fault (tests, demo): crash = SIGKILL the rank; kill_daemon = SIGKILL its node's snapshot daemon");
   cfg.add("fault.fault_rank", &fault_rank, "the rank the fault hits");
@@ -72,6 +75,8 @@ void TrainConfig::validate(int world_size) const {
   const int64_t local = batch_size / dps;
   LOOM_CHECK(micro_batch == 0 || local % micro_batch == 0, kConfig,
              "train.micro_batch " << micro_batch << " does not divide the per-rank batch " << local);
+  LOOM_CHECK(ec_group >= 1 && ec_parity >= 0 && ec_every >= 1, kConfig,
+             "snapshot.ec_group and ec_every must be >= 1 and ec_parity >= 0");
   LOOM_CHECK(snapshot_every >= 0 && persist_every >= 0 && snapshot_budget_mb >= 0 && snapshot_idle_timeout > 0,
              kConfig, "snapshot.* counts must be >= 0 (and the idle timeout > 0)");
   LOOM_CHECK(fault_kind == "none" || (fault_rank >= 0 && fault_rank < world_size && fault_step >= 0), kConfig,

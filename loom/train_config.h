@@ -44,6 +44,9 @@ struct TrainConfig {
   int64_t persist_every = 50;          // write every M-th snapshot to HDF5; 0 disables
   int64_t snapshot_idle_timeout = 300; // a daemon without trainers exits after this many seconds
   std::string loom_path;               // the `loom` tool; "" -> next to the program
+  int64_t ec_group = 4;                // nodes per erasure-coding group (consecutive node ids)
+  int64_t ec_parity = 1;               // lost nodes per group that can be rebuilt (0 disables EC)
+  int64_t ec_every = 1;                // erasure-code every N-th snapshot version
   // [fault] (fault injection, for tests and the demo)
   std::string fault_kind = "none";     // none | crash | kill_daemon
   int64_t fault_rank = 0;

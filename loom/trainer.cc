@@ -6,11 +6,14 @@
 
 #include <chrono>
 #include <cmath>
+#include <algorithm>
 #include <map>
+#include <set>
 #include <cstdio>
 #include <iostream>
 #include <sstream>
 
+#include "checkpoint/erasure.h"
 #include "checkpoint/hdf5_format.h"
 #include "core/error.h"
 #include "core/log.h"
@@ -107,11 +110,152 @@ void Trainer::setup_snapshots() {
   if (!s_.all_ok(ok)) {
     if (ok) LOOM_WARN0("snapshots disabled: another rank could not attach to its snapshot daemon");
     snap_.reset();
+    return;
   }
+  setup_erasure_coding();
+}
+
+Trainer::EcSpan Trainer::ec_span(int node) const {
+  const int nodes = s_.groups().num_nodes();
+  const int g = static_cast<int>(std::min<int64_t>(cfg_.ec_group, nodes));
+  const int first = node / g * g;
+  return EcSpan{first, std::min(g, nodes - first), node - first};
+}
+
+// Every daemon learns its EC group's members (their TCP endpoints travel over MPI from the trainers).
+void Trainer::setup_erasure_coding() {
+  ProcessGroups& g = s_.groups();
+  if (cfg_.ec_parity <= 0 || g.num_nodes() < 2) return;
+  struct Endpoint {
+    int32_t node, port;
+    char host[120];
+  };
+  Endpoint mine{g.node_id(), snap_->ec_port(), {}};
+  std::snprintf(mine.host, sizeof mine.host, "%s", g.emulated_nodes() ? "127.0.0.1" : snap_->ec_host().c_str());
+  std::vector<Endpoint> all(static_cast<size_t>(g.world_size()));
+  MPI_Allgather(&mine, sizeof(Endpoint), MPI_BYTE, all.data(), sizeof(Endpoint), MPI_BYTE, MPI_COMM_WORLD);
+  std::map<int, std::string> by_node;
+  for (const Endpoint& e : all) by_node[e.node] = std::string(e.host) + ":" + std::to_string(e.port);
+  const EcSpan span = ec_span(g.node_id());
+  bool ok = true;
+  if (g.local_rank() == 0 && span.size >= 2) {
+    std::vector<std::string> peers;
+    for (int n = span.first; n < span.first + span.size; ++n) peers.push_back(by_node[n]);
+    try {
+      snap_->configure_ec(span.size, static_cast<int>(cfg_.ec_parity), span.index, peers, cfg_.ec_every);
+    } catch (const std::exception& e) {
+      LOOM_WARN("erasure coding disabled on node " << g.node_id() << ": " << e.what());
+      ok = false;
+    }
+  }
+  if (s_.all_ok(ok))
+    LOOM_INFO0("erasure coding: groups of " << std::min<int64_t>(cfg_.ec_group, g.num_nodes()) << " nodes, parity "
+                                            << cfg_.ec_parity << ", every " << cfg_.ec_every << " version(s)");
+}
+
+bool Trainer::rebuild_from_ec() {
+  ProcessGroups& g = s_.groups();
+  if (!snap_ || cfg_.ec_parity <= 0 || g.num_nodes() < 2) return false;
+  constexpr int kSlots = 4;
+  // Per rank: node, intact in-memory versions; per node (its first rank): versions with complete parity.
+  std::vector<int64_t> mine(2 + 2 * kSlots, -1);
+  mine[0] = g.node_id();
+  mine[1] = g.local_rank();
+  bool ok = true;
+  try {
+    auto avail = snap_->query();
+    int i = 0;
+    for (auto& a : avail)
+      if (a.crc_ok && i < kSlots) mine[static_cast<size_t>(2 + i++)] = a.version;
+    if (g.local_rank() == 0) {
+      auto parity = snap_->ec_versions();
+      for (size_t j = 0; j < parity.size() && j < static_cast<size_t>(kSlots); ++j) mine[2 + kSlots + j] = parity[j];
+    }
+  } catch (const std::exception& e) {
+    LOOM_WARN("cannot ask the snapshot daemon about erasure coding: " << e.what());
+    ok = false;
+  }
+  if (!s_.all_ok(ok)) return false;
+  const size_t row = mine.size();
+  std::vector<int64_t> all(row * static_cast<size_t>(g.world_size()));
+  MPI_Allgather(mine.data(), static_cast<int>(row), MPI_INT64_T, all.data(), static_cast<int>(row), MPI_INT64_T,
+                MPI_COMM_WORLD);
+  // node -> versions held intact by every rank of the node; node -> versions with complete parity.
+  std::map<int, std::set<int64_t>> held, parity;
+  std::map<int, int> ranks_seen;
+  std::set<int64_t> candidates;
+  for (int r = 0; r < g.world_size(); ++r) {
+    const int64_t* x = all.data() + row * static_cast<size_t>(r);
+    const int node = static_cast<int>(x[0]);
+    std::set<int64_t> vs;
+    for (int i = 0; i < kSlots; ++i)
+      if (x[2 + i] >= 0) vs.insert(x[2 + i]);
+    candidates.insert(vs.begin(), vs.end());
+    if (ranks_seen[node]++ == 0) {
+      held[node] = vs;
+    } else {
+      std::set<int64_t> both;
+      for (int64_t v : vs)
+        if (held[node].count(v)) both.insert(v);
+      held[node] = both;
+    }
+    if (x[1] == 0)
+      for (int i = 0; i < kSlots; ++i)
+        if (x[2 + kSlots + i] >= 0) parity[node].insert(x[2 + kSlots + i]);
+  }
+  if (candidates.empty()) return false;  // nothing in memory anywhere: a fresh job
+  std::string why = "no lost node can be rebuilt";
+  for (auto it = candidates.rbegin(); it != candidates.rend(); ++it) {
+    const int64_t v = *it;
+    std::vector<int> lost;
+    for (int n = 0; n < g.num_nodes(); ++n)
+      if (!held[n].count(v)) lost.push_back(n);
+    if (lost.empty()) continue;
+    bool recoverable = true;
+    for (int first = 0; first < g.num_nodes() && recoverable;) {
+      const EcSpan span = ec_span(first);
+      std::vector<int> lost_here;
+      for (int n : lost)
+        if (n >= span.first && n < span.first + span.size) lost_here.push_back(n - span.first);
+      if (!lost_here.empty()) {
+        const ec::GroupLayout layout(span.size, static_cast<int>(cfg_.ec_parity));
+        if (span.size < 2 || !layout.recoverable(lost_here)) {
+          recoverable = false;
+          why = std::to_string(lost_here.size()) + " of the " + std::to_string(span.size) + " nodes of EC group " +
+                std::to_string(span.first / std::max(1, span.size)) + " lost their snapshots of step " +
+                std::to_string(v) + "; parity covers " + std::to_string(layout.tolerated_losses());
+        }
+        for (int n = span.first; n < span.first + span.size && recoverable; ++n)
+          if (!std::count(lost.begin(), lost.end(), n) && !parity[n].count(v)) {
+            recoverable = false;
+            why = "node " + std::to_string(n) + " has no complete parity of step " + std::to_string(v);
+          }
+      }
+      first = span.first + span.size;
+    }
+    if (!recoverable) continue;
+    std::string names;
+    for (int n : lost) names += (names.empty() ? "" : ", ") + std::to_string(n);
+    LOOM_INFO0("node(s) " << names << " lost their snapshots: rebuilding step " << v << " from the erasure-coded group");
+    bool rebuilt = true;
+    if (g.local_rank() == 0 && std::count(lost.begin(), lost.end(), g.node_id())) {
+      try {
+        snap_->rebuild(v);
+      } catch (const std::exception& e) {
+        LOOM_WARN("rebuild of node " << g.node_id() << " from the EC group failed: " << e.what());
+        rebuilt = false;
+      }
+    }
+    if (s_.all_ok(rebuilt)) return true;
+    why = "the rebuild failed";
+  }
+  LOOM_WARN0("cannot rebuild from erasure coding: " << why << "; falling back to HDF5");
+  return false;
 }
 
 void Trainer::restore() {
   if (restore_from_memory()) return;
+  if (rebuild_from_ec() && restore_from_memory()) return;
   if (restore_from_hdf5()) return;
   LOOM_INFO0("no snapshot to resume from: starting at step 0");
 }

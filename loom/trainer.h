@@ -76,6 +76,14 @@ class Trainer {
   // next), then the newest complete HDF5 version, else a fresh start. Every rank takes the same rung.
   void restore();
   bool restore_from_memory();
+  // Rebuilds lost nodes' snapshots from their erasure-coding groups, when few enough nodes of a group were lost.
+  bool rebuild_from_ec();
+  void setup_erasure_coding();
+  // The EC group of a node: its first node, its size, and the node's index in it.
+  struct EcSpan {
+    int first, size, index;
+  };
+  EcSpan ec_span(int node) const;
   bool restore_from_hdf5();
   // After this rank's DP slice of master/m/v is in place: gathers the full regions over DP and derives the
   // compute weights.
