@@ -1,5 +1,7 @@
 #include "checkpoint/ec_group.h"
 
+#include <sys/socket.h>
+
 #include <algorithm>
 #include <cstring>
 #include <sstream>
@@ -18,12 +20,15 @@ EcGroup::~EcGroup() {
     std::lock_guard<std::mutex> lock(mu_);
     stopping_ = true;
   }
+  // A thread blocked in accept() does not wake when another thread closes the socket; shutdown() wakes it (the
+  // accept fails), then the thread can be joined and the socket closed.
+  if (acceptor_) ::shutdown(acceptor_->native_handle(), SHUT_RDWR);
+  io_.stop();
+  if (accept_thread_.joinable()) accept_thread_.join();
   if (acceptor_) {
     boost::system::error_code ec;
     acceptor_->close(ec);
   }
-  io_.stop();
-  if (accept_thread_.joinable()) accept_thread_.join();
   for (auto& t : connection_threads_) t.detach();  // blocked reads end with the process
 }
 

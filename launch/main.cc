@@ -4,9 +4,10 @@
 //   loom tokenize IN.txt OUT.bin   byte-level tokenize a text file into a Loom token file
 //   loom inspect PATH              token files, HDF5 snapshots, in-memory snapshots of a job
 //   loom snapshotd ...             the per-node snapshot daemon
+//   loom monitor ...               the communication monitor of a job
+//   loom run ... -- PROG ARGS      the self-healing launcher: monitor + mpirun + restarts
 //
-// Each subcommand lives in its own file (launch/cmd_*.cc); later subcommands (run, snapshotd, monitor) join
-// them there.
+// Each subcommand lives in its own file (launch/cmd_*.cc).
 #include <cstring>
 #include <iostream>
 #include <string>
@@ -24,6 +25,9 @@ void usage(std::ostream& os) {
         "  inspect PATH               describe a token file (.bin), an HDF5 snapshot (.h5), a folder of\n"
         "                             snapshots, or a job's in-memory snapshots (job:ID[:NODE])\n"
         "  snapshotd --job ID ...     the per-node snapshot daemon (trainers start it themselves)\n"
+        "  monitor --job ID ...       the communication monitor of a job (loom monitor --help)\n"
+        "  run [opts] -- PROG ARGS    run PROG under mpirun with the monitor; on a fault, exclude the faulty\n"
+        "                             node, restart, resume from snapshots (loom run --help)\n"
         "  help                       this text\n";
 }
 
@@ -40,6 +44,8 @@ int main(int argc, char** argv) {
     if (cmd == "tokenize") return loom::cli::cmd_tokenize(argc - 2, argv + 2);
     if (cmd == "inspect") return loom::cli::cmd_inspect(argc - 2, argv + 2);
     if (cmd == "snapshotd") return loom::cli::cmd_snapshotd(argc - 2, argv + 2);
+    if (cmd == "monitor") return loom::cli::cmd_monitor(argc - 2, argv + 2);
+    if (cmd == "run") return loom::cli::cmd_run(argc - 2, argv + 2);
   } catch (const loom::Error& e) {
     std::cerr << "loom " << cmd << ": " << e.what() << "\n";
     return 1;

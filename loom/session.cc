@@ -115,6 +115,23 @@ bool Session::start(Config& cfg, TrainConfig& train, int argc, char** argv,
   LOOM_INFO0("layout: " << groups_->describe());
   config_hash_ = hash;
   config_toml_ = cfg.to_toml();
+  if (!train_.monitor.empty()) {
+    mon::ClientOptions mo;
+    mo.address = train_.monitor;
+    mo.job = train_.monitor_job;
+    mo.token = train_.monitor_token;
+    mo.epoch = train_.epoch;
+    mo.heartbeat_s = train_.heartbeat_s;
+    mo.rank = rank_;
+    mo.node = groups_->node_id();
+    mo.tp_rank = groups_->tp_rank();
+    mo.dp_rank = groups_->dp_rank();
+    mo.world = world_size_;
+    mo.local_size = groups_->local_size();
+    monitor_ = std::make_unique<mon::MonitorClient>(mo);
+    LOOM_INFO0("monitor: heartbeats every " << train_.heartbeat_s << " s to " << train_.monitor << " (job "
+                                           << train_.monitor_job << ", epoch " << train_.epoch << ")");
+  }
   start_snapshot_daemons(cfg);  // before CUDA starts: it forks
   agree([&] { make_backend(); });
   make_device_communicators();
@@ -142,7 +159,8 @@ void Session::start_snapshot_daemons(const Config& cfg) {
   o.job = train_.snapshot_job;
   if (o.job.empty()) {
     static const char* kVolatile[] = {"train.steps", "train.log_every", "train.eval_every", "train.eval_batches",
-                                      "train.metrics_file", "runtime.log_level", "runtime.threads", "fault."};
+                                      "train.metrics_file", "runtime.log_level", "runtime.threads", "fault.",
+                                      "monitor."};
     uint64_t h = cfg.hash_if([](const std::string& key) {
       if (key.rfind("snapshot.", 0) == 0) return false;
       for (const char* v : kVolatile)
@@ -229,9 +247,12 @@ int run_main(int argc, char** argv, const std::function<void(Session&)>& body) {
     session = std::make_unique<Session>(argc, argv);
     body(*session);
   } catch (const ReportedElsewhere&) {
+    if (session && session->monitor()) session->monitor()->stop("error", "failed (the lowest failing rank printed why)");
     return 1;  // the failing rank printed the reason; ~Session finalizes MPI
   } catch (const std::exception& e) {
     LOOM_ERROR(e.what());
+    // Tell the monitor first: an error is not a crash, and restarting would only repeat it.
+    if (session && session->monitor()) session->monitor()->stop("error", e.what());
     int size = session ? session->world_size() : 1;
     if (size > 1) MPI_Abort(MPI_COMM_WORLD, 1);  // peers may be blocked in a collective with us
     return 1;

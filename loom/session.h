@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "checkpoint/client.h"
+#include "launch/monitor/client.h"
 #include "core/backend.h"
 #include "core/config.h"
 #include "loom/train_config.h"
@@ -60,6 +61,8 @@ class Session {
   // Every rank passes in ok; returns whether all did (one MPI all-reduce). For decisions that must be the same
   // everywhere but may fail on one rank without being fatal (snapshots).
   bool all_ok(bool ok);
+  // The connection to the job's monitor (monitor.monitor); null when the job is not monitored.
+  mon::MonitorClient* monitor() const { return monitor_.get(); }
 
  private:
   void start_snapshot_daemons(const Config& cfg);
@@ -75,6 +78,7 @@ class Session {
   std::string config_toml_;
   std::unique_ptr<ProcessGroups> groups_;
   std::unique_ptr<Backend> backend_;
+  std::unique_ptr<mon::MonitorClient> monitor_;
 };
 
 // Runs body inside a Session and maps errors to exit statuses as described above. Returns the process status.

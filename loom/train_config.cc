@@ -1,5 +1,8 @@
 #include "loom/train_config.h"
 
+#include <algorithm>
+#include <cstdlib>
+
 #include "core/error.h"
 
 namespace loom {
@@ -40,14 +43,62 @@ void TrainConfig::declare(Config& cfg) {
   cfg.add("snapshot.ec_group", &ec_group, "nodes per erasure-coding group of the snapshot daemons");
   cfg.add("snapshot.ec_parity", &ec_parity, "lost nodes per EC group that can be rebuilt (Reed-Solomon parity); 0 disables");
   cfg.add("snapshot.ec_every", &ec_every, "erasure-code every N-th snapshot version");
-  cfg.add_choice("fault.fault_kind", &fault_kind, {"none", "crash", "kill_daemon"},
-                 "inject a fault (tests, demo): crash = SIGKILL the rank; kill_daemon = SIGKILL its node's snapshot daemon");
+  cfg.add("monitor.monitor", &monitor, "host:port of the job's `loom monitor` (set by `loom run`); empty = none");
+  cfg.add("monitor.monitor_job", &monitor_job, "job id the monitor expects");
+  cfg.add("monitor.monitor_token", &monitor_token, "job token the monitor expects");
+  cfg.add("monitor.epoch", &epoch, "incarnation of the job: `loom run` counts its restarts here");
+  cfg.add("monitor.heartbeat_s", &heartbeat_s, "seconds between heartbeats to the monitor");
+  cfg.add_choice("fault.fault_kind", &fault_kind, {"none", "crash", "kill_daemon", "hang", "hang_comm", "slow", "slow_link"},
+                 "inject a fault (tests, benchmarks, demo): crash = SIGKILL the rank; kill_daemon = SIGKILL its node's "
+                 "snapshot daemon; hang = stop outside communication; hang_comm = stop inside a collective (a dead "
+                 "link); slow = longer steps; slow_link = delay the rank's transfers to fault_peer");
   cfg.add("fault.fault_rank", &fault_rank, "the rank the fault hits");
   cfg.add("fault.fault_step", &fault_step, "the fault hits after this many completed steps");
+  cfg.add("fault.fault_epoch", &fault_epoch, "the incarnation the fault hits (monitor.epoch); -1 = every one");
+  cfg.add("fault.fault_peer", &fault_peer, "slow_link: the receiving rank; -1 = the next rank of the TP (else DP) ring");
+  cfg.add("fault.fault_delay_ms", &fault_delay_ms, "slow_link: delay of each transfer (ms)");
+  cfg.add("fault.fault_slowdown", &fault_slowdown, "slow: extra time per step as a fraction of the step time");
+  cfg.add("fault.fault_plan", &fault_plan, "several faults 'kind:rank:step[:epoch];...'; overrides fault_kind/rank/step/epoch");
   cfg.add_choice("runtime.device", &device, {"auto", "cpu", "cuda"}, "where to train");
   cfg.add("runtime.threads", &threads, "CPU threads per rank; 0 = cores / ranks on the node");
   cfg.allow_env("LOOM_FORTUNES_DIR");  // read by core/data.cc: where the fortunes corpus lives
   cfg.add_choice("runtime.log_level", &log_level, {"debug", "info", "warn", "error"}, "log level");
+}
+
+std::vector<TrainConfig::FaultSpec> TrainConfig::fault_specs() const {
+  static const std::vector<std::string> kinds = {"crash", "kill_daemon", "hang", "hang_comm", "slow", "slow_link"};
+  std::vector<FaultSpec> out;
+  if (fault_plan.empty()) {
+    if (fault_kind != "none") out.push_back({fault_kind, fault_rank, fault_step, fault_epoch});
+    return out;
+  }
+  size_t pos = 0;
+  while (pos <= fault_plan.size()) {
+    size_t end = fault_plan.find(';', pos);
+    if (end == std::string::npos) end = fault_plan.size();
+    const std::string item = fault_plan.substr(pos, end - pos);
+    pos = end + 1;
+    if (item.empty()) continue;
+    std::vector<std::string> f;
+    for (size_t a = 0;;) {
+      size_t b = item.find(':', a);
+      f.push_back(item.substr(a, b == std::string::npos ? std::string::npos : b - a));
+      if (b == std::string::npos) break;
+      a = b + 1;
+    }
+    auto num = [&](const std::string& v, const char* what) {
+      char* e = nullptr;
+      long long x = std::strtoll(v.c_str(), &e, 10);
+      LOOM_CHECK(!v.empty() && *e == 0, kConfig, "fault.fault_plan entry '" << item << "': " << what << " '" << v
+                                                  << "' is not an integer");
+      return static_cast<int64_t>(x);
+    };
+    LOOM_CHECK((f.size() == 3 || f.size() == 4) && std::find(kinds.begin(), kinds.end(), f[0]) != kinds.end(), kConfig,
+               "fault.fault_plan entry '" << item << "' is not kind:rank:step[:epoch] with kind one of crash, "
+               "kill_daemon, hang, hang_comm, slow, slow_link");
+    out.push_back({f[0], num(f[1], "rank"), num(f[2], "step"), f.size() == 4 ? num(f[3], "epoch") : 0});
+  }
+  return out;
 }
 
 void TrainConfig::validate(int world_size) const {
@@ -81,6 +132,13 @@ void TrainConfig::validate(int world_size) const {
              kConfig, "snapshot.* counts must be >= 0 (and the idle timeout > 0)");
   LOOM_CHECK(fault_kind == "none" || (fault_rank >= 0 && fault_rank < world_size && fault_step >= 0), kConfig,
              "fault.fault_rank " << fault_rank << " is not a rank of this job (0.." << world_size - 1 << ")");
+  LOOM_CHECK(heartbeat_s > 0, kConfig, "monitor.heartbeat_s must be positive, got " << heartbeat_s);
+  LOOM_CHECK(epoch >= 0, kConfig, "monitor.epoch must be >= 0, got " << epoch);
+  LOOM_CHECK(fault_delay_ms >= 0 && fault_slowdown >= 0, kConfig, "fault.fault_delay_ms and fault.fault_slowdown must be >= 0");
+  for (const FaultSpec& f : fault_specs())
+    LOOM_CHECK(f.rank >= 0 && f.rank < world_size && f.step >= 0, kConfig,
+               "fault " << f.kind << ": rank " << f.rank << " is not a rank of this job (0.." << world_size - 1
+                        << ") or step " << f.step << " is negative");
   LOOM_CHECK(ranks_per_node >= 0, kConfig, "parallel.ranks_per_node must be >= 0, got " << ranks_per_node);
 }
 

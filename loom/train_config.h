@@ -4,6 +4,7 @@
 
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include "core/config.h"
 
@@ -47,16 +48,34 @@ struct TrainConfig {
   int64_t ec_group = 4;                // nodes per erasure-coding group (consecutive node ids)
   int64_t ec_parity = 1;               // lost nodes per group that can be rebuilt (0 disables EC)
   int64_t ec_every = 1;                // erasure-code every N-th snapshot version
-  // [fault] (fault injection, for tests and the demo)
-  std::string fault_kind = "none";     // none | crash | kill_daemon
+  // [monitor]
+  std::string monitor;                 // host:port of `loom monitor`; "" = not monitored
+  std::string monitor_job;             // the monitor's job id
+  std::string monitor_token;           // the job token the monitor expects
+  int64_t epoch = 0;                   // incarnation of the job (`loom run` counts restarts)
+  double heartbeat_s = 1.0;            // seconds between heartbeats
+  // [fault] (fault injection, for tests, benchmarks and the demo)
+  std::string fault_kind = "none";     // none | crash | kill_daemon | hang | hang_comm | slow | slow_link
   int64_t fault_rank = 0;
   int64_t fault_step = 0;              // after this many completed steps
+  int64_t fault_epoch = 0;             // only in this incarnation; -1 = in every one
+  int64_t fault_peer = -1;             // slow_link: the receiving rank; -1 = the next rank of the TP (else DP) ring
+  double fault_delay_ms = 5.0;         // slow_link: delay per transfer
+  double fault_slowdown = 0.3;         // slow: extra time per step, as a fraction of the step time
+  std::string fault_plan;              // several faults: "kind:rank:step[:epoch];..." (overrides the keys above)
   // [runtime]
   std::string device = "auto";  // auto | cpu | cuda
   int64_t threads = 0;          // CPU threads per rank; 0: cores / ranks on the node
   std::string log_level = "info";
 
   void declare(Config& cfg);
+  // The faults to inject: the fault_plan's entries, else the one of fault_kind (none when "none"). Throws
+  // kConfig on a malformed plan.
+  struct FaultSpec {
+    std::string kind;
+    int64_t rank = 0, step = 0, epoch = 0;
+  };
+  std::vector<FaultSpec> fault_specs() const;
   // Checks what can be checked from the values and the world size alone; identical on every rank.
   void validate(int world_size) const;
   int64_t dp_size(int world_size) const { return world_size / tp; }

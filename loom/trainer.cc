@@ -12,11 +12,13 @@
 #include <cstdio>
 #include <iostream>
 #include <sstream>
+#include <thread>
 
 #include "checkpoint/erasure.h"
 #include "checkpoint/hdf5_format.h"
 #include "core/error.h"
 #include "core/log.h"
+#include "parallel/link_trace.h"
 
 namespace loom {
 namespace {
@@ -52,6 +54,7 @@ Trainer::Trainer(Session& session, LanguageModel& model) : s_(session), cfg_(ses
   local_batch_ = cfg_.batch_size / g.dp_size();
   micro_batch_ = cfg_.micro_batch > 0 ? cfg_.micro_batch : local_batch_;
   schedule_ = LrSchedule{cfg_.lr, cfg_.min_lr, cfg_.warmup_steps, cfg_.steps};
+  faults_ = cfg_.fault_specs();
 
   open_data();
 
@@ -373,27 +376,73 @@ void Trainer::finish_restore(int64_t version) {
   step_ = version;
 }
 
-void Trainer::end_step() {
+void Trainer::end_step(const StepStats& last) {
   if (snap_ && step_ % cfg_.snapshot_every == 0) {
     const int64_t b = snap_->identity().slice_begin, e = snap_->identity().slice_end;
     snap_->stage(step_, params_->master().flat_range(b, e), params_->adam_m().flat_range(b, e),
                  params_->adam_v().flat_range(b, e));
   }
-  inject_fault();
+  if (mon::MonitorClient* m = s_.monitor()) {
+    m->set_progress(step_, last.loss, last.tokens_per_s);
+    if (snap_ && step_ % cfg_.snapshot_every == 0) m->set_snapshot(step_);
+  }
+  inject_fault(last.step_time_s);
 }
 
-void Trainer::inject_fault() {
-  if (cfg_.fault_kind == "none" || s_.rank() != cfg_.fault_rank || step_ != cfg_.fault_step) return;
-  if (cfg_.fault_kind == "crash") {
-    LOOM_WARN("fault injection: rank " << s_.rank() << " crashes (SIGKILL) after step " << step_);
-    ::kill(::getpid(), SIGKILL);
+void Trainer::inject_fault(double step_time_s) {
+  const int64_t epoch = cfg_.epoch;
+  for (const TrainConfig::FaultSpec& f : faults_) {
+    if (s_.rank() != f.rank || (f.epoch >= 0 && f.epoch != epoch) || step_ < f.step) continue;
+    if (f.kind == "slow") {  // every step from fault_step on
+      if (step_ == f.step) LOOM_WARN("fault injection: rank " << s_.rank() << " slows down by " << cfg_.fault_slowdown * 100
+                                                         << " % from step " << step_ << " at unix time " << fault_clock());
+      std::this_thread::sleep_for(std::chrono::duration<double>(cfg_.fault_slowdown * step_time_s));
+      continue;
+    }
+    if (step_ != f.step) continue;
+    if (f.kind == "crash") {
+      LOOM_WARN("fault injection: rank " << s_.rank() << " crashes (SIGKILL) after step " << step_ << " at unix time "
+                                         << fault_clock());
+      ::kill(::getpid(), SIGKILL);
+    }
+    if (f.kind == "kill_daemon") {
+      const int pid = snap::daemon_pid(snap::daemon_socket_path(s_.snapshot_options().job, s_.groups().node_id()));
+      LOOM_WARN("fault injection: killing the snapshot daemon of node " << s_.groups().node_id() << " (pid " << pid
+                                                                         << ") after step " << step_);
+      if (pid > 0) ::kill(pid, SIGKILL);
+    }
+    if (f.kind == "hang") {
+      LOOM_WARN("fault injection: rank " << s_.rank() << " hangs outside communication after step " << step_
+                                         << " at unix time " << fault_clock());
+      for (;;) std::this_thread::sleep_for(std::chrono::seconds(1));
+    }
+    if (f.kind == "hang_comm") {
+      LOOM_WARN("fault injection: rank " << s_.rank() << " will hang inside its next collective after step " << step_
+                                         << " at unix time " << fault_clock());
+      process_comm_faults().arm_hang();
+    }
+    if (f.kind == "slow_link") {
+      const int peer = slow_link_peer();
+      LOOM_WARN("fault injection: transfers from rank " << s_.rank() << " to rank " << peer << " are delayed by "
+                                                        << cfg_.fault_delay_ms << " ms from step " << step_
+                                                        << " at unix time " << fault_clock());
+      process_comm_faults().set_slow_link(peer, cfg_.fault_delay_ms * 1e-3);
+    }
   }
-  if (cfg_.fault_kind == "kill_daemon") {
-    const int pid = snap::daemon_pid(snap::daemon_socket_path(s_.snapshot_options().job, s_.groups().node_id()));
-    LOOM_WARN("fault injection: killing the snapshot daemon of node " << s_.groups().node_id() << " (pid " << pid
-                                                                       << ") after step " << step_);
-    if (pid > 0) ::kill(pid, SIGKILL);
-  }
+}
+
+int Trainer::slow_link_peer() const {
+  if (cfg_.fault_peer >= 0) return static_cast<int>(cfg_.fault_peer);
+  const ProcessGroups& g = s_.groups();
+  const int r = s_.rank(), tp = g.tp_size();
+  if (tp > 1) return r - g.tp_rank() + (g.tp_rank() + 1) % tp;
+  return (r + tp) % s_.world_size();
+}
+
+std::string Trainer::fault_clock() {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%.3f", wall_clock_s());
+  return buf;
 }
 
 void Trainer::open_data() {
@@ -516,6 +565,7 @@ double Trainer::fit() {
     LOOM_CHECK(metrics_.is_open(), kIo, "cannot open train.metrics_file '" << cfg_.metrics_file << "' for writing");
   }
   LOOM_INFO0("training for " << cfg_.steps - step_ << " steps");
+  if (mon::MonitorClient* m = s_.monitor()) m->set_start_step(step_);
   const auto start = std::chrono::steady_clock::now();
   const int64_t first = step_;
   StepStats last;
@@ -524,7 +574,7 @@ double Trainer::fit() {
     // The step's metrics line is written before its snapshot is staged: a run resumed from that snapshot never
     // repeats the step, so its line must already be in the file.
     write_metrics(last);
-    end_step();
+    end_step(last);
     const bool log_now = last.step % cfg_.log_every == 0 || last.step == cfg_.steps || last.step == first + 1;
     if (s_.is_root() && log_now) {
       double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();

@@ -55,9 +55,9 @@ class Trainer {
   double fit();
   // One optimizer step. fit() then writes its metrics and calls end_step().
   StepStats train_step();
-  // Stages the snapshot of the step just taken (every snapshot.snapshot_every steps) and injects a configured
-  // fault.
-  void end_step();
+  // Stages the snapshot of the step just taken (every snapshot.snapshot_every steps), reports progress to the
+  // monitor and injects the configured faults.
+  void end_step(const StepStats& last);
   // Mean validation loss over `batches` global batches of the held-out split.
   double evaluate(int64_t batches);
 
@@ -88,13 +88,16 @@ class Trainer {
   // After this rank's DP slice of master/m/v is in place: gathers the full regions over DP and derives the
   // compute weights.
   void finish_restore(int64_t version);
-  void inject_fault();
+  void inject_fault(double step_time_s);
+  int slow_link_peer() const;
+  static std::string fault_clock();  // wall-clock seconds for the fault log lines (tests match them to verdicts)
   // Mean loss over this rank's part of the global batch of `step` in `split`; with a tape when training.
   Tensor run_batch(Split split, int64_t step, bool train);
   void write_metrics(const StepStats& s);
 
   Session& s_;
   const TrainConfig& cfg_;
+  std::vector<TrainConfig::FaultSpec> faults_;
   LanguageModel& model_;
   std::optional<TokenFile> data_;
   std::unique_ptr<BatchSampler> sampler_;

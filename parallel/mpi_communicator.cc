@@ -8,6 +8,7 @@
 
 #include "core/error.h"
 #include "core/log.h"
+#include "parallel/link_trace.h"
 #include "parallel/mpi_check.h"
 
 namespace loom {
@@ -26,15 +27,6 @@ MPI_Datatype mpi_dtype(DType t) {
     case DType::kU16: return MPI_UINT16_T;
   }
   LOOM_THROW(kInternal, "no MPI datatype for dtype " << static_cast<int>(t));
-}
-
-MPI_Op mpi_op(ReduceOp op) {
-  switch (op) {
-    case ReduceOp::kSum: return MPI_SUM;
-    case ReduceOp::kMax: return MPI_MAX;
-    case ReduceOp::kMin: return MPI_MIN;
-  }
-  LOOM_THROW(kInternal, "no MPI op for reduce op " << static_cast<int>(op));
 }
 
 int comm_rank(MPI_Comm c) {
@@ -103,7 +95,18 @@ MpiCommunicator::MpiCommunicator(MPI_Comm comm, std::string name, uint32_t group
 
 MpiCommunicator::MpiCommunicator(MpiComm owned, std::string name, uint32_t group_id)
     : Communicator(std::move(name), comm_rank(owned.get()), comm_size(owned.get()), group_id),
-      comm_(std::move(owned)) {}
+      comm_(std::move(owned)) {
+  // World rank of each group rank: transfers are attributed to pairs of world ranks.
+  MPI_Group group = MPI_GROUP_NULL, world = MPI_GROUP_NULL;
+  LOOM_MPI_CHECK(MPI_Comm_group(comm_.get(), &group));
+  LOOM_MPI_CHECK(MPI_Comm_group(MPI_COMM_WORLD, &world));
+  std::vector<int> mine(static_cast<size_t>(size()));
+  for (int i = 0; i < size(); ++i) mine[static_cast<size_t>(i)] = i;
+  world_ranks_.resize(mine.size());
+  LOOM_MPI_CHECK(MPI_Group_translate_ranks(group, size(), mine.data(), world, world_ranks_.data()));
+  MPI_Group_free(&group);
+  MPI_Group_free(&world);
+}
 
 MpiCommunicator::~MpiCommunicator() = default;
 
@@ -120,55 +123,150 @@ bool MpiCommunicator::supports(DType dtype, bool reduction) const {
   return true;
 }
 
-void MpiCommunicator::do_all_reduce(const Tensor& t, ReduceOp op) {
-  for_each_chunk(t.numel(), [&](int64_t off, int count) {
-    LOOM_MPI_CHECK(MPI_Allreduce(MPI_IN_PLACE, element(t, off), count, mpi_dtype(t.dtype()), mpi_op(op), comm()));
+namespace {
+
+// Block i of n elements split over p ranks: [bounds[i], bounds[i+1]).
+std::vector<int64_t> split_bounds(int64_t n, int p) {
+  std::vector<int64_t> b(static_cast<size_t>(p) + 1);
+  for (int i = 0; i <= p; ++i) b[static_cast<size_t>(i)] = n * i / p;
+  return b;
+}
+
+template <class T>
+void reduce_into(T* acc, const T* a, const T* b, int64_t n, ReduceOp op) {
+  switch (op) {
+    case ReduceOp::kSum:
+      for (int64_t i = 0; i < n; ++i) acc[i] = a[i] + b[i];
+      return;
+    case ReduceOp::kMax:
+      for (int64_t i = 0; i < n; ++i) acc[i] = a[i] > b[i] ? a[i] : b[i];
+      return;
+    case ReduceOp::kMin:
+      for (int64_t i = 0; i < n; ++i) acc[i] = a[i] < b[i] ? a[i] : b[i];
+      return;
+  }
+}
+
+// acc = a (op) b elementwise; the reductions the MPI communicator supports (f32, i32).
+void reduce_elements(void* acc, const void* a, const void* b, int64_t n, DType dtype, ReduceOp op) {
+  if (dtype == DType::kF32)
+    reduce_into(static_cast<float*>(acc), static_cast<const float*>(a), static_cast<const float*>(b), n, op);
+  else
+    reduce_into(static_cast<int32_t*>(acc), static_cast<const int32_t*>(a), static_cast<const int32_t*>(b), n, op);
+}
+
+constexpr int kRingDataTag = 11;
+constexpr int kRingClockTag = 12;
+
+}  // namespace
+
+void MpiCommunicator::transfer(void* recv_buf, const void* send_buf, int64_t recv_count, int64_t send_count,
+                               DType dtype, uint64_t seq, int step) {
+  LinkTrace& links = process_link_trace();
+  const int src = world_ranks_[static_cast<size_t>(left())], dst = world_ranks_[static_cast<size_t>(right())];
+  links.begin_transfer(group_id(), seq, step, src, dst);
+  const size_t esize = dtype_size(dtype);
+  const MPI_Datatype dt = mpi_dtype(dtype);
+  double peer_ready = 0;
+  const double recv_ready = wall_clock_s();
+  std::vector<MPI_Request> recvs, sends;
+  recvs.emplace_back();
+  LOOM_MPI_CHECK(MPI_Irecv(&peer_ready, 1, MPI_DOUBLE, left(), kRingClockTag, comm(), &recvs.back()));
+  for_each_chunk(recv_count, [&](int64_t off, int count) {
+    recvs.emplace_back();
+    LOOM_MPI_CHECK(MPI_Irecv(static_cast<char*>(recv_buf) + static_cast<size_t>(off) * esize, count, dt, left(),
+                             kRingDataTag, comm(), &recvs.back()));
   });
+  auto wait_recvs = [&] {
+    if (recvs.empty()) return;
+    LOOM_MPI_CHECK(MPI_Waitall(static_cast<int>(recvs.size()), recvs.data(), MPI_STATUSES_IGNORE));
+    recvs.clear();
+    const double arrived = wall_clock_s();
+    links.record(src, arrived - std::max(peer_ready, recv_ready), static_cast<uint64_t>(recv_count) * esize);
+    links.recv_done();
+  };
+  // The clock goes out before any injected delay: a slow link's delay is part of the transfer time.
+  const double send_ready = wall_clock_s();
+  process_comm_faults().before_send(dst, wait_recvs);
+  sends.emplace_back();
+  LOOM_MPI_CHECK(MPI_Isend(&send_ready, 1, MPI_DOUBLE, right(), kRingClockTag, comm(), &sends.back()));
+  for_each_chunk(send_count, [&](int64_t off, int count) {
+    sends.emplace_back();
+    LOOM_MPI_CHECK(MPI_Isend(static_cast<const char*>(send_buf) + static_cast<size_t>(off) * esize, count, dt, right(),
+                             kRingDataTag, comm(), &sends.back()));
+  });
+  wait_recvs();
+  LOOM_MPI_CHECK(MPI_Waitall(static_cast<int>(sends.size()), sends.data(), MPI_STATUSES_IGNORE));
+  links.end_transfer();
+}
+
+// Reduce-scatter ring: at step s rank r sends its running sum of block (r-s-1) and receives the left
+// neighbour's running sum of block (r-s-2), adds its own contribution to it; after p-1 steps it holds block r
+// reduced over all ranks. Running sums live in scratch buffers, so `in` is never written.
+void MpiCommunicator::ring_reduce_scatter(const Tensor& in, void* out_block, const std::vector<int64_t>& bounds,
+                                          ReduceOp op, uint64_t seq) {
+  const int p = size(), r = rank();
+  const DType dtype = in.dtype();
+  const size_t esize = dtype_size(dtype);
+  int64_t max_block = 0;
+  for (int i = 0; i < p; ++i) max_block = std::max(max_block, bounds[static_cast<size_t>(i) + 1] - bounds[static_cast<size_t>(i)]);
+  recv_scratch_.resize(static_cast<size_t>(max_block) * esize);
+  acc_scratch_.resize(static_cast<size_t>(max_block) * esize);
+  auto block = [&](int i) { return ((i % p) + p) % p; };
+  auto count = [&](int i) { return bounds[static_cast<size_t>(i) + 1] - bounds[static_cast<size_t>(i)]; };
+  auto own = [&](int i) { return element(in, bounds[static_cast<size_t>(i)]); };
+  for (int s = 0; s < p - 1; ++s) {
+    const int send_b = block(r - s - 1), recv_b = block(r - s - 2);
+    const void* send = s == 0 ? own(send_b) : acc_scratch_.data();
+    transfer(recv_scratch_.data(), send, count(recv_b), count(send_b), dtype, seq, s);
+    void* dst = s == p - 2 ? out_block : acc_scratch_.data();
+    reduce_elements(dst, recv_scratch_.data(), own(recv_b), count(recv_b), dtype, op);
+  }
+}
+
+// All-gather ring: rank r holds block r of data; at step s it sends block (r-s) and receives block (r-s-1).
+void MpiCommunicator::ring_all_gather(void* data, DType dtype, const std::vector<int64_t>& bounds, uint64_t seq,
+                                      int first_step) {
+  const int p = size(), r = rank();
+  const size_t esize = dtype_size(dtype);
+  auto block = [&](int i) { return ((i % p) + p) % p; };
+  auto at = [&](int i) { return static_cast<char*>(data) + static_cast<size_t>(bounds[static_cast<size_t>(i)]) * esize; };
+  auto count = [&](int i) { return bounds[static_cast<size_t>(i) + 1] - bounds[static_cast<size_t>(i)]; };
+  for (int s = 0; s < p - 1; ++s) {
+    const int send_b = block(r - s), recv_b = block(r - s - 1);
+    transfer(at(recv_b), at(send_b), count(recv_b), count(send_b), dtype, seq, first_step + s);
+  }
+}
+
+void MpiCommunicator::do_all_reduce(const Tensor& t, ReduceOp op) {
+  if (size() == 1 || t.numel() == 0) return;
+  const uint64_t seq = trace().launched() - 1;
+  const std::vector<int64_t> bounds = split_bounds(t.numel(), size());
+  ring_reduce_scatter(t, element(t, bounds[static_cast<size_t>(rank())]), bounds, op, seq);
+  ring_all_gather(t.data(), t.dtype(), bounds, seq, size() - 1);
 }
 
 void MpiCommunicator::do_reduce_scatter(const Tensor& out, const Tensor& in, ReduceOp op) {
   const int64_t block = out.numel();
   if (block == 0) return;
-  const bool in_place = out.data() == element(in, rank() * block);
-  if (!in_place && in.numel() <= max_chunk_elements()) {
-    LOOM_MPI_CHECK(MPI_Reduce_scatter_block(in.data(), out.data(), static_cast<int>(block), mpi_dtype(in.dtype()),
-                                            mpi_op(op), comm()));
+  if (size() == 1) {
+    if (out.data() != in.data()) std::memcpy(out.data(), in.data(), in.nbytes());
     return;
   }
-  // Too large for one call, or in place (MPI's in-place reduce-scatter wants the input where the output
-  // goes): one reduce per owner of a block, per chunk. Each touches only contiguous memory, which is what MPI's
-  // reductions handle everywhere (reductions over strided derived datatypes are not portable).
-  for_each_chunk(block, [&](int64_t off, int count) {
-    for (int owner = 0; owner < size(); ++owner) {
-      void* send = element(in, owner * block + off);
-      if (owner == rank()) {
-        LOOM_MPI_CHECK(MPI_Reduce(in_place ? MPI_IN_PLACE : send, element(out, off), count, mpi_dtype(in.dtype()),
-                                  mpi_op(op), owner, comm()));
-      } else {
-        LOOM_MPI_CHECK(MPI_Reduce(send, nullptr, count, mpi_dtype(in.dtype()), mpi_op(op), owner, comm()));
-      }
-    }
-  });
+  std::vector<int64_t> bounds(static_cast<size_t>(size()) + 1);
+  for (int i = 0; i <= size(); ++i) bounds[static_cast<size_t>(i)] = block * i;
+  ring_reduce_scatter(in, out.data(), bounds, op, trace().launched() - 1);
 }
 
 void MpiCommunicator::do_all_gather(const Tensor& out, const Tensor& in) {
   const int64_t block = in.numel();
   if (block == 0) return;
   void* own_block = element(out, rank() * block);
-  const bool in_place = in.data() == own_block;
-  if (out.numel() <= max_chunk_elements()) {
-    MPI_Datatype dt = mpi_dtype(in.dtype());
-    LOOM_MPI_CHECK(MPI_Allgather(in_place ? MPI_IN_PLACE : in.data(), static_cast<int>(block), dt, out.data(),
-                                 static_cast<int>(block), dt, comm()));
-    return;
-  }
-  // Too large for one call: every rank's block is broadcast from its owner, in chunks.
-  if (!in_place) std::memcpy(own_block, in.data(), in.nbytes());
-  for (int owner = 0; owner < size(); ++owner) {
-    for_each_chunk(block, [&](int64_t off, int count) {
-      LOOM_MPI_CHECK(MPI_Bcast(element(out, owner * block + off), count, mpi_dtype(in.dtype()), owner, comm()));
-    });
-  }
+  if (in.data() != own_block) std::memcpy(own_block, in.data(), in.nbytes());
+  if (size() == 1) return;
+  std::vector<int64_t> bounds(static_cast<size_t>(size()) + 1);
+  for (int i = 0; i <= size(); ++i) bounds[static_cast<size_t>(i)] = block * i;
+  ring_all_gather(out.data(), out.dtype(), bounds, trace().launched() - 1, 0);
 }
 
 void MpiCommunicator::do_broadcast(const Tensor& t, int root) {

@@ -5,10 +5,16 @@
 // dtypes: f32 and i32 move and reduce; bf16 and u16 move as raw 16-bit elements (reducing them is refused with
 // a kComm error: summing bf16 needs an f32 accumulator, which MPI does not have). MPI counts are int, so a
 // call on more than INT_MAX elements is split into chunks of at most max_chunk_elements().
+//
+// all_reduce, reduce_scatter and all_gather run as rings of point-to-point transfers written here, not as MPI's
+// own collectives: each transfer is timed and attributed to its pair of ranks, and fault injection can delay or
+// stall one link (parallel/link_trace.h). The ring gives every rank bit-identical results (each block is
+// reduced on one rank, in a fixed order, then copied). broadcast and barrier use MPI's.
 #pragma once
 
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include "parallel/communicator.h"
 #include "parallel/mpi_check.h"
@@ -74,7 +80,20 @@ class MpiCommunicator : public Communicator {
   // Takes ownership of an already duplicated communicator.
   MpiCommunicator(MpiComm owned, std::string name, uint32_t group_id);
 
+  // Ring phases over blocks [bounds[i], bounds[i+1]) of `data` (elements of dtype).
+  void ring_reduce_scatter(const Tensor& in, void* out_block, const std::vector<int64_t>& bounds, ReduceOp op,
+                           uint64_t seq);
+  void ring_all_gather(void* data, DType dtype, const std::vector<int64_t>& bounds, uint64_t seq, int first_step);
+  // One ring step: receive `recv_count` elements from the left neighbour into recv_buf while sending
+  // `send_count` elements of send_buf to the right one; timed and traced (parallel/link_trace.h).
+  void transfer(void* recv_buf, const void* send_buf, int64_t recv_count, int64_t send_count, DType dtype,
+                uint64_t seq, int step);
+  int left() const { return (rank() + size() - 1) % size(); }
+  int right() const { return (rank() + 1) % size(); }
+
   MpiComm comm_;
+  std::vector<int> world_ranks_;   // world rank of each rank of the group
+  std::vector<char> recv_scratch_, acc_scratch_;
 };
 
 }  // namespace loom

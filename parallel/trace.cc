@@ -1,7 +1,10 @@
 #include "parallel/trace.h"
 
+#include <chrono>
+
 #include "core/error.h"
 #include "core/log.h"
+#include "parallel/link_trace.h"
 
 namespace loom {
 
@@ -22,9 +25,18 @@ double trace_clock_s() {
   return log::uptime_s();
 }
 
+double wall_clock_s() {
+  return std::chrono::duration<double>(std::chrono::system_clock::now().time_since_epoch()).count();
+}
+
 TraceRing::TraceRing(size_t capacity) {
   LOOM_CHECK(capacity > 0, kConfig, "trace ring capacity must be positive, got " << capacity);
   records_.resize(capacity);
+  register_trace_ring(this);
+}
+
+TraceRing::~TraceRing() {
+  unregister_trace_ring(this);
 }
 
 uint64_t TraceRing::begin(CollectiveOp op, uint32_t group_id, int32_t peer, uint64_t bytes) {
@@ -49,6 +61,7 @@ void TraceRing::end(uint64_t seq, double end_s) {
     LOOM_CHECK(r.end_s == 0, kInternal, "trace: record " << seq << " ended twice");
     // A record must not end before it started, even if a backend hands in a time from a coarser clock.
     r.end_s = end_s > r.start_s ? end_s : r.start_s;
+    busy_s_.store(busy_s_.load(std::memory_order_relaxed) + (r.end_s - r.start_s), std::memory_order_release);
   }
   completed_.fetch_add(1, std::memory_order_release);
 }

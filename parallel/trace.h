@@ -25,6 +25,9 @@ const char* collective_op_name(CollectiveOp op);
 // Seconds on the steady clock since the process started: the clock of trace records, and the same clock as
 // the log lines (core/log.h), so a record can be matched with what the rank logged around it.
 double trace_clock_s();
+// Wall-clock seconds (CLOCK_REALTIME): the clock that ranks compare with each other (link transfer times, the
+// monitor). Exact between the processes of one host; across hosts as good as their clock synchronisation.
+double wall_clock_s();
 
 struct TraceRecord {
   uint64_t seq = 0;  // 0, 1, 2, ... per ring, in the order the calls were launched
@@ -40,7 +43,9 @@ class TraceRing {
  public:
   static constexpr size_t kDefaultCapacity = 4096;
 
+  // Registers itself with the process's registry (parallel/link_trace.h) so the monitor client finds it.
   explicit TraceRing(size_t capacity = kDefaultCapacity);
+  ~TraceRing();
   TraceRing(const TraceRing&) = delete;
   TraceRing& operator=(const TraceRing&) = delete;
 
@@ -57,6 +62,8 @@ class TraceRing {
   uint64_t launched() const { return launched_.load(std::memory_order_acquire); }    // begin() calls
   uint64_t completed() const { return completed_.load(std::memory_order_acquire); }  // end() calls
   size_t capacity() const { return records_.size(); }
+  // Total seconds between begin() and end() of the completed calls.
+  double busy_s() const { return busy_s_.load(std::memory_order_acquire); }
 
  private:
   mutable std::mutex mutex_;
@@ -64,6 +71,7 @@ class TraceRing {
   // Atomic so a heartbeat can read them without the mutex; written only under it.
   std::atomic<uint64_t> launched_{0};
   std::atomic<uint64_t> completed_{0};
+  std::atomic<double> busy_s_{0};
 };
 
 }  // namespace loom

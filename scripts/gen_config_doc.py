@@ -15,7 +15,13 @@ lines = subprocess.run([exe, "--help"], capture_output=True, text=True, check=Tr
 
 rows, i = [], 0
 while i < len(lines):
-    m = re.match(r"^  (--[\w-]+)(?: (\S+))?\s+(.*)$", lines[i])
+    m = re.match(r"^  (--[\w-]+)(?: (\S+))?\s*(.*)$", lines[i])
+    if m and not m.group(3) and i + 2 < len(lines) and "key " in lines[i + 2]:
+        # A long flag: its help is on the next line.
+        k = re.search(r"key (\S+), env (\S+), default '(.*)'", lines[i + 2])
+        rows.append((k.group(1), m.group(1), m.group(2) or "", k.group(2), k.group(3), lines[i + 1].strip()))
+        i += 3
+        continue
     if m and i + 1 < len(lines) and "key " in lines[i + 1]:
         k = re.search(r"key (\S+), env (\S+), default '(.*)'", lines[i + 1])
         rows.append((k.group(1), m.group(1), m.group(2) or "", k.group(2), k.group(3), m.group(3)))

@@ -11,7 +11,8 @@ packages=(build-essential cmake ninja-build pkg-config git
   libopenmpi-dev openmpi-bin libhdf5-dev hdf5-tools libisal-dev libopenblas-dev libboost-dev
   libgtest-dev libtomlplusplus-dev
   python3 python3-torch python3-numpy python3-h5py
-  fortunes)
+  fortunes
+  chromium curl)  # chromium: the headless test of the monitor's status page
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -5,6 +5,7 @@ here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 LOOM_SOURCE_DIR=${LOOM_SOURCE_DIR:-$(cd "$here/../.." && pwd)}
 LOOM_BIN=${LOOM_BIN:-$LOOM_SOURCE_DIR/build/bin}
 LOOM_MPIRUN=${LOOM_MPIRUN:-mpirun --oversubscribe --allow-run-as-root}
+LOOM_PYTHON3=${LOOM_PYTHON3:-python3}
 WORK=$(mktemp -d /tmp/loom-e2e.XXXXXX)
 trap '[ -n "${KEEP_WORK:-}" ] || rm -rf "$WORK"' EXIT
 export LOOM_CACHE_DIR=${LOOM_CACHE_DIR:-$WORK/cache}
@@ -83,4 +84,52 @@ stop_daemons() {
     [ -n "$pid" ] && kill -9 "$pid" 2>/dev/null || true
   done
   rm -f /dev/shm/loom-$(id -u)-"$1"-r* 2>/dev/null || true
+}
+
+# ---- monitor helpers ---------------------------------------------------------------------------------------
+# monitored_fault NAME KIND RANK [GPT ARGS...]: starts `loom monitor` (exits at its first verdict) and a 4-rank
+# TP2 x DP2 run on 2 emulated nodes with the fault KIND at RANK after step $FAULT_STEP (default 300, ~3 s in); returns when the monitor reached a
+# verdict (or after 120 s), kills the job, and leaves $WORK/NAME/verdict.json and $WORK/NAME/fault_at (the unix
+# time the trainer logged for the injection).
+monitored_fault() {
+  local name=$1 kind=$2 rank=$3
+  shift 3
+  local d=$WORK/$name
+  mkdir -p "$d"
+  "$LOOM_BIN/loom" monitor --job "m$name$$" --token "tok$$" --port 0 --port-file "$d/port" --verdict-dir "$d/v" \
+    --exit-on-verdict >"$d/monitor.log" 2>&1 &
+  local mon=$!
+  for _ in $(seq 1 100); do [ -s "$d/port" ] && break; sleep 0.1; done
+  [ -s "$d/port" ] || fail "$name: the monitor did not start: $(cat "$d/monitor.log")"
+  timeout 150 $LOOM_MPIRUN -np 4 "$LOOM_BIN/gpt-train" "${SMALL[@]}" --steps 100000 --tp 2 --ranks-per-node 2 \
+    --log-level warn --snapshot-job "s$name$$" --monitor "127.0.0.1:$(cat "$d/port")" --monitor-job "m$name$$" \
+    --monitor-token "tok$$" --fault-kind "$kind" --fault-rank "$rank" --fault-step "${FAULT_STEP:-300}" "$@" >"$d/run.log" 2>&1 &
+  local job=$!
+  ( sleep 120; kill "$mon" 2>/dev/null ) &
+  local guard=$!
+  wait "$mon" || true
+  kill "$guard" 2>/dev/null || true
+  pkill -TERM -f -- "--monitor-job m$name$$" 2>/dev/null || true
+  wait "$job" 2>/dev/null || true
+  stop_daemons "s$name$$"
+  [ -f "$d/v/verdict-e0.json" ] || fail "$name: no verdict within 120 s; trainer log: $(grep -v '^[a-z_]*\.' "$d/run.log" | tail -5)"
+  cp "$d/v/verdict-e0.json" "$d/verdict.json"
+  sed -n 's/.*fault injection: .* at unix time \([0-9.]*\).*/\1/p' "$d/run.log" | head -1 >"$d/fault_at"
+  [ -s "$d/fault_at" ] || fail "$name: the fault was not injected"
+  echo "$name: $("$LOOM_PYTHON3" -c 'import json,sys; print(json.load(open(sys.argv[1]))["summary"])' "$d/verdict.json")"
+}
+
+# verdict_check NAME PYTHON-EXPR: asserts PYTHON-EXPR over v (the verdict) and t (seconds from the injection to
+# the verdict).
+verdict_check() {
+  local d=$WORK/$1
+  "$LOOM_PYTHON3" - "$d/verdict.json" "$(cat "$d/fault_at")" "$2" <<'PY' || fail "$1: verdict check '$2' failed"
+import json, sys
+v = json.load(open(sys.argv[1]))
+t = v["detected_at"] - float(sys.argv[2])
+ok = eval(sys.argv[3])
+print(f"  {'ok' if ok else 'FAILED'}: {sys.argv[3]}  (kind {v['kind']}, ranks {v['ranks']}, link {v.get('link')}, "
+      f"node {v['node']}, {t:.2f} s after the injection)")
+sys.exit(0 if ok else 1)
+PY
 }

@@ -1,0 +1,156 @@
+#include "launch/monitor/client.h"
+
+#include <fcntl.h>
+#include <unistd.h>
+
+#include <boost/asio/connect.hpp>
+#include <boost/asio/io_context.hpp>
+#include <boost/asio/ip/tcp.hpp>
+#include <boost/asio/write.hpp>
+#include <chrono>
+#include <map>
+
+#include "core/error.h"
+#include "core/log.h"
+#include "launch/monitor/protocol.h"
+
+namespace loom::mon {
+
+using boost::asio::ip::tcp;
+
+MonitorClient::MonitorClient(ClientOptions options) : opt_(std::move(options)) {
+  LOOM_CHECK(opt_.address.rfind(':') != std::string::npos, kConfig,
+             "monitor address '" << opt_.address << "' is not host:port");
+  LOOM_CHECK(opt_.heartbeat_s > 0, kConfig, "monitor.heartbeat_s must be positive, got " << opt_.heartbeat_s);
+  thread_ = std::thread([this] { run(); });
+}
+
+MonitorClient::~MonitorClient() {
+  stop();
+}
+
+void MonitorClient::set_progress(int64_t step, double loss, double tokens_per_s) {
+  step_.store(step, std::memory_order_relaxed);
+  loss_.store(loss, std::memory_order_relaxed);
+  tokens_per_s_.store(tokens_per_s, std::memory_order_relaxed);
+}
+
+void MonitorClient::stop(const std::string& reason, const std::string& message) {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (stopping_) return;
+    stopping_ = true;
+    bye_reason_ = reason;
+    bye_message_ = message;
+  }
+  cv_.notify_all();
+  if (thread_.joinable()) thread_.join();
+}
+
+void MonitorClient::run() {
+  const size_t colon = opt_.address.rfind(':');
+  const std::string host = opt_.address.substr(0, colon), port = opt_.address.substr(colon + 1);
+  char hostname[256] = {0};
+  ::gethostname(hostname, sizeof hostname - 1);
+  boost::asio::io_context io;
+  tcp::socket sock(io);
+  std::map<const void*, uint64_t> sent_until;  // per trace ring: the next seq to ship
+  bool warned = false;
+  auto base = [&](MonType t) {
+    MonMessage m(t);
+    m.set("job", opt_.job).set("token", opt_.token).set("epoch", opt_.epoch).set("rank", opt_.rank);
+    return m;
+  };
+  auto send = [&](const MonMessage& m) {
+    boost::system::error_code ec;
+    boost::asio::write(sock, boost::asio::buffer(encode_frame(m)), ec);
+    if (ec) {
+      connected_.store(false);
+      sock.close(ec);
+    }
+  };
+  auto heartbeat = [&] {
+    uint64_t launched = 0, completed = 0;
+    double busy = 0;
+    std::vector<TraceRecord> done;
+    for_each_trace_ring([&](const TraceRing& ring) {
+      launched += ring.launched();
+      completed += ring.completed();
+      busy += ring.busy_s();
+      uint64_t& next = sent_until[&ring];
+      for (const TraceRecord& r : ring.snapshot(next)) {
+        if (r.end_s == 0) break;  // in flight: shipped once it completes
+        done.push_back(r);
+        next = r.seq + 1;
+      }
+    });
+    MonMessage hb = base(MonType::kHeartbeat);
+    hb.set("step", step_.load()).set("start", start_step_.load()).set("snapshot", snapshot_.load()).set_f("loss", loss_.load());
+    hb.set_f("tokens_per_s", tokens_per_s_.load());
+    hb.set("launched", static_cast<int64_t>(launched)).set("completed", static_cast<int64_t>(completed));
+    // busy_s and wall_s on the trace clock (both differences matter, not the origin).
+    hb.set_f("busy_s", busy).set_f("wall_s", trace_clock_s());
+    hb.set("xfer", encode_transfer(process_link_trace().state()));
+    hb.set("links", encode_links(process_link_trace().take()));
+    send(hb);
+    if (!done.empty()) {
+      // Trace times go out on the wall clock.
+      const double offset = wall_clock_s() - trace_clock_s();
+      for (TraceRecord& r : done) {
+        r.start_s += offset;
+        r.end_s += offset;
+      }
+      MonMessage tr = base(MonType::kTrace);
+      tr.set("recs", encode_records(done));
+      send(tr);
+    }
+  };
+  std::unique_lock<std::mutex> lock(mu_);
+  while (!stopping_) {
+    if (!connected_.load()) {
+      lock.unlock();
+      boost::system::error_code ec;
+      tcp::resolver resolver(io);
+      auto eps = resolver.resolve(host, port, ec);
+      if (!ec) boost::asio::connect(sock, eps, ec);
+      if (!ec) {
+        sock.set_option(tcp::no_delay(true), ec);
+        // Children (the snapshot daemon this rank may start) must not inherit the socket: the monitor learns
+        // of this process's death from the connection closing, which an inherited copy would prevent.
+        ::fcntl(sock.native_handle(), F_SETFD, FD_CLOEXEC);
+        MonMessage hello = base(MonType::kHello);
+        hello.set("node", opt_.node).set("host", hostname).set("pid", static_cast<int64_t>(::getpid()));
+        hello.set("tp_rank", opt_.tp_rank).set("dp_rank", opt_.dp_rank);
+        hello.set("world", opt_.world).set("local_size", opt_.local_size);
+        connected_.store(true);
+        send(hello);
+      } else if (!warned) {
+        LOOM_WARN("monitor at " << opt_.address << " not reachable (" << ec.message() << "); retrying");
+        warned = true;
+      }
+      lock.lock();
+    }
+    if (connected_.load()) {
+      lock.unlock();
+      heartbeat();
+      lock.lock();
+    }
+    cv_.wait_for(lock, std::chrono::duration<double>(opt_.heartbeat_s), [&] { return stopping_; });
+  }
+  if (connected_.load()) {
+    lock.unlock();
+    heartbeat();
+    MonMessage bye = base(MonType::kBye);
+    bye.set("reason", bye_reason_);
+    std::string msg = bye_message_;
+    for (char& ch : msg)
+      if (ch == '\n') ch = ' ';
+    bye.set("message", msg.substr(0, 2000));
+    send(bye);
+    boost::system::error_code ec;
+    sock.shutdown(tcp::socket::shutdown_both, ec);
+    sock.close(ec);
+  }
+}
+
+}  // namespace loom::mon

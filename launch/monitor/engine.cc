@@ -1,0 +1,431 @@
+#include "launch/monitor/engine.h"
+
+#include <algorithm>
+#include <cmath>
+#include <sstream>
+
+#include "core/error.h"
+#include "launch/monitor/json.h"
+
+namespace loom::mon {
+namespace {
+
+const char* group_name(uint32_t id) {
+  switch (id) {
+    case 0: return "world";
+    case 1: return "tp";
+    case 2: return "dp";
+    case 3: return "node";
+  }
+  return "group";
+}
+
+double median(std::vector<double> v) {
+  if (v.empty()) return 0;
+  std::sort(v.begin(), v.end());
+  const size_t n = v.size();
+  return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
+}
+
+std::string ms(double s) {
+  std::ostringstream os;
+  os.precision(3);
+  os << s * 1e3 << " ms";
+  return os.str();
+}
+
+}  // namespace
+
+std::string Verdict::to_json(const std::string& job, int64_t epoch) const {
+  JsonObject o;
+  o.str("kind", kind).str("summary", summary).str("job", job).num("epoch", epoch).raw("ranks", json_int_array(ranks));
+  o.num("node", node).str("host", host);
+  if (link_src >= 0) o.raw("link", JsonObject().num("src", link_src).num("dst", link_dst).done());
+  o.num("onset", onset).num("detected_at", detected_at).num("detection_s", detected_at - onset);
+  o.raw("evidence", evidence);
+  return o.done();
+}
+
+VerdictEngine::VerdictEngine(EngineConfig cfg) : cfg_(cfg) {}
+
+void VerdictEngine::hello(const RankView& info, double now) {
+  RankView& r = ranks_[info.rank];
+  r = info;
+  r.connected = true;
+  r.hello_at = r.last_heartbeat = r.last_progress = now;
+}
+
+void VerdictEngine::heartbeat(int rank, const MonMessage& m, double now) {
+  auto it = ranks_.find(rank);
+  LOOM_CHECK(it != ranks_.end(), kComm, "HEARTBEAT from rank " << rank << " before its HELLO");
+  // Parse everything first, so a malformed message changes nothing.
+  const int64_t step = m.i64("step"), snapshot = m.i64("snapshot");
+  const int64_t start = m.has("start") ? m.i64("start") : -1;
+  const double loss = m.f64("loss"), tps = m.f64("tokens_per_s"), busy = m.f64("busy_s"), wall = m.f64("wall_s");
+  const auto launched = static_cast<uint64_t>(m.i64("launched")), completed = static_cast<uint64_t>(m.i64("completed"));
+  const TransferState xfer = decode_transfer(m.get("xfer"));
+  const std::vector<LinkStats> links = decode_links(m.get("links"));
+  RankView& r = it->second;
+  if (completed > r.completed) r.last_progress = now;
+  r.step = step;
+  r.start_step = start;
+  r.snapshot = snapshot;
+  r.loss = loss;
+  r.tokens_per_s = tps;
+  r.launched = launched;
+  r.completed = completed;
+  r.busy_s = busy;
+  r.wall_s = wall;
+  r.xfer = xfer;
+  r.last_heartbeat = now;
+  if (r.win_wall < 0) {
+    r.win_busy = busy;
+    r.win_wall = wall;
+  }
+  for (const LinkStats& l : links) {
+    LinkStats& w = window_links_[{l.src, rank}];
+    w.src = l.src;
+    w.transfers += l.transfers;
+    w.bytes += l.bytes;
+    w.sum_s += l.sum_s;
+    w.max_s = std::max(w.max_s, l.max_s);
+  }
+}
+
+void VerdictEngine::trace(int rank, const std::vector<TraceRecord>& recs, double now) {
+  (void)now;
+  auto it = ranks_.find(rank);
+  LOOM_CHECK(it != ranks_.end(), kComm, "TRACE from rank " << rank << " before its HELLO");
+  RankView& r = it->second;
+  std::vector<TraceRecord> done;
+  for (const TraceRecord& t : recs)
+    if (t.end_s > 0) done.push_back(t);
+  std::sort(done.begin(), done.end(), [](const TraceRecord& a, const TraceRecord& b) { return a.end_s < b.end_s; });
+  for (const TraceRecord& t : done) {
+    if (r.last_end > 0 && t.end_s >= r.last_end) {
+      gaps_.push_back(t.end_s - r.last_end);
+      if (gaps_.size() > 4096) gaps_.pop_front();
+    }
+    r.last_end = std::max(r.last_end, t.end_s);
+    LatencyCell& c = latency_[std::string(group_name(t.group_id)) + " " + collective_op_name(t.op)][rank];
+    c.count += 1;
+    c.sum_s += t.end_s - t.start_s;
+  }
+}
+
+void VerdictEngine::bye(int rank, const std::string& reason, const std::string& message, double now) {
+  auto it = ranks_.find(rank);
+  if (it == ranks_.end()) return;
+  it->second.bye = true;
+  it->second.bye_reason = reason;
+  it->second.bye_message = message;
+  it->second.last_heartbeat = now;
+}
+
+void VerdictEngine::disconnect(int rank, double now) {
+  auto it = ranks_.find(rank);
+  if (it == ranks_.end() || !it->second.connected) return;
+  it->second.connected = false;
+  it->second.disconnected_at = now;
+}
+
+bool VerdictEngine::any_bye() const {
+  for (const auto& [r, v] : ranks_)
+    if (v.bye) return true;
+  return false;
+}
+
+double VerdictEngine::p99_gap_s() const {
+  if (gaps_.empty()) return 0;
+  std::vector<double> g(gaps_.begin(), gaps_.end());
+  const size_t k = std::min(g.size() - 1, static_cast<size_t>(std::ceil(0.99 * static_cast<double>(g.size()))) - 1);
+  std::nth_element(g.begin(), g.begin() + static_cast<std::ptrdiff_t>(k), g.end());
+  return g[k];
+}
+
+double VerdictEngine::hang_threshold_s() const {
+  return std::max(cfg_.hang_min_s, cfg_.hang_factor * p99_gap_s());
+}
+
+std::optional<Verdict> VerdictEngine::tick(double now) {
+  if (verdict_) return std::nullopt;
+  std::optional<Verdict> v = check_crash(now);
+  if (!v) v = check_hang(now);
+  if (!v) {
+    if (window_start_ < 0) window_start_ = now;
+    if (now - window_start_ >= cfg_.window_s) v = close_window(now);
+  }
+  if (v) {
+    v->detected_at = now;
+    if (v->node < 0 && v->ranks.size() == 1 && ranks_.count(v->ranks[0])) v->node = ranks_[v->ranks[0]].node;
+    if (v->host.empty() && v->node >= 0)
+      for (const auto& [r, info] : ranks_)
+        if (info.node == v->node) v->host = info.host;
+    verdict_ = v;
+  }
+  return v;
+}
+
+std::optional<Verdict> VerdictEngine::check_crash(double now) {
+  // A rank that said BYE with an error: the job failed deterministically.
+  for (const auto& [r, info] : ranks_) {
+    if (info.bye && info.bye_reason == "error") {
+      Verdict v;
+      v.kind = "error";
+      v.ranks = {r};
+      v.onset = info.last_heartbeat;
+      v.summary = "rank " + std::to_string(r) + " stopped with an error: " + info.bye_message;
+      v.evidence = JsonObject().str("message", info.bye_message).done();
+      return v;
+    }
+  }
+  // Lost ranks: closed without BYE, or silent too long. A silent rank was lost when its next heartbeat was due.
+  const double silence = cfg_.silence_factor * cfg_.heartbeat_s;
+  double first = 0;
+  int first_rank = -1;
+  bool late = false;  // a rank whose heartbeat is overdue but not yet past the silence limit
+  std::vector<std::string> lost;
+  for (const auto& [r, info] : ranks_) {
+    if (info.bye) continue;
+    double at = 0;
+    std::string how;
+    if (!info.connected) {
+      at = info.disconnected_at;
+      how = "connection closed";
+    } else if (now - info.last_heartbeat > silence) {
+      at = info.last_heartbeat + cfg_.heartbeat_s;
+      how = "heartbeats stopped";
+    } else {
+      late = late || now - info.last_heartbeat > 1.2 * cfg_.heartbeat_s;
+      continue;
+    }
+    lost.push_back(JsonObject().num("rank", r).num("node", info.node).str("how", how).num("at", at)
+                       .num("last_heartbeat", info.last_heartbeat).done());
+    if (first_rank < 0 || at < first) {
+      first = at;
+      first_rank = r;
+    }
+  }
+  // When one process dies, mpirun kills the others a moment later; a rank that went silent may have died first,
+  // so the verdict waits until every overdue rank is either back or past the silence limit.
+  if (late) return std::nullopt;
+  if (first_rank < 0 || now - first < cfg_.crash_grace_s) return std::nullopt;
+  // A rank that never reached the monitor while others were lost died first (before its HELLO).
+  int world = 0, local_size = 0;
+  for (const auto& [r, info] : ranks_) {
+    world = std::max(world, info.world);
+    local_size = std::max(local_size, info.local_size);
+  }
+  for (int r = 0; r < world; ++r) {
+    if (ranks_.count(r)) continue;
+    Verdict v;
+    v.kind = "crash";
+    v.ranks = {r};
+    // Nodes hold consecutive ranks (mpirun's default placement, emulated nodes).
+    v.node = local_size > 0 ? r / local_size : -1;
+    v.onset = first;
+    v.summary = "rank " + std::to_string(r) + " never reached the monitor and the others were lost after it (node " +
+                std::to_string(v.node) + ", assuming nodes of " + std::to_string(local_size) + " consecutive ranks)";
+    v.evidence = JsonObject().raw("lost", json_array(lost)).num("never_connected", r).done();
+    return v;
+  }
+  const RankView& info = ranks_[first_rank];
+  Verdict v;
+  v.kind = "crash";
+  v.ranks = {first_rank};
+  v.node = info.node;
+  v.onset = info.connected ? info.last_heartbeat : info.disconnected_at;
+  std::ostringstream s;
+  s << "rank " << first_rank << " (node " << info.node << ", " << info.host << ") "
+    << (info.connected ? "stopped sending heartbeats" : "exited (connection closed without BYE)") << "; "
+    << lost.size() << " rank(s) lost in all";
+  v.summary = s.str();
+  v.evidence = JsonObject().raw("lost", json_array(lost)).num("grace_s", cfg_.crash_grace_s).done();
+  return v;
+}
+
+std::optional<Verdict> VerdictEngine::check_hang(double now) {
+  if (ranks_.empty() || any_bye() || static_cast<int>(gaps_.size()) < cfg_.hang_min_samples) return std::nullopt;
+  for (const auto& [r, info] : ranks_)
+    if (info.completed == 0) return std::nullopt;  // not all ranks past start-up yet
+  const double threshold = hang_threshold_s();
+  for (const auto& [r, info] : ranks_)
+    if (now - info.last_progress > threshold) return localise_hang(now, threshold);
+  return std::nullopt;
+}
+
+std::optional<Verdict> VerdictEngine::localise_hang(double now, double threshold) {
+  uint64_t lo = UINT64_MAX, hi = 0;
+  double onset = now;
+  std::vector<std::string> states;
+  for (const auto& [r, info] : ranks_) {
+    lo = std::min(lo, info.launched);
+    hi = std::max(hi, info.launched);
+    onset = std::min(onset, info.last_progress);
+    JsonObject st;
+    st.num("rank", r).num("launched", static_cast<double>(info.launched))
+        .num("completed", static_cast<double>(info.completed)).num("since_progress_s", now - info.last_progress);
+    if (info.xfer.active)
+      st.raw("transfer", JsonObject().str("group", group_name(info.xfer.group_id))
+                             .num("seq", static_cast<double>(info.xfer.seq)).num("step", info.xfer.step)
+                             .num("recv_src", info.xfer.recv_src).num("send_dst", info.xfer.send_dst)
+                             .boolean("recv_done", info.xfer.recv_done).done());
+    states.push_back(st.done());
+  }
+  Verdict v;
+  v.kind = "hang";
+  v.onset = onset;
+  JsonObject ev;
+  ev.num("threshold_s", threshold).num("p99_gap_s", p99_gap_s()).raw("ranks", json_array(states));
+  // Stuck outside communication: fewest launched, nothing in flight.
+  if (lo < hi) {
+    for (const auto& [r, info] : ranks_)
+      if (info.launched == lo && info.completed == info.launched) v.ranks.push_back(r);
+    if (!v.ranks.empty()) {
+      std::ostringstream s;
+      s << "rank(s) ";
+      for (size_t i = 0; i < v.ranks.size(); ++i) s << (i ? "," : "") << v.ranks[i];
+      s << " stopped outside communication: " << lo << " collectives launched against up to " << hi
+        << " on the others, no progress for " << now - onset << " s (threshold " << threshold << " s)";
+      v.summary = s.str();
+      int node = ranks_[v.ranks[0]].node;
+      for (int r : v.ranks)
+        if (ranks_[r].node != node) node = -1;
+      v.node = node;
+      v.evidence = ev.str("where", "outside communication").done();
+      return v;
+    }
+  }
+  // Inside a collective: the stalled pair.
+  const RankView* best_dst = nullptr;
+  for (const auto& [d, dv] : ranks_) {
+    if (!dv.xfer.active || dv.xfer.recv_done) continue;
+    auto s = ranks_.find(dv.xfer.recv_src);
+    if (s == ranks_.end()) continue;
+    const TransferState& sx = s->second.xfer;
+    if (sx.active && sx.group_id == dv.xfer.group_id && sx.seq == dv.xfer.seq && sx.step == dv.xfer.step &&
+        sx.recv_done && (!best_dst || dv.xfer.since_s < best_dst->xfer.since_s))
+      best_dst = &dv;
+  }
+  if (best_dst) {
+    v.link_src = best_dst->xfer.recv_src;
+    v.link_dst = best_dst->rank;
+    v.ranks = {v.link_src, v.link_dst};
+    const int ns = ranks_[v.link_src].node, nd = ranks_[v.link_dst].node;
+    v.node = ns;  // the sending side is the one that stopped
+    std::ostringstream s;
+    s << "hang inside a " << group_name(best_dst->xfer.group_id) << " collective (seq " << best_dst->xfer.seq
+      << ", ring step " << best_dst->xfer.step << "): link " << v.link_src << " -> " << v.link_dst << " (node " << ns
+      << " -> node " << nd << ") stalled; rank " << v.link_src << " has its input but never sent";
+    v.summary = s.str();
+    v.evidence = ev.str("where", "inside a collective").done();
+    return v;
+  }
+  // No transfer-level evidence (a device collective, or a barrier): every rank in flight is named.
+  for (const auto& [r, info] : ranks_)
+    if (info.completed < info.launched) v.ranks.push_back(r);
+  v.summary = "the job stopped making progress inside collectives (no transfer-level evidence to name a link)";
+  v.evidence = ev.str("where", "inside a collective, unlocalised").done();
+  return v;
+}
+
+std::optional<Verdict> VerdictEngine::close_window(double now) {
+  const double span = now - window_start_;
+  window_start_ = now;
+  // Slow rank: the fraction of its time each rank spent inside collectives over the window.
+  std::map<int, double> frac;
+  bool progressing = true;
+  for (auto& [r, info] : ranks_) {
+    if (info.win_wall >= 0 && info.wall_s - info.win_wall > 0.5 * span)
+      frac[r] = (info.busy_s - info.win_busy) / (info.wall_s - info.win_wall);
+    if (now - info.last_progress > span) progressing = false;
+    info.win_busy = info.busy_s;
+    info.win_wall = info.wall_s;
+  }
+  std::optional<Verdict> out;
+  int candidate = -1;
+  double gap = 0;
+  if (progressing && frac.size() >= 2 && frac.size() == ranks_.size()) {
+    auto lowest = std::min_element(frac.begin(), frac.end(), [](auto& a, auto& b) { return a.second < b.second; });
+    std::vector<double> others;
+    for (auto& [r, f] : frac)
+      if (r != lowest->first) others.push_back(f);
+    gap = median(others) - lowest->second;
+    if (gap >= cfg_.slow_rank_gap) candidate = lowest->first;
+  }
+  if (candidate >= 0 && candidate == rank_candidate_) {
+    ++rank_streak_;
+  } else {
+    rank_streak_ = candidate >= 0 ? 1 : 0;
+    rank_windows_.clear();
+  }
+  rank_candidate_ = candidate;
+  if (candidate >= 0) {
+    JsonObject w;
+    for (auto& [r, f] : frac) w.num(std::to_string(r), f);
+    rank_windows_.push_back(JsonObject().num("end", now).num("gap", gap).raw("comm_fraction", w.done()).done());
+  }
+  if (candidate >= 0 && rank_streak_ >= cfg_.slow_windows) {
+    Verdict v;
+    v.kind = "slow_rank";
+    v.ranks = {candidate};
+    v.onset = now - cfg_.slow_windows * span;
+    std::ostringstream s;
+    s.precision(3);
+    s << "rank " << candidate << " is slow: in " << rank_streak_ << " windows of " << span
+      << " s it spent the least time waiting in collectives (" << frac[candidate] * 100 << " % of its time, "
+      << gap * 100 << " points below the median of the others): the others wait for it";
+    v.summary = s.str();
+    v.evidence = JsonObject().raw("windows", json_array(rank_windows_)).done();
+    out = v;
+  }
+  // Slow link: the pairwise matrix of mean transfer times.
+  std::map<std::pair<int, int>, double> means;
+  for (auto& [pair, l] : window_links_)
+    if (l.transfers >= 3) means[pair] = l.sum_s / static_cast<double>(l.transfers);
+  window_links_.clear();
+  last_link_means_ = means;
+  std::pair<int, int> lc{-1, -1};
+  double worst = 0, med = 0;
+  if (means.size() >= 2) {
+    auto top = std::max_element(means.begin(), means.end(), [](auto& a, auto& b) { return a.second < b.second; });
+    std::vector<double> others;
+    for (auto& [p, m] : means)
+      if (p != top->first) others.push_back(m);
+    med = median(others);
+    worst = top->second;
+    if (worst >= cfg_.slow_link_factor * med && worst - med >= cfg_.slow_link_min_s) lc = top->first;
+  }
+  if (lc.first >= 0 && lc == link_candidate_) {
+    ++link_streak_;
+  } else {
+    link_streak_ = lc.first >= 0 ? 1 : 0;
+    link_windows_.clear();
+  }
+  link_candidate_ = lc;
+  if (lc.first >= 0) {
+    std::vector<std::string> cells;
+    for (auto& [p, m] : means)
+      cells.push_back(JsonObject().num("src", p.first).num("dst", p.second).num("mean_s", m).done());
+    link_windows_.push_back(JsonObject().num("end", now).raw("pairs", json_array(cells)).done());
+  }
+  if (!out && lc.first >= 0 && link_streak_ >= cfg_.slow_windows) {
+    Verdict v;
+    v.kind = "slow_link";
+    v.link_src = lc.first;
+    v.link_dst = lc.second;
+    v.ranks = {lc.first, lc.second};
+    v.node = ranks_[lc.first].node;
+    v.onset = now - cfg_.slow_windows * span;
+    std::ostringstream s;
+    s << "link " << lc.first << " -> " << lc.second << " (node " << ranks_[lc.first].node << " -> node "
+      << ranks_[lc.second].node << ") is slow: mean transfer " << ms(worst) << " against a median of " << ms(med)
+      << " for the other pairs, in " << link_streak_ << " consecutive windows";
+    v.summary = s.str();
+    v.evidence = JsonObject().raw("windows", json_array(link_windows_)).done();
+    out = v;
+  }
+  return out;
+}
+
+}  // namespace loom::mon

@@ -1,0 +1,131 @@
+// The monitor's verdict engine: what the ranks' heartbeats and collective traces say about the job, and the
+// verdict when something is wrong. Pure logic over timestamped events (no sockets, no clock of its own), so
+// tests drive it with synthetic time.
+//
+// C4's insight: collectives are periodic and homogeneous, so an anomaly in them points at the faulty component.
+//   crash     a rank's connection closes without BYE, or its heartbeats stop for silence_factor intervals. The
+//             engine waits crash_grace_s after the first loss (when one process dies, mpirun kills the rest)
+//             and names the first rank lost.
+//   hang      a rank makes no progress (completes no collective) for max(hang_min_s, hang_factor × p99 of the
+//             learned gaps between its completed collectives). The ranks with the fewest launched collectives
+//             that are not inside one are stuck outside communication; when every rank launched the same
+//             number, the in-flight ring transfers name the stalled pair: a receiver waiting at step k on a
+//             sender that reached step k and already has its own input.
+//   slow rank over windows of window_s, each rank's fraction of time inside collectives: the slow rank is the
+//             one that waits least (the others wait for it); named when the same rank is below the median of
+//             the others by slow_rank_gap in slow_windows consecutive windows.
+//   slow link the pairwise matrix of mean transfer times (receiver-measured, waiting excluded): a pair above
+//             slow_link_factor × the median of the other pairs (and slow_link_min_s above it) in slow_windows
+//             consecutive windows.
+//   error     a rank says BYE with reason=error (a deterministic failure: restarting would repeat it).
+// One verdict per incarnation: after it the job is aborted, and what follows is its consequence.
+#pragma once
+
+#include <deque>
+#include <map>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "launch/monitor/protocol.h"
+
+namespace loom::mon {
+
+struct EngineConfig {
+  double heartbeat_s = 1.0;
+  double silence_factor = 1.75;
+  double crash_grace_s = 0.3;
+  double hang_factor = 5.0;
+  double hang_min_s = 3.0;
+  int hang_min_samples = 20;
+  double window_s = 5.0;
+  int slow_windows = 3;
+  double slow_rank_gap = 0.05;
+  double slow_link_factor = 4.0;
+  double slow_link_min_s = 0.0005;
+};
+
+struct RankView {
+  int rank = -1;
+  int node = -1;
+  std::string host;
+  int64_t pid = 0;
+  int tp_rank = 0, dp_rank = 0;
+  int world = 0, local_size = 0;  // from HELLO: ranks of the job, ranks on this rank's node
+  bool connected = false, bye = false;
+  std::string bye_reason, bye_message;
+  double hello_at = 0, last_heartbeat = 0, disconnected_at = 0, last_progress = 0;
+  int64_t step = 0, snapshot = -1, start_step = -1;  // start_step: where this incarnation resumed; -1 unknown
+  double loss = 0, tokens_per_s = 0;
+  uint64_t launched = 0, completed = 0;
+  double busy_s = 0, wall_s = 0;
+  TransferState xfer;
+  double last_end = 0;  // newest completed collective seen in TRACE
+  // Window start values of busy_s and wall_s (slow-rank detection).
+  double win_busy = -1, win_wall = -1;
+};
+
+struct Verdict {
+  std::string kind;  // crash | hang | slow_rank | slow_link | error
+  std::string summary;
+  std::vector<int> ranks;
+  int node = -1;
+  std::string host;
+  int link_src = -1, link_dst = -1;
+  double detected_at = 0, onset = 0;
+  std::string evidence = "{}";  // JSON object
+  std::string to_json(const std::string& job, int64_t epoch) const;
+};
+
+// Mean latency of one collective kind in one group, per rank (the status page's heatmap).
+struct LatencyCell {
+  uint64_t count = 0;
+  double sum_s = 0;
+};
+
+class VerdictEngine {
+ public:
+  explicit VerdictEngine(EngineConfig cfg = {});
+
+  void hello(const RankView& info, double now);
+  // Applies a HEARTBEAT (throws kComm on malformed fields; the rank's state is unchanged then).
+  void heartbeat(int rank, const MonMessage& m, double now);
+  void trace(int rank, const std::vector<TraceRecord>& recs, double now);
+  void bye(int rank, const std::string& reason, const std::string& message, double now);
+  void disconnect(int rank, double now);
+  // Evaluates the rules at time now; returns the incarnation's verdict once.
+  std::optional<Verdict> tick(double now);
+
+  const std::map<int, RankView>& ranks() const { return ranks_; }
+  const std::optional<Verdict>& verdict() const { return verdict_; }
+  const EngineConfig& config() const { return cfg_; }
+  double p99_gap_s() const;
+  double hang_threshold_s() const;
+  // (group name/op) -> rank -> latency, from TRACE.
+  const std::map<std::string, std::map<int, LatencyCell>>& latency() const { return latency_; }
+  // Pair (src, dst) -> mean transfer time over the last complete window.
+  const std::map<std::pair<int, int>, double>& last_link_means() const { return last_link_means_; }
+
+ private:
+  std::optional<Verdict> check_crash(double now);
+  std::optional<Verdict> check_hang(double now);
+  std::optional<Verdict> close_window(double now);
+  std::optional<Verdict> localise_hang(double now, double threshold);
+  bool any_bye() const;
+
+  EngineConfig cfg_;
+  std::map<int, RankView> ranks_;
+  std::optional<Verdict> verdict_;
+  std::deque<double> gaps_;  // progress gaps, newest last
+  std::map<std::string, std::map<int, LatencyCell>> latency_;
+  // Slow-rank/link windows.
+  double window_start_ = -1;
+  std::map<std::pair<int, int>, LinkStats> window_links_;
+  std::map<std::pair<int, int>, double> last_link_means_;
+  int rank_streak_ = 0, rank_candidate_ = -1;
+  int link_streak_ = 0;
+  std::pair<int, int> link_candidate_{-1, -1};
+  std::vector<std::string> rank_windows_, link_windows_;  // evidence of the current streaks
+};
+
+}  // namespace loom::mon

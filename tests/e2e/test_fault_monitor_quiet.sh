@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Two minutes of fault-free training under the monitor (4 ranks, TP 2 x DP 2 on 2 emulated nodes) reach no
+# verdict: the monitor's rules must not fire on the noise of a loaded 2-core machine. The run ends cleanly
+# (BYE from every rank), and the monitor saw all four ranks finish.
+source "$(dirname "$0")/lib.sh"
+d=$WORK/quiet
+mkdir -p "$d"
+"$LOOM_BIN/loom" monitor --job quiet$$ --token tok$$ --port 0 --port-file "$d/port" --verdict-dir "$d/v" \
+  >"$d/monitor.log" 2>&1 &
+mon=$!
+trap 'kill $mon 2>/dev/null; [ -n "${KEEP_WORK:-}" ] || rm -rf "$WORK"' EXIT
+for _ in $(seq 1 100); do [ -s "$d/port" ] && break; sleep 0.1; done
+port=$(cat "$d/port")
+# The run is stopped after 120 s; what counts is the monitor's state just before that.
+start=$(date +%s)
+mpi 4 "$LOOM_BIN/gpt-train" "${SMALL[@]}" --steps 1000000 --tp 2 --ranks-per-node 2 --snapshot-job quiet$$ \
+  --monitor "127.0.0.1:$port" --monitor-job quiet$$ --monitor-token tok$$ --metrics-file "$d/m.jsonl" >"$d/run.log" 2>&1 &
+job=$!
+sleep 120
+curl -s "http://127.0.0.1:$port/status.json" >"$d/status.json" || true
+kill -TERM "$job" 2>/dev/null || true
+wait "$job" 2>/dev/null || true
+stop_daemons quiet$$
+steps=$(tail -1 "$d/m.jsonl" | sed -n 's/^{"step":\([0-9]*\),.*/\1/p')
+echo "fault-free: $steps steps in $(($(date +%s) - start)) s"
+[ "${steps:-0}" -gt 100 ] || fail "the run made no progress ($steps steps)"
+# The verdict that counts is one reached before the job was stopped at 120 s.
+"$LOOM_PYTHON3" - "$d/status.json" <<'PY' || fail "the monitor reached a verdict on a fault-free run"
+import json, sys
+s = json.load(open(sys.argv[1]))
+alive = [r["rank"] for r in s["ranks"] if r["state"] == "alive"]
+print(f"status at 120 s: ranks alive {alive}, verdicts {len(s['verdicts'])}, p99 gap {s['p99_gap_s']*1e3:.1f} ms, "
+      f"hang threshold {s['hang_threshold_s']:.1f} s")
+for v in s["verdicts"]:
+    print("  verdict:", v["kind"], v["summary"])
+assert sorted(alive) == [0, 1, 2, 3], "not all ranks alive at 120 s"
+sys.exit(1 if s["verdicts"] else 0)
+PY

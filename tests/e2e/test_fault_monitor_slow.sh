@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# The monitor names a slow rank (+30 % step time) and a slow link (5 ms per transfer on one pair) within 60 s,
+# without mistaking one for the other: 4 ranks, TP 2 x DP 2 on 2 emulated nodes.
+source "$(dirname "$0")/lib.sh"
+
+monitored_fault slow slow 2 --fault-slowdown 0.3
+verdict_check slow 'v["kind"] == "slow_rank" and v["ranks"] == [2] and t <= 60.0'
+
+# Rank 1's transfers to its DP ring neighbour 3 (another node) are delayed.
+monitored_fault slow_link slow_link 1 --fault-peer 3 --fault-delay-ms 5
+verdict_check slow_link 'v["kind"] == "slow_link" and v.get("link") == {"src": 1, "dst": 3} and t <= 60.0'

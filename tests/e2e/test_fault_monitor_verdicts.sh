@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# The monitor names crash and hang faults: 4 ranks (TP 2 x DP 2 on 2 emulated nodes), the fault injected into
+# rank 2 or 1 after step 300; each verdict must name the right kind and rank (or link) and come within the
+# targets: a crash within 2 s of the kill, a hang within 10 s of its start.
+source "$(dirname "$0")/lib.sh"
+
+monitored_fault crash crash 2
+verdict_check crash 'v["kind"] == "crash" and v["ranks"] == [2] and v["node"] == 1 and t <= 2.0'
+
+monitored_fault hang hang 1
+verdict_check hang 'v["kind"] == "hang" and v["ranks"] == [1] and v["node"] == 0 and "outside communication" in v["summary"] and t <= 10.0'
+
+# Rank 3 receives its input and never sends to its TP peer 2: the stalled link is 3 -> 2.
+monitored_fault hang_comm hang_comm 3
+verdict_check hang_comm 'v["kind"] == "hang" and v.get("link") == {"src": 3, "dst": 2} and t <= 10.0'

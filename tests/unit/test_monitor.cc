@@ -1,0 +1,405 @@
+// The monitor: frame encoding, the verdict engine's rules on synthetic timelines, and the server's refusal of
+// garbage, wrong-token and stale-epoch peers (which must never stop it serving the real ranks).
+#include <gtest/gtest.h>
+
+#include <boost/asio/connect.hpp>
+#include <boost/asio/io_context.hpp>
+#include <boost/asio/ip/tcp.hpp>
+#include <boost/asio/read.hpp>
+#include <boost/asio/write.hpp>
+#include <chrono>
+#include <thread>
+
+#include "core/error.h"
+#include "launch/monitor/engine.h"
+#include "launch/monitor/json.h"
+#include "launch/monitor/protocol.h"
+#include "launch/monitor/server.h"
+
+using namespace loom;
+using namespace loom::mon;
+
+namespace {
+
+RankView rank_info(int rank, int node) {
+  RankView v;
+  v.rank = rank;
+  v.node = node;
+  v.host = "h" + std::to_string(node);
+  v.world = 4;
+  v.local_size = 2;
+  return v;
+}
+
+// A heartbeat with the given counters; busy/wall drive the slow-rank rule, links the slow-link rule.
+MonMessage beat(int64_t step, uint64_t launched, uint64_t completed, double busy, double wall,
+                const std::string& xfer = "", const std::string& links = "") {
+  MonMessage m(MonType::kHeartbeat);
+  m.set("step", step).set("snapshot", step).set_f("loss", 2.0).set_f("tokens_per_s", 1000);
+  m.set("launched", static_cast<int64_t>(launched)).set("completed", static_cast<int64_t>(completed));
+  m.set_f("busy_s", busy).set_f("wall_s", wall).set("xfer", xfer).set("links", links);
+  return m;
+}
+
+// Feeds 4 ranks healthy traffic from t0 for `seconds` (10 heartbeats/s, 20 collectives per heartbeat each), so
+// the engine learns progress gaps; returns the time reached.
+double healthy(VerdictEngine& e, double t0, double seconds, uint64_t* counter) {
+  double t = t0;
+  for (; t < t0 + seconds; t += 0.1) {
+    *counter += 20;
+    for (int r = 0; r < 4; ++r) {
+      std::vector<TraceRecord> recs;
+      for (int i = 0; i < 20; ++i) {
+        TraceRecord tr;
+        tr.seq = *counter - 20 + static_cast<uint64_t>(i);
+        tr.group_id = 1;
+        tr.start_s = t - 0.1 + 0.005 * i;
+        tr.end_s = tr.start_s + 0.001;
+        recs.push_back(tr);
+      }
+      e.trace(r, recs, t);
+      e.heartbeat(r, beat(static_cast<int64_t>(*counter / 20), *counter, *counter, 0.5 * (t - t0), t - t0), t);
+    }
+    EXPECT_FALSE(e.tick(t)) << "a verdict on healthy traffic at t=" << t;
+  }
+  return t;
+}
+
+EngineConfig fast_config() {
+  EngineConfig c;
+  c.heartbeat_s = 0.1;
+  c.window_s = 1.0;
+  return c;
+}
+
+}  // namespace
+
+TEST(MonitorProtocol, FramesRoundTripAndBadHeadersAreNamed) {
+  MonMessage m(MonType::kHello);
+  m.set("job", "j").set("rank", 3).set_f("x", 0.25);
+  const std::string frame = encode_frame(m);
+  std::string why;
+  auto h = decode_header(reinterpret_cast<const unsigned char*>(frame.data()), &why);
+  ASSERT_TRUE(h) << why;
+  EXPECT_EQ(h->type, MonType::kHello);
+  auto back = decode_payload(h->type, frame.substr(kMonHeaderBytes), &why);
+  ASSERT_TRUE(back);
+  EXPECT_EQ(back->i64("rank"), 3);
+  EXPECT_DOUBLE_EQ(back->f64("x"), 0.25);
+  EXPECT_EQ(back->str("job"), "j");
+
+  std::string bad = frame;
+  bad[0] = 'X';
+  EXPECT_FALSE(decode_header(reinterpret_cast<const unsigned char*>(bad.data()), &why));
+  EXPECT_NE(why.find("magic"), std::string::npos);
+  bad = frame;
+  bad[4] = 9;  // version
+  EXPECT_FALSE(decode_header(reinterpret_cast<const unsigned char*>(bad.data()), &why));
+  EXPECT_NE(why.find("version"), std::string::npos);
+  bad = frame;
+  bad[8] = 77;  // type
+  EXPECT_FALSE(decode_header(reinterpret_cast<const unsigned char*>(bad.data()), &why));
+  EXPECT_NE(why.find("type"), std::string::npos);
+  EXPECT_FALSE(decode_payload(MonType::kHello, "no equals sign\n", &why));
+  EXPECT_FALSE(decode_payload(MonType::kHello, "k=unterminated", &why));
+}
+
+TEST(MonitorProtocol, FieldEncodingsRoundTrip) {
+  TraceRecord r;
+  r.seq = 41;
+  r.op = CollectiveOp::kReduceScatter;
+  r.group_id = 2;
+  r.bytes = 4096;
+  r.start_s = 1795517000.125;
+  r.end_s = 1795517000.5;
+  auto recs = decode_records(encode_records({r, r}));
+  ASSERT_EQ(recs.size(), 2u);
+  EXPECT_EQ(recs[1].seq, 41u);
+  EXPECT_EQ(recs[1].op, CollectiveOp::kReduceScatter);
+  EXPECT_NEAR(recs[1].end_s, r.end_s, 1e-6);
+  LinkStats l{5, 10, 1000, 0.02, 0.004};
+  auto links = decode_links(encode_links({l}));
+  ASSERT_EQ(links.size(), 1u);
+  EXPECT_EQ(links[0].src, 5);
+  EXPECT_EQ(links[0].transfers, 10u);
+  TransferState x{true, 1, 7, 2, 3, 0, true, 12.5};
+  TransferState y = decode_transfer(encode_transfer(x));
+  EXPECT_TRUE(y.active && y.recv_done);
+  EXPECT_EQ(y.seq, 7u);
+  EXPECT_EQ(y.recv_src, 3);
+  EXPECT_FALSE(decode_transfer("").active);
+  EXPECT_THROW(decode_records("1,2,3"), Error);
+  EXPECT_THROW(decode_links("a,b,c,d,e"), Error);
+}
+
+TEST(MonitorJson, EscapesAndKeepsPrecision) {
+  EXPECT_EQ(json_string("a\"b\\\n"), "\"a\\\"b\\\\\\n\"");
+  EXPECT_EQ(json_number(1795517620.68522), "1795517620.68522");
+  EXPECT_EQ(json_number(3), "3");
+}
+
+TEST(VerdictEngine, CrashNamesTheFirstRankLost) {
+  VerdictEngine e(fast_config());
+  for (int r = 0; r < 4; ++r) e.hello(rank_info(r, r / 2), 0.0);
+  uint64_t c = 0;
+  double t = healthy(e, 0.1, 2.0, &c);
+  e.disconnect(3, t);          // rank 3 dies
+  e.disconnect(0, t + 0.05);   // mpirun takes the others down after it
+  e.disconnect(1, t + 0.06);
+  e.heartbeat(2, beat(1, c, c, 0, t + 0.1), t + 0.1);  // rank 2 still alive
+  EXPECT_FALSE(e.tick(t + 0.1)) << "within the grace period";
+  e.heartbeat(2, beat(1, c, c, 0, t + 0.3), t + 0.3);
+  auto v = e.tick(t + 0.4);
+  ASSERT_TRUE(v);
+  EXPECT_EQ(v->kind, "crash");
+  EXPECT_EQ(v->ranks, std::vector<int>{3});
+  EXPECT_EQ(v->node, 1);
+  EXPECT_NEAR(v->detected_at - v->onset, 0.4, 1e-9);
+  EXPECT_FALSE(e.tick(t + 1)) << "one verdict per incarnation";
+}
+
+TEST(VerdictEngine, SilentRankIsACrashAndACleanByeIsNot) {
+  VerdictEngine e(fast_config());
+  for (int r = 0; r < 4; ++r) e.hello(rank_info(r, r / 2), 0.0);
+  uint64_t c = 0;
+  double t = healthy(e, 0.1, 1.0, &c);
+  e.bye(0, "done", "", t);
+  e.disconnect(0, t);  // closed after BYE: not a crash
+  // Rank 2 stops heartbeating (a frozen machine); the others go on.
+  double u = t;
+  for (; u < t + 0.5; u += 0.05) {
+    for (int r : {1, 3}) e.heartbeat(r, beat(1, c, c, 0, u), u);
+    if (auto v = e.tick(u)) {
+      EXPECT_EQ(v->kind, "crash");
+      EXPECT_EQ(v->ranks, std::vector<int>{2});
+      EXPECT_NE(v->summary.find("heartbeats"), std::string::npos);
+      return;
+    }
+  }
+  FAIL() << "no verdict for a rank silent for 0.5 s (limit 0.175 s)";
+}
+
+TEST(VerdictEngine, ErrorByeIsAnErrorVerdict) {
+  VerdictEngine e(fast_config());
+  e.hello(rank_info(0, 0), 0.0);
+  e.bye(0, "error", "data error: file missing", 0.5);
+  auto v = e.tick(0.6);
+  ASSERT_TRUE(v);
+  EXPECT_EQ(v->kind, "error");
+  EXPECT_NE(v->summary.find("file missing"), std::string::npos);
+}
+
+TEST(VerdictEngine, HangOutsideCommunicationNamesTheRankThatLaunchedLeast) {
+  VerdictEngine e(fast_config());
+  for (int r = 0; r < 4; ++r) e.hello(rank_info(r, r / 2), 0.0);
+  uint64_t c = 0;
+  double t = healthy(e, 0.1, 2.0, &c);
+  // Rank 1 stops before collective c; the others launch one more each and wait in it.
+  for (double u = t; u < t + 10; u += 0.1) {
+    e.heartbeat(1, beat(5, c, c, 1, u), u);
+    for (int r : {0, 2, 3}) e.heartbeat(r, beat(5, c + 1, c, 1, u), u);
+    if (auto v = e.tick(u)) {
+      EXPECT_EQ(v->kind, "hang");
+      EXPECT_EQ(v->ranks, std::vector<int>{1});
+      EXPECT_EQ(v->node, 0);
+      EXPECT_NE(v->summary.find("outside communication"), std::string::npos);
+      EXPECT_GE(u - t, e.config().hang_min_s - 0.11);
+      EXPECT_LE(u - t, e.config().hang_min_s + 0.31);
+      return;
+    }
+  }
+  FAIL() << "no hang verdict in 10 s";
+}
+
+TEST(VerdictEngine, HangInsideACollectiveNamesTheStalledLink) {
+  VerdictEngine e(fast_config());
+  for (int r = 0; r < 4; ++r) e.hello(rank_info(r, r / 2), 0.0);
+  uint64_t c = 0;
+  double t = healthy(e, 0.1, 2.0, &c);
+  // A 4-rank ring all-reduce (group 0, seq 9): rank 2 got its input at step 1 but never sent to 3; rank 3 waits
+  // on 2 at step 1; rank 0 waits on 3 at step 2, rank 1 on 0 at step 2 (they advanced further).
+  auto x = [](int step, int src, int dst, bool done) {
+    return encode_transfer(TransferState{true, 0, 9, step, src, dst, done, 100.0 + step});
+  };
+  std::map<int, std::string> xs = {{0, x(2, 3, 1, false)}, {1, x(2, 0, 2, false)}, {2, x(1, 1, 3, true)},
+                                   {3, x(1, 2, 0, false)}};
+  for (double u = t; u < t + 10; u += 0.1) {
+    for (int r = 0; r < 4; ++r) e.heartbeat(r, beat(5, c + 1, c, 1, u, xs[r]), u);
+    if (auto v = e.tick(u)) {
+      EXPECT_EQ(v->kind, "hang");
+      EXPECT_EQ(v->link_src, 2);
+      EXPECT_EQ(v->link_dst, 3);
+      EXPECT_EQ(v->node, 1);
+      return;
+    }
+  }
+  FAIL() << "no hang verdict in 10 s";
+}
+
+TEST(VerdictEngine, SlowRankIsTheOneThatWaitsLeast) {
+  VerdictEngine e(fast_config());
+  for (int r = 0; r < 4; ++r) e.hello(rank_info(r, r / 2), 0.0);
+  uint64_t c = 0;
+  double t = healthy(e, 0.1, 1.0, &c);
+  // Rank 1 spends 20 % of its time in collectives, the others 45-50 %: they wait for it.
+  for (double u = t; u < t + 10; u += 0.1) {
+    c += 20;
+    for (int r = 0; r < 4; ++r) {
+      const double frac = r == 1 ? 0.2 : 0.45 + 0.02 * r;
+      e.heartbeat(r, beat(5, c, c, frac * u, u), u);
+    }
+    if (auto v = e.tick(u)) {
+      EXPECT_EQ(v->kind, "slow_rank");
+      EXPECT_EQ(v->ranks, std::vector<int>{1});
+      EXPECT_GE(u - t, 2.0 * e.config().window_s) << "needs slow_windows consecutive windows";
+      return;
+    }
+  }
+  FAIL() << "no slow-rank verdict in 10 windows";
+}
+
+TEST(VerdictEngine, SlowLinkIsTheOutlierOfThePairMatrix) {
+  VerdictEngine e(fast_config());
+  for (int r = 0; r < 4; ++r) e.hello(rank_info(r, r / 2), 0.0);
+  uint64_t c = 0;
+  double t = healthy(e, 0.1, 1.0, &c);
+  // Ring pairs 0->1, 1->2, 2->3, 3->0 (receiver-reported); 2->3 takes 4 ms, the others 0.1 ms.
+  for (double u = t; u < t + 10; u += 0.1) {
+    c += 20;
+    for (int r = 0; r < 4; ++r) {
+      const int src = (r + 3) % 4;
+      const double mean = src == 2 ? 0.004 : 0.0001;
+      e.heartbeat(r, beat(5, c, c, 0.5 * u, u, "", encode_links({LinkStats{src, 10, 1000, 10 * mean, mean}})), u);
+    }
+    if (auto v = e.tick(u)) {
+      EXPECT_EQ(v->kind, "slow_link");
+      EXPECT_EQ(v->link_src, 2);
+      EXPECT_EQ(v->link_dst, 3);
+      return;
+    }
+  }
+  FAIL() << "no slow-link verdict in 10 windows";
+}
+
+TEST(VerdictEngine, NoVerdictOnNoisyHealthyTraffic) {
+  VerdictEngine e(fast_config());
+  for (int r = 0; r < 4; ++r) e.hello(rank_info(r, r / 2), 0.0);
+  uint64_t c = 0;
+  double t = healthy(e, 0.1, 1.0, &c);
+  // Comm fractions and link times that wander by a few percent, a different rank lowest each window.
+  for (double u = t; u < t + 20; u += 0.1) {
+    c += 20;
+    for (int r = 0; r < 4; ++r) {
+      const int window = static_cast<int>(u);
+      const double frac = 0.5 + 0.02 * ((r + window) % 4);
+      const double mean = 0.0001 * (1 + 0.5 * ((r + window) % 3));
+      e.heartbeat(r, beat(5, c, c, frac * u, u, "", encode_links({LinkStats{(r + 3) % 4, 10, 1000, 10 * mean, mean}})), u);
+    }
+    ASSERT_FALSE(e.tick(u)) << "verdict on healthy traffic: " << e.verdict()->summary;
+  }
+}
+
+// ---- the server ------------------------------------------------------------------------------------------
+
+namespace {
+
+struct Peer {
+  boost::asio::io_context io;
+  boost::asio::ip::tcp::socket sock{io};
+  explicit Peer(int port) {
+    sock.connect(boost::asio::ip::tcp::endpoint(boost::asio::ip::make_address("127.0.0.1"),
+                                                static_cast<unsigned short>(port)));
+  }
+  void send(const std::string& bytes) { boost::asio::write(sock, boost::asio::buffer(bytes)); }
+  // True when the server closed the connection (read returns EOF/reset) within the timeout.
+  bool closed_by_server() {
+    sock.non_blocking(false);
+    timeval tv{2, 0};
+    setsockopt(sock.native_handle(), SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+    char b;
+    boost::system::error_code ec;
+    sock.read_some(boost::asio::buffer(&b, 1), ec);
+    return ec == boost::asio::error::eof || ec == boost::asio::error::connection_reset;
+  }
+};
+
+MonMessage hello(const std::string& job, const std::string& token, int64_t epoch, int rank) {
+  MonMessage m(MonType::kHello);
+  m.set("job", job).set("token", token).set("epoch", epoch).set("rank", rank).set("node", 0).set("host", "h");
+  m.set("pid", 1).set("tp_rank", 0).set("dp_rank", 0).set("world", 2).set("local_size", 2);
+  return m;
+}
+
+template <class F>
+bool eventually(F&& f) {
+  for (int i = 0; i < 200; ++i) {
+    if (f()) return true;
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  return false;
+}
+
+}  // namespace
+
+TEST(MonitorServer, RefusesGarbageWrongTokenAndStaleEpochAndKeepsServing) {
+  MonitorOptions o;
+  o.job = "jobA";
+  o.token = "secret";
+  o.epoch = 2;
+  o.bind = "127.0.0.1";
+  MonitorServer s(o);
+  s.start();
+  {
+    Peer p(s.port());
+    p.send(std::string(64, '\x7f'));  // garbage
+    EXPECT_TRUE(p.closed_by_server());
+  }
+  {
+    Peer p(s.port());
+    MonMessage m = hello("jobA", "secret", 2, 0);
+    std::string frame = encode_frame(m);
+    frame[12] = '\xff';  // payload length 0x...ff: over the limit
+    frame[15] = '\x7f';
+    p.send(frame);
+    EXPECT_TRUE(p.closed_by_server());
+  }
+  {
+    Peer p(s.port());
+    p.send(encode_frame(hello("jobA", "wrong", 2, 0)));
+    EXPECT_TRUE(p.closed_by_server());
+  }
+  {
+    Peer p(s.port());
+    p.send(encode_frame(hello("jobA", "secret", 1, 0)));  // an earlier incarnation
+    EXPECT_TRUE(p.closed_by_server());
+  }
+  {
+    Peer p(s.port());
+    p.send(encode_frame(hello("jobB", "secret", 2, 0)));
+    EXPECT_TRUE(p.closed_by_server());
+  }
+  {
+    Peer p(s.port());
+    p.send(encode_frame(hello("jobA", "secret", 2, 0)));
+    MonMessage bad(MonType::kHeartbeat);  // HEARTBEAT with a malformed field
+    bad.set("job", "jobA").set("token", "secret").set("epoch", 2).set("rank", 0).set("step", "x");
+    p.send(encode_frame(bad));
+    EXPECT_TRUE(p.closed_by_server());
+  }
+  MonitorCounters c = s.counters();
+  EXPECT_EQ(c.malformed, 3u);
+  EXPECT_EQ(c.refused_token, 1u);
+  EXPECT_EQ(c.refused_epoch, 1u);
+  EXPECT_EQ(c.refused_job, 1u);
+  // A proper rank is still served.
+  Peer good(s.port());
+  good.send(encode_frame(hello("jobA", "secret", 2, 1)));
+  MonMessage hb = beat(7, 10, 10, 0.1, 1.0);
+  hb.set("job", "jobA").set("token", "secret").set("epoch", 2).set("rank", 1);
+  good.send(encode_frame(hb));
+  EXPECT_TRUE(eventually([&] { return s.progress().max_step == 7; }));
+  EXPECT_NE(s.status_json().find("\"state\":\"alive\""), std::string::npos);
+  EXPECT_NE(s.metrics_text().find("loom_monitor_frames_refused_total{job=\"jobA\",reason=\"token\"} 1"),
+            std::string::npos);
+  s.stop();
+}
