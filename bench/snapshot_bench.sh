@@ -3,7 +3,11 @@
 # job back, against the limits measured in the same invocation and against PyTorch's checkpointing of the same
 # state. Writes $OUT/snapshot.json (and logs under $OUT/snap/); prints a summary table last.
 #
-#   source .device/env.sh && OUT=... bash bench/snapshot_bench.sh [--budget S] [--steps N] [--ec-only]
+#   source .device/env.sh && OUT=... bash bench/snapshot_bench.sh [--budget S] [--steps N] [--parts LIST]
+#     --parts  comma-separated subset of copy,steps,restore,torch,ec,ecbench (default: all, in that order; restore
+#              needs the HDF5 file and the daemon job that steps leaves)
+#   GPU runs get OMP_NUM_THREADS = the cores (gpt-train's parameter initialisation is an OpenMP loop: on the GPU
+#   machine it ran on one thread otherwise, 65 s for the 0.95B model).
 #
 # Protocol (every part in this one invocation, one after another, nothing else on the GPU):
 #   1. machine: /dev/shm size and free memory decide the model. The reference model (ref-0.95b, TP=1) keeps
@@ -41,13 +45,13 @@ set -uo pipefail
 
 budget=540
 steps=25
-ec_only=0
+parts=copy,steps,restore,torch,ec,ecbench
 while [ $# -gt 0 ]; do
   case $1 in
     --budget) budget=$2; shift 2 ;;
     --steps) steps=$2; shift 2 ;;
-    --ec-only) ec_only=1; shift ;;
-    -h | --help) sed -n '2,42p' "$0"; exit 0 ;;
+    --parts) parts=$2; shift 2 ;;
+    -h | --help) sed -n '2,46p' "$0"; exit 0 ;;
     *) echo "snapshot_bench.sh: unknown argument '$1'" >&2; exit 2 ;;
   esac
 done
@@ -64,6 +68,7 @@ DATASET=${DATASET:-.device/fortunes.bin}
 MPIRUN=${MPIRUN:-mpirun --oversubscribe --allow-run-as-root}
 export LOOM_CACHE_DIR=$W/cache PYTHONUNBUFFERED=1
 start_s=$(date +%s)
+wants() { case ",$parts," in *",$1,"*) return 0 ;; *) return 1 ;; esac; }
 remaining() { echo $((budget - ($(date +%s) - start_s))); }
 note() { echo "[snapshot_bench $(($(date +%s) - start_s))s] $*" | tee -a "$S/notes.txt"; }
 
@@ -113,7 +118,8 @@ drop_caches() {
 {
   echo "== df -h /dev/shm $W"; df -h /dev/shm "$W"
   echo "== free -g"; free -g
-  echo "== cpu"; grep -m1 "model name" /proc/cpuinfo; nproc
+  echo "== cpu"; grep -m1 "model name" /proc/cpuinfo; nproc; grep Cpus_allowed_list /proc/self/status
+  echo "OMP_NUM_THREADS before: ${OMP_NUM_THREADS:-unset}"
   echo "== gpu"; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 } 2>&1 | tee "$S/machine.txt"
 shm_avail_kb=$(df -k --output=avail /dev/shm | tail -1 | tr -d ' ')
@@ -129,14 +135,17 @@ note "model: $model_note"
 budget_mb=$(($(params_of $layers) * 36 * 11 / 10 / 1048576 + 1024))
 REF=(--preset ref-0.95b --n-layers "$layers" --device cuda --dataset "$DATASET" --eval-batches 0 --log-every 5
   --snapshot-dir "$W/h5" --snapshot-budget-mb "$budget_mb" --snapshot-idle-timeout 120)
-job=snapbench$$
+job=snapbench$$ ecjob=snapec$$ h5job=snaph5$$
 
-if [ "$ec_only" = 0 ]; then
-  # ---- 2. copy limits -------------------------------------------------------------------------------------------
+export OMP_NUM_THREADS=$(nproc)
+# ---- 2. copy limits ---------------------------------------------------------------------------------------------
+if wants copy; then
   run_part copy_limits 60 20 python3 bench/torch_snapshot_peer.py --part copy --out "$S/torch_peer.jsonl" \
     2>&1 | tee "$S/copy.log"
+fi
 
-  # ---- 3. / 4. step time off and on ---------------------------------------------------------------------------
+# ---- 3. / 4. step time off and on, 5. persist ---------------------------------------------------------------------
+if wants steps; then
   run_part steps_off 120 40 "$GPT" "${REF[@]}" --steps "$steps" --snapshot-every 0 --metrics-file "$S/off.jsonl" \
     >"$S/off.log" 2>&1
   run_part steps_on 180 60 "$GPT" "${REF[@]}" --steps "$steps" --snapshot-every 1 --persist-every "$steps" \
@@ -147,8 +156,10 @@ if [ "$ec_only" = 0 ]; then
   persist_s=$(wait_daemon_gone "$job" "$(($(remaining) > 150 ? 150 : $(remaining)))")
   echo "$persist_s" >"$S/persist_s.txt"
   note "daemon gone ${persist_s}s after the trainer exited; HDF5: $(ls -l "$W/h5" 2>&1 | tail -n +2 | tr '\n' ' ')"
+fi
 
-  # ---- 6. restore from HDF5 -------------------------------------------------------------------------------------
+# ---- 6. restore from HDF5, 7. from memory -------------------------------------------------------------------------
+if wants restore; then
   drop_caches >"$S/hdf5_cache.txt"
   run_part restore_hdf5 150 40 "$GPT" "${REF[@]}" --steps $((steps + 3)) --snapshot-every 1 --persist-every 1000 \
     --snapshot-job "$job" --fault-kind crash --fault-rank 0 --fault-step $((steps + 3)) >"$S/hdf5.log" 2>&1
@@ -160,15 +171,20 @@ if [ "$ec_only" = 0 ]; then
     --snapshot-job "$job" >"$S/memory.log" 2>&1
   grep -E "resumed|restore" "$S/memory.log"
   wait_daemon_gone "$job" 60 >/dev/null
+fi
+[ -n "${KEEP_WORK:-}" ] || rm -rf "$W/h5"
 
-  # ---- 8. the peer ----------------------------------------------------------------------------------------------
+# ---- 8. the peer --------------------------------------------------------------------------------------------------
+if wants torch; then
   numel=$(sed -n 's/.*model: \([0-9]*\) parameters.*/\1/p' "$S/off.log" | head -1)
   run_part torch_ckpt 200 60 python3 bench/torch_snapshot_peer.py --part ckpt --numel "${numel:-953223168}" \
     --dir "$W/torch" --drop-caches --out "$S/torch_peer.jsonl" 2>&1 | tee "$S/ckpt.log"
-  rm -rf "$W/torch" "$W/h5"
+  rm -rf "$W/torch"
 fi
 
 # ---- 9. erasure coding, 4 emulated nodes --------------------------------------------------------------------------
+unset OMP_NUM_THREADS  # the CPU backend sets its own (--threads)
+if wants ec; then
 read -r -a ec_model <<<"${EC_MODEL:---dim 768 --n-layers 6 --n-heads 12 --ffn-hidden 2048 --seq-len 128 --threads 4}"
 EC=("${ec_model[@]}" --vocab-size 32000 --batch-size 4 --device cpu --dataset "$DATASET" --eval-batches 0
   --log-every 1 --ranks-per-node 1 --ec-group 4 --ec-parity 1 --snapshot-dir "$W/ec_h5" --snapshot-idle-timeout 120)
@@ -181,7 +197,6 @@ ec_run() {  # name job steps [extra...]
 }
 # Rank 0 is killed one step before the end, while the other ranks wait in the next step's collectives (mpirun
 # then ends them): had they finished cleanly, their daemons would have released their memory.
-ecjob=snapec$$
 ec_run fill "$ecjob" 5 --persist-every 1000 --fault-kind crash --fault-rank 0 --fault-step 4
 sleep 3  # the daemons commit and erasure-code the last staged version
 ec_run memory "$ecjob" 7 --persist-every 1000 --fault-kind crash --fault-rank 0 --fault-step 6
@@ -193,7 +208,6 @@ for n in 0 1 2 3; do lose_node "$ecjob" "$n"; done
 # daemons write the files, then exit), the next finds no memory and reads the files with a cold page cache. (A
 # version whose node files come from two runs of one job with different settings, e.g. train.steps or fault.*,
 # is rejected as inconsistent: the config hash in each file covers every key.)
-h5job=snaph5$$
 ec_run persist "$h5job" 4 --persist-every 4
 for n in 0 1 2 3; do wait_daemon_gone "$h5job" 60 "$n" >/dev/null; done
 ls -l "$W/ec_h5" >"$S/ec_h5_ls.txt" 2>&1
@@ -201,14 +215,19 @@ drop_caches >"$S/ec_hdf5_cache.txt"
 ec_run hdf5 "$h5job" 5 --persist-every 1000
 for n in 0 1 2 3; do wait_daemon_gone "$h5job" 20 "$n" >/dev/null; done
 [ -n "${KEEP_WORK:-}" ] || rm -rf "$W/ec_h5"
+fi
 
 # ---- 10. ec_bench -------------------------------------------------------------------------------------------------
-run_part ec_bench 60 15 "$EC_BENCH" --json "$S/ec_device.json" --mib 64 --warmup 1 --repeat 5 >"$S/ec_bench.log" 2>&1
+wants ecbench &&
+  run_part ec_bench 60 15 "$EC_BENCH" --json "$S/ec_device.json" --mib 64 --warmup 1 --repeat 5 >"$S/ec_bench.log" 2>&1
+
+cp /tmp/loom-$(id -u)/{"$job","$ecjob","$h5job"}-node*.log "$S/" 2>/dev/null  # the daemons' logs
 
 # ---- summary ------------------------------------------------------------------------------------------------------
-python3 - "$S" "$OUT/snapshot.json" "$model_note" "$steps" "$layers" <<'EOF'
+python3 - "$S" "$OUT/snapshot.json" "$model_note" "$steps" "$layers" "${ec_model[*]}" <<'EOF'
 import json, os, re, statistics, sys
 S, out, model_note, steps, layers = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
+ec_model = sys.argv[6]
 
 def read(name):
     p = os.path.join(S, name)
@@ -270,8 +289,8 @@ if r["restore_hdf5"]["s"] and r["restore_memory"]["s"] and r["restore_hdf5"]["fr
 pp = r.get("pytorch_peer", {})
 if r["restore_memory"]["s"] and pp.get("torch_load_s"):
     r["restore_speedup_vs_torch_load"] = pp["torch_load_s"] / r["restore_memory"]["s"]
-ec = {"model": "dim 768, 6 layers, 12 heads, ffn 2048, vocab 32000 (91.7M params, 1.1 GB of master+Adam state); "
-               "4 emulated nodes of 1 rank (DP=4, each node holds a quarter), CPU device, EC group 4, parity 1"}
+ec = {"model": ec_model + " --vocab-size 32000 --batch-size 4 (the default: 91.7M params, 1.1 GB of master+Adam "
+               "state); 4 emulated nodes of 1 rank (DP=4, each node holds a quarter), CPU device, EC group 4, parity 1"}
 for name in ("memory", "rebuild", "hdf5"):
     log = read(f"ec_{name}.log")
     src, s = restore_s(log)
@@ -284,6 +303,11 @@ if os.path.exists(os.path.join(S, "ec_device.json")):
                                "results": [{k: x[k] for k in ("k", "p", "isal_encode_gbps", "isal_reconstruct_gbps")}
                                            for x in e.get("results", [])]}
     r["ec_encode_GBps_per_core_k3p1"] = next((x["isal_encode_gbps"] for x in e["results"] if x["k"] == 3 and x["p"] == 1), None)
+r["startup_s"] = {}  # seconds from process start to the first step (logged), per gpt-train run
+for name in ("off", "on", "hdf5", "memory"):
+    m = re.search(r"\[loom r0 n0 ([0-9.]+)s\] training for", read(name + ".log"))
+    if m:
+        r["startup_s"][name] = float(m.group(1))
 r["goals"] = {"stall_fraction_max": 0.01, "staging_GBps_min": 50, "restore_speedup_vs_hdf5_min": 10}
 json.dump(r, open(out, "w"), indent=1)
 print("\nSnapshot benchmark:", model_note)
