@@ -184,17 +184,17 @@ fi
 
 # ---- 9. erasure coding, 4 emulated nodes --------------------------------------------------------------------------
 unset OMP_NUM_THREADS  # the CPU backend sets its own (--threads)
-if wants ec; then
 read -r -a ec_model <<<"${EC_MODEL:---dim 768 --n-layers 6 --n-heads 12 --ffn-hidden 2048 --seq-len 128 --threads 4}"
 EC=("${ec_model[@]}" --vocab-size 32000 --batch-size 4 --device cpu --dataset "$DATASET" --eval-batches 0
   --log-every 1 --ranks-per-node 1 --ec-group 4 --ec-parity 1 --snapshot-dir "$W/ec_h5" --snapshot-idle-timeout 120)
 ec_run() {  # name job steps [extra...]
   local name=$1 j=$2 n=$3
   shift 3
-  run_part "ec_$name" 120 20 $MPIRUN -np 4 -x LD_LIBRARY_PATH -x NCCL_NVLS_ENABLE "$GPT" "${EC[@]}" --steps "$n" \
-    --snapshot-job "$j" "$@" >"$S/ec_$name.log" 2>&1
+  run_part "ec_$name" 120 20 $MPIRUN --bind-to none -np 4 -x LD_LIBRARY_PATH -x NCCL_NVLS_ENABLE "$GPT" "${EC[@]}" \
+    --steps "$n" --snapshot-job "$j" "$@" >"$S/ec_$name.log" 2>&1
   grep -E "resumed|restore|lost|rebuild|falling|erasure" "$S/ec_$name.log" | head -6
 }
+if wants ec; then
 # Rank 0 is killed one step before the end, while the other ranks wait in the next step's collectives (mpirun
 # then ends them): had they finished cleanly, their daemons would have released their memory.
 ec_run fill "$ecjob" 5 --persist-every 1000 --fault-kind crash --fault-rank 0 --fault-step 4
