@@ -6,8 +6,9 @@
 #   source .device/env.sh && OUT=... bash bench/snapshot_bench.sh [--budget S] [--steps N] [--parts LIST]
 #     --parts  comma-separated subset of copy,steps,restore,torch,ec,ecbench (default: all, in that order; restore
 #              needs the HDF5 file and the daemon job that steps leaves)
-#   GPU runs get OMP_NUM_THREADS = the cores (gpt-train's parameter initialisation is an OpenMP loop: on the GPU
-#   machine it ran on one thread otherwise, 65 s for the 0.95B model).
+#   Each gpt-train start of the 0.95B model takes about 80 s before its first step on the H100 machine: ~58 s of
+#   serial parameter initialisation (at TP=1 the OpenMP loop of core/param_arena.cc has one iteration) and ~20 s
+#   to create, prefault and page-lock the snapshot buffers; the part timeouts allow for it.
 #
 # Protocol (every part in this one invocation, one after another, nothing else on the GPU):
 #   1. machine: /dev/shm size and free memory decide the model. The reference model (ref-0.95b, TP=1) keeps
@@ -130,14 +131,14 @@ while [ "$layers" -gt 2 ] && [ $(($(params_of $layers) * 36 * 11 / 10 / 1024)) -
   layers=$((layers - 2))
 done
 model_note="ref-0.95b (dim 2048, 16 layers, 16 heads, SwiGLU 5632, vocab 32000, seq 2048, micro-batch 8), TP=1"
-[ "$layers" -lt 16 ] && model_note="ref-0.95b with $layers layers instead of 16 (/dev/shm has $((shm_avail_kb / 1048576)) GiB free, too little for 3 buffers of the 0.95B model)"
+[ "$layers" -lt 16 ] && model_note="ref-0.95b with $layers layers instead of 16 (/dev/shm has \
+$((shm_avail_kb / 1048576)) GiB free, too little for 3 buffers of the 0.95B model)"
 note "model: $model_note"
 budget_mb=$(($(params_of $layers) * 36 * 11 / 10 / 1048576 + 1024))
 REF=(--preset ref-0.95b --n-layers "$layers" --device cuda --dataset "$DATASET" --eval-batches 0 --log-every 5
   --snapshot-dir "$W/h5" --snapshot-budget-mb "$budget_mb" --snapshot-idle-timeout 120)
 job=snapbench$$ ecjob=snapec$$ h5job=snaph5$$
 
-export OMP_NUM_THREADS=$(nproc)
 # ---- 2. copy limits ---------------------------------------------------------------------------------------------
 if wants copy; then
   run_part copy_limits 60 20 python3 bench/torch_snapshot_peer.py --part copy --out "$S/torch_peer.jsonl" \
@@ -183,7 +184,6 @@ if wants torch; then
 fi
 
 # ---- 9. erasure coding, 4 emulated nodes --------------------------------------------------------------------------
-unset OMP_NUM_THREADS  # the CPU backend sets its own (--threads)
 read -r -a ec_model <<<"${EC_MODEL:---dim 768 --n-layers 6 --n-heads 12 --ffn-hidden 2048 --seq-len 128 --threads 4}"
 EC=("${ec_model[@]}" --vocab-size 32000 --batch-size 4 --device cpu --dataset "$DATASET" --eval-batches 0
   --log-every 1 --ranks-per-node 1 --ec-group 4 --ec-parity 1 --snapshot-dir "$W/ec_h5" --snapshot-idle-timeout 120)
@@ -250,7 +250,8 @@ def num(x, f=".3f"):
 r = {"benchmark": "snapshot_bench", "command": "source .device/env.sh && OUT=... bash bench/snapshot_bench.sh",
      "protocol": "see the header of bench/snapshot_bench.sh", "model": model_note, "layers": layers,
      "tp": 1, "gpus": 1,
-     "tp2_note": "TP=2 (the issue's configuration) not measured: only 1-GPU machines are lent; at TP=2 each GPU stages half the state"}
+     "tp2_note": "TP=2 (the issue's configuration) not measured: only 1-GPU machines are lent; at TP=2 each GPU "
+                 "stages half the state"}
 r["machine"] = read("machine.txt").strip().splitlines()
 off, on = steps_of("off.jsonl"), steps_of("on.jsonl")
 if off and on:
@@ -261,9 +262,11 @@ if off and on:
              stall_fraction_mean=(statistics.mean(on) - statistics.mean(off)) / statistics.mean(off),
              step_times_off_s=off, step_times_on_s=on)
 on_log = read("on.log")
-m = re.search(r"snapshots: ([0-9.eE+-]+) GB per version, copied in ([0-9.eE+-]+) s on average \(([0-9.eE+-]+) GB/s", on_log)
+m = re.search(r"snapshots: ([0-9.eE+-]+) GB per version, copied in ([0-9.eE+-]+) s on average \(([0-9.eE+-]+) GB/s",
+              on_log)
 if m:
-    r.update(state_GB_per_version=float(m.group(1)), copy_s_per_version=float(m.group(2)), staging_GBps=float(m.group(3)))
+    r.update(state_GB_per_version=float(m.group(1)), copy_s_per_version=float(m.group(2)),
+             staging_GBps=float(m.group(3)))
 m = re.search(r"snapshots: (\d+) staged; optimizer waited ([0-9.eE+-]+) s", on_log)
 if m:
     r.update(versions_staged=int(m.group(1)), host_wait_s_total=float(m.group(2)))
@@ -302,7 +305,8 @@ if os.path.exists(os.path.join(S, "ec_device.json")):
     r["ec_encode_per_core"] = {"machine": e.get("machine"), "isal_version": e.get("isal_version"),
                                "results": [{k: x[k] for k in ("k", "p", "isal_encode_gbps", "isal_reconstruct_gbps")}
                                            for x in e.get("results", [])]}
-    r["ec_encode_GBps_per_core_k3p1"] = next((x["isal_encode_gbps"] for x in e["results"] if x["k"] == 3 and x["p"] == 1), None)
+    r["ec_encode_GBps_per_core_k3p1"] = next(
+        (x["isal_encode_gbps"] for x in e["results"] if x["k"] == 3 and x["p"] == 1), None)
 r["startup_s"] = {}  # seconds from process start to the first step (logged), per gpt-train run
 for name in ("off", "on", "hdf5", "memory"):
     m = re.search(r"\[loom r0 n0 ([0-9.]+)s\] training for", read(name + ".log"))
@@ -321,9 +325,11 @@ rows = [("step, snapshots off (median s)", num(r.get("step_off_median_s"), ".4f"
         ("restore from HDF5 (s, " + r["restore_hdf5"]["page_cache"] + " cache)", num(r["restore_hdf5"]["s"], ".2f")),
         ("restore from memory (s)", num(r["restore_memory"]["s"], ".2f")),
         ("restore speed-up vs HDF5 (goal >= 10)", num(r.get("restore_speedup_vs_hdf5"), ".1f")),
-        ("torch.save / torch.load (s)", num(pp.get("torch_save_s"), ".1f") + " / " + num(pp.get("torch_load_s"), ".1f")),
+        ("torch.save / torch.load (s)",
+         num(pp.get("torch_save_s"), ".1f") + " / " + num(pp.get("torch_load_s"), ".1f")),
         ("DCP save / load (s)", num(pp.get("dcp_save_s"), ".1f") + " / " + num(pp.get("dcp_load_s"), ".1f")),
-        ("EC nodes: memory / rebuild / HDF5 restore (s)", " / ".join(num(ec[n]["s"], ".2f") for n in ("memory", "rebuild", "hdf5"))),
+        ("EC nodes: memory / rebuild / HDF5 restore (s)",
+         " / ".join(num(ec[n]["s"], ".2f") for n in ("memory", "rebuild", "hdf5"))),
         ("ISA-L encode GB/s per core (k3 p1)", num(r.get("ec_encode_GBps_per_core_k3p1"), ".1f"))]
 for k, v in rows:
     print(f"| {k} | {v} |")

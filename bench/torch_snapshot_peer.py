@@ -71,8 +71,9 @@ def part_copy(args):
             pageable.copy_(dev, non_blocking=False)
 
     res = {}
-    for name, fn, reps in (("pinned_d2h_64mib_chunks", d2h_chunks, args.repeat), ("pinned_d2h_whole", d2h_whole, args.repeat),
-                           ("pinned_h2d_whole", h2d_whole, args.repeat), ("pageable_d2h_whole", d2h_pageable, 3)):
+    cases = (("pinned_d2h_64mib_chunks", d2h_chunks, args.repeat), ("pinned_d2h_whole", d2h_whole, args.repeat),
+             ("pinned_h2d_whole", h2d_whole, args.repeat), ("pageable_d2h_whole", d2h_pageable, 3))
+    for name, fn, reps in cases:
         s = cuda_time(fn, side, args.warmup, reps)
         res[name + "_GBps"] = nbytes / s / 1e9
         res[name + "_median_s"] = s
