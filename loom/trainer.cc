@@ -76,7 +76,13 @@ Trainer::Trainer(Session& session, LanguageModel& model) : s_(session), cfg_(ses
                        << params_->layout().size() << " tensors, " << params_->total_bytes() / (1 << 20)
                        << " MiB of weights, gradients and AdamW state)");
   setup_snapshots();
+  const auto restore_t0 = std::chrono::steady_clock::now();
   restore();
+  if (resumed_from_ != "fresh") {  // read by bench/snapshot_bench.sh
+    const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - restore_t0).count();
+    LOOM_INFO0("restore: resumed from " << resumed_from_ << " in " << s
+                                        << " s (the whole ladder, CRC checks included)");
+  }
   LOOM_INFO0("batch: " << cfg_.batch_size << " sequences x " << model_.seq_len() << " tokens per step; " << local_batch_
                        << " per data-parallel rank in micro-batches of " << micro_batch_);
 }
@@ -602,6 +608,12 @@ double Trainer::fit() {
     snap_->finish();
     LOOM_INFO0("snapshots: " << snap_->staged_versions() << " staged; optimizer waited " << snapshot_stall_s_
                              << " s for them in total");
+    if (snap_->staged_versions() > 0) {  // read by bench/snapshot_bench.sh
+      const double gb = static_cast<double>(snap_->identity().buffer_bytes()) / 1e9;
+      const double per_version_s = snap_->copy_seconds() / static_cast<double>(snap_->staged_versions());
+      LOOM_INFO0("snapshots: " << gb << " GB per version, copied in " << per_version_s << " s on average ("
+                               << gb / per_version_s << " GB/s, rank 0)");
+    }
   }
   std::string val;
   if (cfg_.eval_batches > 0) {

@@ -5,14 +5,17 @@
 # time budget (default 460 s, under the 10-minute limit of one device command).
 #
 #   source .device/env.sh && bash scripts/device_check.sh [--budget S] [--bench-steps N] [--stages LIST]
-#     --stages   comma-separated subset of info,tests,memcheck,bench (default: all, in that order)
+#     --stages   comma-separated subset of info,tests,memcheck,bench,opsplit,snapshot, run in that order
+#                (default: info,tests,memcheck,bench; opsplit = .device/tests/op_split, the per-op-class time
+#                split of one step; snapshot = bench/snapshot_bench.sh with the time left)
 #
 # Assumes: the working directory is the repository root; Loom is installed under .device/prefix (gpt-train on
 # PATH through .device/env.sh); the CUDA test binary, built with CUDA on the development machine, is at
 # .device/tests/loom_cuda_tests (LOOM_CUDA_TESTS overrides); python3 has torch; $OUT is the folder whose files
 # come back (default ./device_out). Writes into $OUT:
 #   nvidia_smi.txt, cuda_tests.{json,log}, memcheck.log, loom_1gpu.{jsonl,log}, loom_1gpu_mem.csv,
-#   torch_1gpu.{json,log}, summary.md (the tables printed at the end).
+#   torch_1gpu.{json,log}, gpu_step.json (the figures of both for bench/results/gpu_step_<gpu>.json),
+#   op_split.{json,log}, snapshot.json and snap/ (bench/snapshot_bench.sh), summary.md (the tables printed last).
 set -uo pipefail
 
 budget=460
@@ -95,8 +98,10 @@ stage_memcheck() {
     --gtest_filter='CudaBackend.*:Shapes/CudaBackendAttention.*:-*Big*:*FailureNamesTheSize*' 2>&1 | tee "$OUT/memcheck.log"
 }
 
-# Loom on one GPU: the ref-0.95b preset (d 2048, 16 layers, seq 2048, batch 8); BENCH_LOOM_ARGS adds flags. GPU memory is sampled with
-# nvidia-smi every 0.5 s (device memory in use, CUDA context included) since Loom reports none itself.
+# Loom on one GPU: the ref-0.95b preset (d 2048, 16 layers, seq 2048, batch 8), training alone (in-memory snapshots,
+# on by default, are off here: bench/snapshot_bench.sh measures them); BENCH_LOOM_ARGS adds flags. The corpus is
+# BENCH_DATASET (default .device/fortunes.bin when present: the GPU machine has no fortunes package). GPU memory
+# is sampled with nvidia-smi every 0.5 s (device memory in use, CUDA context included) since Loom reports none.
 stage_loom() {
   local bin sampler
   bin=$(command -v gpt-train || echo .device/prefix/bin/gpt-train)
@@ -105,8 +110,11 @@ stage_loom() {
   nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -i 0 -lms 500 >"$OUT/loom_1gpu_mem.csv" 2>/dev/null &
   sampler=$!
   trap 'kill $sampler 2>/dev/null' EXIT
-  "$bin" --preset ref-0.95b --device cuda --steps "$BENCH_STEPS" --log-every 1 --eval-batches 0 \
-    --cache-dir /tmp/loom-cache --metrics-file "$OUT/loom_1gpu.jsonl" ${BENCH_LOOM_ARGS:-} 2>&1 | tee "$OUT/loom_1gpu.log"
+  local data=${BENCH_DATASET:-fortunes}
+  [ -z "${BENCH_DATASET:-}" ] && [ -f .device/fortunes.bin ] && data=.device/fortunes.bin
+  "$bin" --preset ref-0.95b --device cuda --steps "$BENCH_STEPS" --log-every 1 --eval-batches 0 --snapshot-every 0 \
+    --dataset "$data" --cache-dir /tmp/loom-cache --metrics-file "$OUT/loom_1gpu.jsonl" ${BENCH_LOOM_ARGS:-} 2>&1 |
+    tee "$OUT/loom_1gpu.log"
 }
 
 # PyTorch on one GPU, the same model and batch (bench/torch_gpu_train.py says how it is measured).
@@ -114,6 +122,18 @@ stage_torch() {
   rm -f "$OUT/torch_1gpu.json"
   python3 bench/torch_gpu_train.py --warmup 5 --steps "$BENCH_STEPS" --out "$OUT/torch_1gpu.json" 2>&1 |
     tee "$OUT/torch_1gpu.log"
+}
+
+# The time split of one step per op class (bench/op_split.cc says how), at the reference shapes.
+stage_opsplit() {
+  local bin=${LOOM_OP_SPLIT:-.device/tests/op_split}
+  [ -x "$bin" ] || { echo "no op_split binary at $bin (build it with CUDA and carry it)"; return 3; }
+  "$bin" --warmup 3 --repeat 10 --json "$OUT/op_split.json" 2>&1 | tee "$OUT/op_split.log"
+}
+
+# In-memory snapshots against PyTorch checkpointing (bench/snapshot_bench.sh says how); SNAP_BUDGET is its time.
+stage_snapshot() {
+  OUT="$OUT" bash bench/snapshot_bench.sh --budget "$SNAP_BUDGET" 2>&1 | tee "$OUT/snapshot_bench.log"
 }
 
 # The comparison table from whatever the two runs left (a run cut short by its timeout still has its steps).
@@ -178,13 +198,35 @@ if os.path.exists(path):
                 res["passed"] += 1
     lines = [f"CUDA tests: {res['passed']} passed, {res['failed']} failed, {res['skipped']} skipped"
              + ("; failed: " + ", ".join(failed) if failed else ""), ""] + lines
+# The JSON behind bench/results/gpu_step_<gpu>.json: both implementations of this run, their ratio.
+res = {"benchmark": "gpu_step", "command": "source .device/env.sh && bash scripts/device_check.sh --stages bench",
+       "protocol": "one invocation: Loom gpt-train then bench/torch_gpu_train.py on the same GPU; Loom: median "
+                   "step_time_s over the logged steps after the first 3 (warm-up), snapshots off; PyTorch: 5 warm-up "
+                   "steps (torch.compile), median of the timed steps, CUDA events (see bench/torch_gpu_train.py)",
+       "model": "ref-0.95b: Llama-style, dim 2048, 16 layers, 16 heads, SwiGLU 5632, vocab 32000, seq 2048, "
+                "micro-batch 8 (0.953B parameters)",
+       "flops_per_token": fpt, "peak_tflops": peak / 1e12, "tp": 1, "gpus": 1,
+       "tp2": "not measured: only 1-GPU machines were lent for this run (the issue's TP=2 goal needs 2 GPUs)",
+       "peak_mem_note": lines[-1], "results": []}
+try:
+    res["machine"] = open(os.path.join(out, "nvidia_smi.txt")).read().strip().splitlines()[-1]
+except (OSError, IndexError):
+    res["machine"] = None
+for name, n, med, tps, mfu, mem, loss in rows:
+    res["results"].append({"impl": name, "timed_steps": n, "median_step_s": med, "tokens_per_s": tps, "mfu": mfu,
+                           "peak_mem_gib": mem, "last_loss": loss})
+if "loom" in tp and "pytorch" in tp:
+    res["speedup_vs_pytorch"] = tp["loom"] / tp["pytorch"]
+    res["mfu"] = next(r[4] for r in rows if r[0] == "loom")
+with open(os.path.join(out, "gpu_step.json"), "w") as f:
+    json.dump(res, f, indent=1)
 with open(os.path.join(out, "summary.md"), "w") as f:
     f.write("\n".join(lines) + "\n")
 print("\n".join(lines))
 EOF
 }
 
-export -f stage_info stage_tests stage_memcheck stage_loom stage_torch stage_summary
+export -f stage_info stage_tests stage_memcheck stage_loom stage_torch stage_opsplit stage_snapshot stage_summary
 
 # ---- run -------------------------------------------------------------------------------------------------------
 
@@ -198,11 +240,20 @@ if wants memcheck; then
   avail=$(($(remaining) - bench_reserve))  # what the benchmark does not need
   run_stage memcheck $((avail < 150 ? avail : 150)) 30 stage_memcheck
 fi
+# Time kept for the stages after the benchmark.
+later=0
+wants opsplit && later=$((later + 90))
+wants snapshot && later=$((later + 240))
 if wants bench; then
   # Loom gets up to 45% of what is left (its steps are logged one by one, so a cut-off run still reports),
   # PyTorch the rest (about 1-2 minutes of it is torch.compile).
-  run_stage loom_1gpu $(($(remaining) * 45 / 100)) 60 stage_loom
-  run_stage torch_1gpu $(($(remaining) - 10)) 60 stage_torch
+  run_stage loom_1gpu $((($(remaining) - later) * 45 / 100)) 60 stage_loom
+  run_stage torch_1gpu $(($(remaining) - later - 10)) 60 stage_torch
+fi
+wants opsplit && run_stage opsplit $(($(remaining) - later + 90)) 30 stage_opsplit
+if wants snapshot; then
+  export SNAP_BUDGET=$(($(remaining) - 15))
+  run_stage snapshot $((SNAP_BUDGET + 10)) 120 stage_snapshot
 fi
 echo
 echo "======== summary ========"
