@@ -2,6 +2,8 @@
 #include <algorithm>
 #include <cstdio>
 #include <iostream>
+#include <sstream>
+#include <fstream>
 #include <string>
 
 #include <filesystem>
@@ -13,6 +15,7 @@
 #include "core/data.h"
 #include "core/error.h"
 #include "launch/commands.h"
+#include "launch/monitor/json.h"
 
 namespace loom::cli {
 
@@ -90,14 +93,29 @@ int inspect_snapshot_dir(const std::string& dir) {
 
 }  // namespace
 
+// A verdict of the monitor (launch/monitor/engine.h): its kind and summary, then the document with its evidence.
+int inspect_verdict(const std::string& path) {
+  std::ifstream f(path);
+  LOOM_CHECK(f, kIo, "cannot read '" << path << "'");
+  std::stringstream ss;
+  ss << f.rdbuf();
+  const std::string doc = ss.str();
+  const std::string kind = mon::json_get_string(doc, "kind");
+  LOOM_CHECK(!kind.empty(), kData, "'" << path << "' is not a monitor verdict (no \"kind\")");
+  std::cout << "verdict " << path << "\n  kind    : " << kind << "\n  job     : " << mon::json_get_string(doc, "job")
+            << "\n  summary : " << mon::json_get_string(doc, "summary") << "\n\n" << mon::json_pretty(doc);
+  return 0;
+}
+
 int cmd_inspect(int argc, char** argv) {
   if (argc != 1) {
-    std::cerr << "usage: loom inspect FILE.bin | FILE.h5 | SNAPSHOT_DIR | job:ID[:NODE]\n";
+    std::cerr << "usage: loom inspect FILE.bin | FILE.h5 | SNAPSHOT_DIR | job:ID[:NODE] | VERDICT.json\n";
     return 2;
   }
   const std::string target = argv[0];
   if (target.rfind("job:", 0) == 0) return inspect_job(target);
   if (std::filesystem::is_directory(target)) return inspect_snapshot_dir(target);
+  if (target.size() > 5 && target.compare(target.size() - 5, 5, ".json") == 0) return inspect_verdict(target);
   if (target.size() > 3 && target.compare(target.size() - 3, 3, ".h5") == 0) {
     std::cout << snap::describe_file(target);
     return 0;

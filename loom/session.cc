@@ -113,7 +113,17 @@ bool Session::start(Config& cfg, TrainConfig& train, int argc, char** argv,
   });
   log::set_identity(rank_, groups_->node_id());
   LOOM_INFO0("layout: " << groups_->describe());
-  config_hash_ = hash;
+  // The snapshots' configuration hash leaves out what may change between incarnations of one run (how long
+  // it runs, logging, fault injection, the monitor's epoch, snapshot settings): a restart with more steps or
+  // another fault plan must find the same snapshots.
+  static const char* kVolatile[] = {"train.steps", "train.log_every", "train.eval_every", "train.eval_batches",
+                                    "train.metrics_file", "runtime.log_level", "runtime.threads", "fault.",
+                                    "monitor.", "snapshot."};
+  config_hash_ = cfg.hash_if([](const std::string& key) {
+    for (const char* v : kVolatile)
+      if (key.rfind(v, 0) == 0) return false;
+    return true;
+  });
   config_toml_ = cfg.to_toml();
   if (!train_.monitor.empty()) {
     mon::ClientOptions mo;
@@ -132,7 +142,7 @@ bool Session::start(Config& cfg, TrainConfig& train, int argc, char** argv,
     LOOM_INFO0("monitor: heartbeats every " << train_.heartbeat_s << " s to " << train_.monitor << " (job "
                                            << train_.monitor_job << ", epoch " << train_.epoch << ")");
   }
-  start_snapshot_daemons(cfg);  // before CUDA starts: it forks
+  start_snapshot_daemons();  // before CUDA starts: it forks
   agree([&] { make_backend(); });
   make_device_communicators();
   LOOM_INFO0("backend: " << backend_->name());
@@ -147,7 +157,7 @@ bool Session::all_ok(bool ok) {
 
 // One daemon per node, started by the node's first rank. The job id names the daemons' memory, so a restart of
 // the same run (same folder, same settings apart from how long it runs and how much it logs) finds it again.
-void Session::start_snapshot_daemons(const Config& cfg) {
+void Session::start_snapshot_daemons() {
   if (train_.snapshot_every <= 0) return;
   snap::SnapshotOptions& o = snapshot_options_;
   o.every = train_.snapshot_every;
@@ -158,15 +168,7 @@ void Session::start_snapshot_daemons(const Config& cfg) {
   o.loom_path = train_.loom_path;
   o.job = train_.snapshot_job;
   if (o.job.empty()) {
-    static const char* kVolatile[] = {"train.steps", "train.log_every", "train.eval_every", "train.eval_batches",
-                                      "train.metrics_file", "runtime.log_level", "runtime.threads", "fault.",
-                                      "monitor."};
-    uint64_t h = cfg.hash_if([](const std::string& key) {
-      if (key.rfind("snapshot.", 0) == 0) return false;
-      for (const char* v : kVolatile)
-        if (key.rfind(v, 0) == 0) return false;
-      return true;
-    });
+    uint64_t h = config_hash_;
     h = fnv1a64(std::filesystem::current_path().string(), h);
     char id[24];
     std::snprintf(id, sizeof id, "j%012llx", static_cast<unsigned long long>(h & 0xffffffffffffull));

@@ -65,7 +65,7 @@ class Session {
   mon::MonitorClient* monitor() const { return monitor_.get(); }
 
  private:
-  void start_snapshot_daemons(const Config& cfg);
+  void start_snapshot_daemons();
   void make_backend();
   void make_device_communicators();
   int rank_ = 0;

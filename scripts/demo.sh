@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # The main demo: the Llama-style GPT (tiny preset) trained with tensor x data parallelism on the embedded corpus
-# (Debian's fortunes, byte-level), with a fault injected: one rank is killed (SIGKILL) mid-run, the job dies,
-# and the same command started again resumes from the snapshots that the per-node daemon kept in memory.
-# On GPUs when present (TP=2 x DP=2 on 4, TP=2 on 2, one GPU otherwise), else on CPU ranks (TP=2 x DP=2).
+# (Debian's fortunes, byte-level), under `loom run`, with a fault injected: one rank is killed (SIGKILL) mid-run;
+# the monitor names it, the launcher aborts the job, replaces the rank's (emulated) node by a spare when there
+# is one, and restarts; the ranks resume from the snapshots the daemons hold in memory (the spare node's are
+# rebuilt from the erasure-coding group). The launcher's summary closes the run.
+# On GPUs when present (TP=2 x DP=2 on 4, TP=2 on 2, one GPU otherwise), else on CPU ranks (TP=2 x DP=2 on two
+# emulated nodes of 2 ranks, plus one spare node).
 #   bash scripts/demo.sh [extra gpt-train flags, e.g. --steps 300]
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -22,18 +25,20 @@ fi
 victim=$((np - 1))
 crash_step=${LOOM_DEMO_CRASH_STEP:-200}
 job=demo-$(date +%s)-$$
-run() {
-  mpirun --oversubscribe --allow-run-as-root -x OMPI_MCA_btl_vader_single_copy_mechanism -x NCCL_NVLS_ENABLE \
-    -np "$np" "$bin/gpt-train" --preset tiny --device "$device" --tp "$tp" --snapshot-job "$job" \
-    --snapshot-dir "$build/demo-snapshots" --metrics-file "$build/demo-metrics.jsonl" --log-every 50 "$@"
-}
+if [ "$device" = cpu ]; then
+  nodes=(--ranks-per-node 2 --spares 1)
+else
+  nodes=(--ranks-per-node "$np" --spares 0)  # one machine: the node stays, memory survives the crash
+fi
+rm -rf "$build/demo-snapshots" "$build/demo-verdicts"  # a fresh run: nothing to resume from but its own snapshots
+export LOOM_MPIRUN="mpirun --oversubscribe --allow-run-as-root -x OMPI_MCA_btl_vader_single_copy_mechanism -x NCCL_NVLS_ENABLE"
 echo "== Loom demo: $np rank(s), TP=$tp x DP=$((np / tp)) on $device; rank $victim will be killed after step $crash_step"
-run --fault-kind crash --fault-rank "$victim" --fault-step "$crash_step" "$@"
-status=$?
+"$bin/loom" run --np "$np" "${nodes[@]}" --job "$job" --verdict-dir "$build/demo-verdicts" \
+  --summary-file "$build/demo-summary.json" -- \
+  "$bin/gpt-train" --preset tiny --device "$device" --tp "$tp" --snapshot-job "$job" \
+  --snapshot-dir "$build/demo-snapshots" --metrics-file "$build/demo-metrics.jsonl" --log-every 50 \
+  --fault-kind crash --fault-rank "$victim" --fault-step "$crash_step" "$@" || exit 1
 echo
-echo "== the job died (mpirun exit status $status). Each node's snapshot daemon still holds every rank's state of"
-echo "== the last steps in shared memory: $("$bin/loom" inspect "job:$job" 2>/dev/null | grep -c '^  rank[0-9]*:') rank(s) there. Starting the same command again:"
-echo
-run "$@" || exit 1
-echo
-echo "== resumed from memory and finished; the metrics of both runs are in $build/demo-metrics.jsonl"
+echo "== the verdict (loom inspect $build/demo-verdicts/verdict-e0.json):"
+"$bin/loom" inspect "$build/demo-verdicts/verdict-e0.json" | sed -n '2,4p'
+echo "== resumed and finished; the metrics of both incarnations are in $build/demo-metrics.jsonl"

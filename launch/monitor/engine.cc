@@ -135,6 +135,14 @@ bool VerdictEngine::any_bye() const {
   return false;
 }
 
+void VerdictEngine::monitor_stalled(double seconds) {
+  if (seconds <= 0) return;
+  for (auto& [r, info] : ranks_) {
+    info.last_heartbeat += seconds;
+    info.last_progress += seconds;
+  }
+}
+
 double VerdictEngine::p99_gap_s() const {
   if (gaps_.empty()) return 0;
   std::vector<double> g(gaps_.begin(), gaps_.end());

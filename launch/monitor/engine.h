@@ -95,6 +95,9 @@ class VerdictEngine {
   void disconnect(int rank, double now);
   // Evaluates the rules at time now; returns the incarnation's verdict once.
   std::optional<Verdict> tick(double now);
+  // The monitor itself did not run for `seconds` (an overloaded machine): whatever the ranks sent meanwhile is
+  // still unread, so silence and lack of progress over that time are not held against them.
+  void monitor_stalled(double seconds);
 
   const std::map<int, RankView>& ranks() const { return ranks_; }
   const std::optional<Verdict>& verdict() const { return verdict_; }

@@ -29,4 +29,9 @@ class JsonObject {
 std::string json_array(const std::vector<std::string>& items);
 std::string json_int_array(const std::vector<int>& items);
 
+// Reading back what this writer wrote (verdicts for `loom inspect`): the string value of a top-level key ("" when
+// absent), and the document indented two spaces per level.
+std::string json_get_string(const std::string& doc, const std::string& key);
+std::string json_pretty(const std::string& doc);
+
 }  // namespace loom::mon

@@ -176,7 +176,19 @@ void MonitorServer::tick() {
     std::function<void(const Verdict&)> cb;
     {
       std::lock_guard<std::mutex> lock(mu_);
-      v = engine_->tick(wall_now_s());
+      const double now = wall_now_s();
+      // A tick much later than scheduled means this process did not run (an overloaded machine): frames may be
+      // waiting unread, so the ranks get that time back. The frames are read before the next tick.
+      const double late = last_tick_ > 0 ? now - last_tick_ - opt_.tick_s : 0;
+      last_tick_ = now;
+      if (late > 0.25) {
+        stalls_ += 1;
+        LOOM_INFO("monitor: this process did not run for " << late << " s; not counted against the ranks");
+        engine_->monitor_stalled(late);
+        tick();
+        return;
+      }
+      v = engine_->tick(now);
       if (v) {
         verdicts_.push_back(*v);
         cb = on_verdict_;
@@ -353,7 +365,8 @@ std::string MonitorServer::status_json_locked() const {
                            .num("refused_epoch", static_cast<double>(c.refused_epoch))
                            .num("refused_job", static_cast<double>(c.refused_job))
                            .num("malformed", static_cast<double>(c.malformed))
-                           .num("http_requests", static_cast<double>(c.http_requests)).done())
+                           .num("http_requests", static_cast<double>(c.http_requests))
+                           .num("monitor_stalls", static_cast<double>(stalls_)).done())
       .raw("ranks", json_array(ranks)).raw("latency", latency.done()).raw("links", json_array(links))
       .raw("verdicts", json_array(verdicts)).done();
 }

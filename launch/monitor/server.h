@@ -93,6 +93,8 @@ class MonitorServer {
   MonitorCounters counters_;
   std::function<void(const Verdict&)> on_verdict_;
   double started_at_ = 0;
+  double last_tick_ = 0;
+  uint64_t stalls_ = 0;  // ticks skipped because this process did not run
 };
 
 // The HTML of the status page (launch/monitor/page.cc); it renders /status.json in the browser.

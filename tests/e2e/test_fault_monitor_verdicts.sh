@@ -13,3 +13,8 @@ verdict_check hang 'v["kind"] == "hang" and v["ranks"] == [1] and v["node"] == 0
 # Rank 3 receives its input and never sends to its TP peer 2: the stalled link is 3 -> 2.
 monitored_fault hang_comm hang_comm 3
 verdict_check hang_comm 'v["kind"] == "hang" and v.get("link") == {"src": 3, "dst": 2} and t <= 10.0'
+
+# `loom inspect` shows a verdict with its evidence.
+"$LOOM_BIN/loom" inspect "$WORK/hang_comm/verdict.json" >"$WORK/inspect.txt"
+grep -q "kind    : hang" "$WORK/inspect.txt" || fail "loom inspect does not show the verdict's kind"
+grep -q '"evidence": {' "$WORK/inspect.txt" || fail "loom inspect does not show the evidence"

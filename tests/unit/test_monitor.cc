@@ -136,6 +136,10 @@ TEST(MonitorJson, EscapesAndKeepsPrecision) {
   EXPECT_EQ(json_string("a\"b\\\n"), "\"a\\\"b\\\\\\n\"");
   EXPECT_EQ(json_number(1795517620.68522), "1795517620.68522");
   EXPECT_EQ(json_number(3), "3");
+  const std::string doc = JsonObject().str("kind", "hang").str("summary", "a \"quoted\" word").raw("e", "[1,{}]").done();
+  EXPECT_EQ(json_get_string(doc, "summary"), "a \"quoted\" word");
+  EXPECT_EQ(json_get_string(doc, "missing"), "");
+  EXPECT_EQ(json_pretty(doc), "{\n  \"kind\": \"hang\",\n  \"summary\": \"a \\\"quoted\\\" word\",\n  \"e\": [\n    1,\n    {}\n  ]\n}\n");
 }
 
 TEST(VerdictEngine, CrashNamesTheFirstRankLost) {

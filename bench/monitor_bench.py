@@ -1,0 +1,662 @@
+#!/usr/bin/env python3
+"""Monitor benchmark (issue 7): randomised fault-injection trials against `loom monitor`, on CPU ranks.
+
+Protocol
+--------
+Job: the SMALL model of tests/e2e/lib.sh (dim 64, 2 layers, seq 32, batch 8; in-memory snapshots every step,
+nothing persisted), 4 ranks, TP 2 x DP 2 on 2 emulated nodes (--ranks-per-node 2), one mpirun at a time; every
+run has its own --snapshot-job (a reused one would resume from old snapshots) and its own monitor job id and
+token. Environment: OMPI_MCA_btl_vader_single_copy_mechanism=none, LOOM_PERSIST_EVERY=0, LOOM_LOG_LEVEL=warn.
+
+1. Calibration (no monitor verdicts involved).
+   a. Step rate: one monitored fault-free run of --calib-steps steps; steps/s over the steps after the first 50,
+      from the rank-0 metrics file (`elapsed_s`). The fault step of the trials is drawn uniformly from the steps
+      that land 3-8 s after the first step at that rate.
+   b. Slow link: for a TP pair (0 -> 1) and a DP pair (0 -> 2) and each candidate delay (--link-delays, ms), a
+      run with `--fault-kind slow_link` at step 300; slowdown = time per step after the injection / time per step
+      before it − 1 (time per step from `elapsed_s`, steps 50..300 against 320..end). The trials draw their delay
+      uniformly from the candidates whose measured slowdown is >= 10 % on both pair kinds.
+2. Injected trials: --trials per kind of crash, hang, hang_comm, slow, slow_link, in a seeded random order, each
+   with a random rank (0..3) and fault step; slow: --fault-slowdown uniform in [0.1, 0.4]; slow_link: peer = the
+   rank's TP or DP ring neighbour (coin flip; TP pairs {0,1},{2,3}, DP pairs {0,2},{1,3}). The monitor runs with
+   --exit-on-verdict; the trial ends at the first verdict or 90 s after the injection (the trainer's log line
+   "fault injection: ... at unix time T"). Recorded: detected, correct (kind: crash->crash, hang/hang_comm->hang,
+   slow->slow_rank, slow_link->slow_link; culprit: ranks == [R] for crash/hang/slow, link == {src: R, dst: peer}
+   for slow_link, link.src == R for hang_comm), latency = detected_at − T. A verdict reached before the
+   injection is a false positive (and the fault counts as missed). For slow and slow_link trials the slowdown
+   actually injected is measured in the trial itself (time per step before vs after the injection, rank 0).
+3. Fault-free trials: --fault-free runs of --fault-free-s seconds each under the monitor; any verdict is a false
+   positive. The monitor is stopped before the job (so stopping the job is not a crash).
+4. precision = correct verdicts / all verdicts (false positives and wrong kinds or culprits included);
+   recall = correct verdicts / injected faults. Latency p50/p90 per kind over the correct verdicts (linear
+   interpolation between order statistics); crash_p90_s = crash, hang_p90_s = hang + hang_comm, slow_p90_s =
+   slow + slow_link.
+5. Overhead: the same run (--overhead-steps steps, snapshots as default) with the monitor on and off,
+   alternating on/off for --overhead-rounds rounds; per run the median `step_time_s` of rank 0 excluding the
+   first 50 steps; overhead = median over the on-runs / median over the off-runs − 1 (the paired per-round
+   ratios are reported too, as is the same figure from time per step by `elapsed_s`). The ring collectives and
+   their link timing are always on (they are the communicator); monitor on adds the client's heartbeat thread and
+   the trace shipping, plus the monitor process itself on the same 2 cores.
+
+Usage: python3 bench/monitor_bench.py [--trials N] [--fault-free N] [--quick] [--seed S]
+                                      [--out bench/results/monitor_cpu.json]
+Standard library only. Progress goes to stdout, one line per trial, and a table at the end.
+"""
+import argparse
+import json
+import math
+import os
+import platform
+import random
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+
+SMALL = ["--dim", "64", "--n-layers", "2", "--n-heads", "4", "--ffn-hidden", "128", "--seq-len", "32",
+         "--vocab-size", "256", "--batch-size", "8", "--eval-batches", "0", "--log-level", "warn",
+         "--persist-every", "0", "--snapshot-idle-timeout", "20"]
+LAYOUT = ["--tp", "2", "--ranks-per-node", "2"]
+KINDS = ["crash", "hang", "hang_comm", "slow", "slow_link"]
+EXPECTED = {"crash": "crash", "hang": "hang", "hang_comm": "hang", "slow": "slow_rank", "slow_link": "slow_link"}
+TP_PEER = {0: 1, 1: 0, 2: 3, 3: 2}
+DP_PEER = {0: 2, 2: 0, 1: 3, 3: 1}
+VERDICT_TIMEOUT_S = 90.0
+INJECT_WINDOW_S = (3.0, 8.0)
+MIN_SLOWDOWN = 0.10
+SKIP = 50  # warm-up steps excluded from step-time figures
+
+
+def log(msg):
+    print(msg, flush=True)
+
+
+def pct(xs, q):
+    """q-quantile (0..1) by linear interpolation between order statistics; None for no samples."""
+    xs = sorted(xs)
+    if not xs:
+        return None
+    if len(xs) == 1:
+        return xs[0]
+    pos = q * (len(xs) - 1)
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+def machine():
+    model = "unknown"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return {"cpu": model, "cores": os.cpu_count(), "kernel": platform.release(), "host": platform.node()}
+
+
+def loadavg():
+    try:
+        return float(open("/proc/loadavg").read().split()[0])
+    except (OSError, ValueError):
+        return None
+
+
+class Runner:
+    """Starts monitors and 4-rank jobs, and cleans up after them (only the processes it started)."""
+
+    def __init__(self, bindir, work, keep):
+        self.bindir = bindir
+        self.work = work
+        self.keep = keep
+        self.uid = os.getuid()
+        self.tag = f"mb{os.getpid()}"
+        self.count = 0
+        self.env = dict(os.environ)
+        self.env.update({"OMPI_MCA_btl_vader_single_copy_mechanism": "none", "LOOM_PERSIST_EVERY": "0",
+                         "LOOM_LOG_LEVEL": "warn", "LOOM_CACHE_DIR": os.path.join(work, "cache")})
+        self.mpirun = ["mpirun", "--oversubscribe", "--allow-run-as-root"]
+
+    def new_dir(self, name):
+        self.count += 1
+        d = os.path.join(self.work, f"{self.count:03d}-{name}")
+        os.makedirs(d)
+        return d, f"{self.tag}n{self.count}"
+
+    def start_monitor(self, d, job, exit_on_verdict=True):
+        port_file = os.path.join(d, "port")
+        cmd = [os.path.join(self.bindir, "loom"), "monitor", "--job", job, "--token", "tok" + job, "--port", "0",
+               "--port-file", port_file, "--verdict-dir", os.path.join(d, "v")]
+        if exit_on_verdict:
+            cmd.append("--exit-on-verdict")
+        p = subprocess.Popen(cmd, stdout=open(os.path.join(d, "monitor.log"), "w"), stderr=subprocess.STDOUT,
+                             env=self.env, cwd=d)
+        for _ in range(200):
+            if os.path.exists(port_file) and open(port_file).read().strip():
+                return p, int(open(port_file).read().strip())
+            if p.poll() is not None:
+                break
+            time.sleep(0.05)
+        self.stop_monitor(p)
+        raise RuntimeError(f"the monitor did not start: {open(os.path.join(d, 'monitor.log')).read()}")
+
+    @staticmethod
+    def stop_monitor(p):
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        return p.returncode
+
+    def start_job(self, d, job, steps, extra, port=None, metrics=True):
+        cmd = self.mpirun + ["-np", "4", os.path.join(self.bindir, "gpt-train")] + SMALL + ["--steps", str(steps)]
+        cmd += LAYOUT + ["--snapshot-job", "s" + job]
+        if metrics:
+            cmd += ["--metrics-file", os.path.join(d, "metrics.jsonl")]
+        if port is not None:
+            cmd += ["--monitor", f"127.0.0.1:{port}", "--monitor-job", job, "--monitor-token", "tok" + job]
+        cmd += extra
+        with open(os.path.join(d, "cmd.txt"), "w") as f:
+            f.write(" ".join(cmd) + "\n")
+        return subprocess.Popen(cmd, stdout=open(os.path.join(d, "run.log"), "w"), stderr=subprocess.STDOUT,
+                                env=self.env, cwd=d, start_new_session=True)
+
+    def stop_job(self, p, job):
+        """SIGTERM to mpirun's session (it forwards to the ranks), SIGKILL after 10 s; then the ranks and snapshot
+        daemons of this job that are left (found by this job's unique id in their command line)."""
+        if p.poll() is None:
+            try:
+                os.killpg(p.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                try:
+                    os.killpg(p.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                p.wait()
+        snap = "s" + job
+        for pid in self._pids_with(snap):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        lockdir = f"/tmp/loom-{self.uid}"
+        if os.path.isdir(lockdir):
+            for n in os.listdir(lockdir):
+                if n.startswith(snap + "-node") and n.endswith(".sock.lock"):
+                    try:
+                        pid = int(open(os.path.join(lockdir, n)).read().strip())
+                        os.kill(pid, signal.SIGKILL)
+                    except (OSError, ValueError):
+                        pass
+        for n in os.listdir("/dev/shm"):
+            if n.startswith(f"loom-{self.uid}-{snap}-r"):
+                try:
+                    os.unlink(os.path.join("/dev/shm", n))
+                except OSError:
+                    pass
+
+    @staticmethod
+    def _pids_with(token):
+        """Processes whose argv has `token` as one whole argument (this job's unique snapshot job id)."""
+        out = []
+        for n in os.listdir("/proc"):
+            if not n.isdigit():
+                continue
+            try:
+                argv = open(f"/proc/{n}/cmdline", "rb").read().split(b"\0")
+            except OSError:
+                continue
+            if token.encode() in argv:
+                out.append(int(n))
+        return out
+
+
+def read_metrics(path):
+    rows = []
+    if not os.path.exists(path):
+        return rows
+    for line in open(path):
+        if line.startswith('{"step"'):
+            try:
+                rows.append(json.loads(line))
+            except ValueError:
+                pass  # a line cut off by the kill
+    return rows
+
+
+def time_per_step(rows, lo, hi):
+    """Mean wall time per step over steps lo..hi (rank 0's elapsed_s), None when too few."""
+    sel = [r for r in rows if lo <= r["step"] <= hi]
+    if len(sel) < 20:
+        return None
+    return (sel[-1]["elapsed_s"] - sel[0]["elapsed_s"]) / (sel[-1]["step"] - sel[0]["step"])
+
+
+def injection_time(run_log):
+    try:
+        text = open(run_log, errors="replace").read()
+    except OSError:
+        return None
+    m = re.search(r"fault injection: .* at unix time ([0-9.]+)", text)
+    return float(m.group(1)) if m else None
+
+
+def read_verdicts(vdir):
+    out = []
+    if os.path.isdir(vdir):
+        for n in sorted(os.listdir(vdir)):
+            if n.startswith("verdict-") and n.endswith(".json"):
+                try:
+                    out.append(json.load(open(os.path.join(vdir, n))))
+                except ValueError:
+                    pass
+    return out
+
+
+def slowdown_in_run(rows, step):
+    before = time_per_step(rows, SKIP, step)
+    after_rows = [r for r in rows if r["step"] > step + 10]
+    after = time_per_step(rows, step + 10, after_rows[-1]["step"]) if after_rows else None
+    if before is None or after is None:
+        return None, before, after
+    return after / before - 1, before, after
+
+
+# ---- calibration ------------------------------------------------------------------------------------------------
+
+def calibrate_rate(rn, steps):
+    d, job = rn.new_dir("calib-rate")
+    mon, port = rn.start_monitor(d, job, exit_on_verdict=False)
+    t0 = time.time()
+    p = rn.start_job(d, job, steps, [], port=port)
+    try:
+        p.wait(300)
+    except subprocess.TimeoutExpired:
+        pass
+    wall = time.time() - t0
+    rn.stop_monitor(mon)
+    rn.stop_job(p, job)
+    rows = read_metrics(os.path.join(d, "metrics.jsonl"))
+    if not rn.keep:
+        shutil.rmtree(d, ignore_errors=True)
+    tps = time_per_step(rows, SKIP, steps)
+    if tps is None:
+        raise RuntimeError(f"calibration run made too few steps ({len(rows)}); see {d}/run.log")
+    verdicts = read_verdicts(os.path.join(d, "v"))
+    return {"steps": steps, "steps_per_s": 1.0 / tps, "first_step_elapsed_s": rows[0]["elapsed_s"],
+            "wall_s": wall, "median_step_time_s": statistics.median(r["step_time_s"] for r in rows[SKIP:]),
+            "verdicts": verdicts}
+
+
+def calibrate_links(rn, delays, at=300, steps_after=250):
+    out = []
+    for pair, (src, dst) in (("tp", (0, 1)), ("dp", (0, 2))):
+        for dms in delays:
+            d, job = rn.new_dir(f"calib-link-{pair}-{dms}")
+            p = rn.start_job(d, job, at + steps_after, ["--fault-kind", "slow_link", "--fault-rank", str(src), "--fault-step",
+                                              str(at), "--fault-peer", str(dst), "--fault-delay-ms", str(dms)])
+            try:
+                p.wait(300)
+            except subprocess.TimeoutExpired:
+                pass
+            rn.stop_job(p, job)
+            rows = read_metrics(os.path.join(d, "metrics.jsonl"))
+            if not rn.keep and rows:
+                shutil.rmtree(d, ignore_errors=True)
+            s, before, after = slowdown_in_run(rows, at)
+            out.append({"pair": pair, "src": src, "dst": dst, "delay_ms": dms, "slowdown": s,
+                        "time_per_step_before_s": before, "time_per_step_after_s": after})
+            log(f"  calib slow_link {pair} {src}->{dst} delay {dms} ms: slowdown "
+                f"{'n/a' if s is None else f'{s * 100:.0f} %'}")
+    return out
+
+
+# ---- trials -------------------------------------------------------------------------------------------------------
+
+def judge(kind, rank, peer, v):
+    if v.get("kind") != EXPECTED[kind]:
+        return False
+    link = v.get("link")
+    if kind == "slow_link":
+        return link == {"src": rank, "dst": peer}
+    if kind == "hang_comm":
+        return link is not None and link.get("src") == rank
+    return v.get("ranks") == [rank]
+
+
+def injected_trial(rn, spec):
+    kind, rank, step = spec["kind"], spec["rank"], spec["step"]
+    d, job = rn.new_dir(f"{kind}-r{rank}")
+    extra = ["--fault-kind", kind, "--fault-rank", str(rank), "--fault-step", str(step)]
+    if kind == "slow":
+        extra += ["--fault-slowdown", f"{spec['slowdown']:.3f}"]
+    if kind == "slow_link":
+        extra += ["--fault-peer", str(spec["peer"]), "--fault-delay-ms", str(spec["delay_ms"])]
+    load0 = loadavg()
+    mon, port = rn.start_monitor(d, job)
+    t0 = time.time()
+    p = rn.start_job(d, job, 10_000_000, extra, port=port)
+    inject = None
+    while True:
+        time.sleep(0.2)
+        if inject is None:
+            inject = injection_time(os.path.join(d, "run.log"))
+        if mon.poll() is not None:
+            break
+        now = time.time()
+        if inject is not None and now > inject + VERDICT_TIMEOUT_S:
+            break
+        if inject is None and now > t0 + 180:
+            break
+    rn.stop_monitor(mon)
+    rn.stop_job(p, job)
+    if inject is None:
+        inject = injection_time(os.path.join(d, "run.log"))
+    verdicts = read_verdicts(os.path.join(d, "v"))
+    v = verdicts[0] if verdicts else None
+    rec = dict(spec)
+    rec.update({"dir": os.path.basename(d), "injected_at": inject, "load_avg_1m": load0, "verdict": None,
+                "detected": False, "correct": False, "false_positive": False, "latency_s": None})
+    if v is not None:
+        rec["verdict"] = {k: v.get(k) for k in ("kind", "ranks", "link", "node", "onset", "detected_at", "summary")}
+        if inject is None or v["detected_at"] < inject:
+            rec["false_positive"] = True  # named before the fault existed
+        else:
+            rec["detected"] = True
+            rec["latency_s"] = v["detected_at"] - inject
+            rec["correct"] = judge(kind, rank, spec.get("peer"), v)
+    if kind in ("slow", "slow_link"):
+        rows = read_metrics(os.path.join(d, "metrics.jsonl"))
+        s, before, after = slowdown_in_run(rows, step)
+        rec["measured_slowdown"] = s
+        rec["time_per_step_before_s"] = before
+        rec["time_per_step_after_s"] = after
+    if not rn.keep and rec["correct"]:
+        shutil.rmtree(d, ignore_errors=True)
+    return rec
+
+
+def fault_free_trial(rn, seconds):
+    d, job = rn.new_dir("fault-free")
+    load0 = loadavg()
+    mon, port = rn.start_monitor(d, job)
+    p = rn.start_job(d, job, 10_000_000, [], port=port)
+    t0 = time.time()
+    while time.time() < t0 + seconds and mon.poll() is None and p.poll() is None:
+        time.sleep(0.5)
+    job_alive = p.poll() is None
+    rn.stop_monitor(mon)  # first, so that stopping the job is not seen as a crash
+    rn.stop_job(p, job)
+    verdicts = read_verdicts(os.path.join(d, "v"))
+    rows = read_metrics(os.path.join(d, "metrics.jsonl"))
+    rec = {"kind": "none", "dir": os.path.basename(d), "seconds": round(time.time() - t0, 1),
+           "steps": rows[-1]["step"] if rows else 0, "job_alive_at_end": job_alive, "load_avg_1m": load0,
+           "verdicts": [{k: v.get(k) for k in ("kind", "ranks", "link", "summary")} for v in verdicts],
+           "false_positive": bool(verdicts)}
+    if not rn.keep and not verdicts and job_alive:
+        shutil.rmtree(d, ignore_errors=True)
+    return rec
+
+
+def overhead_run(rn, steps, monitor):
+    d, job = rn.new_dir("overhead-" + ("on" if monitor else "off"))
+    mon, port = (rn.start_monitor(d, job, exit_on_verdict=False) if monitor else (None, None))
+    load0 = loadavg()
+    p = rn.start_job(d, job, steps, [], port=port)
+    try:
+        p.wait(300)
+    except subprocess.TimeoutExpired:
+        pass
+    if mon is not None:
+        rn.stop_monitor(mon)
+    rn.stop_job(p, job)
+    rows = read_metrics(os.path.join(d, "metrics.jsonl"))
+    verdicts = read_verdicts(os.path.join(d, "v"))
+    if len(rows) < steps:
+        raise RuntimeError(f"overhead run stopped at {len(rows)} of {steps} steps; see {d}/run.log")
+    rec = {"monitor": monitor, "median_step_time_s": statistics.median(r["step_time_s"] for r in rows[SKIP:]),
+           "time_per_step_s": time_per_step(rows, SKIP + 1, steps), "load_avg_1m": load0,
+           "verdicts": len(verdicts)}
+    if not rn.keep:
+        shutil.rmtree(d, ignore_errors=True)
+    return rec
+
+
+# ---- summary ----------------------------------------------------------------------------------------------------
+
+def summarise(trials, fault_free):
+    per_kind = {}
+    for kind in KINDS:
+        ts = [t for t in trials if t["kind"] == kind]
+        lat = [t["latency_s"] for t in ts if t["correct"]]
+        per_kind[kind] = {"injected": len(ts), "verdicts": sum(1 for t in ts if t["verdict"] is not None),
+                          "detected": sum(t["detected"] for t in ts), "correct": len(lat),
+                          "recall": len(lat) / len(ts) if ts else None,
+                          "p50_s": pct(lat, 0.5), "p90_s": pct(lat, 0.9), "max_s": max(lat) if lat else None}
+        if kind in ("slow", "slow_link"):
+            sd = [t["measured_slowdown"] for t in ts if t.get("measured_slowdown") is not None]
+            per_kind[kind]["measured_slowdown_min"] = min(sd) if sd else None
+            per_kind[kind]["measured_slowdown_median"] = statistics.median(sd) if sd else None
+    n_verdicts = sum(1 for t in trials if t["verdict"] is not None) + sum(len(f["verdicts"]) for f in fault_free)
+    n_correct = sum(t["correct"] for t in trials)
+    fp = sum(1 for t in trials if t["false_positive"]) + sum(len(f["verdicts"]) for f in fault_free)
+    wrong = sum(1 for t in trials if t["detected"] and not t["correct"])
+
+    def lat(kinds):
+        return [t["latency_s"] for t in trials if t["kind"] in kinds and t["correct"]]
+
+    return {
+        "per_kind": per_kind,
+        "verdicts": n_verdicts, "correct_verdicts": n_correct, "false_positives": fp, "wrong_verdicts": wrong,
+        "injected": len(trials),
+        "precision": n_correct / n_verdicts if n_verdicts else None,
+        "recall": n_correct / len(trials) if trials else None,
+        "crash_p50_s": pct(lat({"crash"}), 0.5), "crash_p90_s": pct(lat({"crash"}), 0.9),
+        "hang_p50_s": pct(lat({"hang", "hang_comm"}), 0.5), "hang_p90_s": pct(lat({"hang", "hang_comm"}), 0.9),
+        "slow_p50_s": pct(lat({"slow", "slow_link"}), 0.5), "slow_p90_s": pct(lat({"slow", "slow_link"}), 0.9),
+        "slow_max_s": max(lat({"slow", "slow_link"}), default=None),
+    }
+
+
+def fmt(x, unit="", nd=2):
+    if x is None:
+        return "-"
+    return f"{x:.{nd}f}{unit}"
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--trials", type=int, default=6, help="injected trials per fault kind (default 6)")
+    ap.add_argument("--fault-free", type=int, default=3, help="fault-free trials (default 3)")
+    ap.add_argument("--fault-free-s", type=float, default=75.0, help="length of a fault-free trial (s)")
+    ap.add_argument("--quick", action="store_true", help="1 trial per kind, 1 short fault-free, 2 overhead rounds")
+    ap.add_argument("--seed", type=int, default=7)
+    ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "monitor_cpu.json"))
+    ap.add_argument("--bin", default=os.path.join(ROOT, "build", "bin"))
+    ap.add_argument("--calib-steps", type=int, default=2000)
+    ap.add_argument("--link-delays", type=float, nargs="+", default=[0.5, 1.0, 2.0],
+                    help="candidate slow_link delays (ms) to calibrate")
+    ap.add_argument("--overhead-rounds", type=int, default=4)
+    ap.add_argument("--overhead-steps", type=int, default=2000)
+    ap.add_argument("--skip-overhead", action="store_true")
+    ap.add_argument("--keep", action="store_true", help="keep every trial's folder (failed ones are always kept)")
+    a = ap.parse_args()
+    if a.quick:
+        a.trials, a.fault_free, a.fault_free_s, a.overhead_rounds = 1, 1, 60.0, 2
+    for tool in ("loom", "gpt-train"):
+        if not os.access(os.path.join(a.bin, tool), os.X_OK):
+            sys.exit(f"{os.path.join(a.bin, tool)} not found; build first (cmake --build build)")
+    rng = random.Random(a.seed)
+    work = tempfile.mkdtemp(prefix="loom-monbench.")
+    rn = Runner(a.bin, work, a.keep)
+    started = time.time()
+    mach = machine()
+    log(f"monitor bench: {mach['cpu']}, {mach['cores']} cores; work folder {work}; load {loadavg()}")
+
+    log("calibration: step rate (monitored, fault-free)")
+    rate = calibrate_rate(rn, a.calib_steps)
+    sps = rate["steps_per_s"]
+    lo_step, hi_step = int(INJECT_WINDOW_S[0] * sps), int(INJECT_WINDOW_S[1] * sps)
+    log(f"  {sps:.0f} steps/s (median step {rate['median_step_time_s'] * 1e3:.2f} ms); fault steps "
+        f"{lo_step}..{hi_step}; verdicts in the calibration run: {len(rate['verdicts'])}")
+    log("calibration: slow_link delay vs step slowdown (no monitor)")
+    links = calibrate_links(rn, a.link_delays)
+    ok = [dms for dms in a.link_delays
+          if all(c["slowdown"] is not None and c["slowdown"] >= MIN_SLOWDOWN for c in links if c["delay_ms"] == dms)]
+    if not ok:
+        ok = [max(a.link_delays)]
+        log(f"  no candidate delay gave >= {MIN_SLOWDOWN * 100:.0f} % on both pairs; using {ok[0]} ms")
+    log(f"  trial delays drawn from {ok} ms")
+
+    specs = []
+    for kind in KINDS:
+        for _ in range(a.trials):
+            s = {"kind": kind, "rank": rng.randrange(4), "step": rng.randint(lo_step, hi_step)}
+            if kind == "slow":
+                s["slowdown"] = round(rng.uniform(0.1, 0.4), 3)
+            if kind == "slow_link":
+                s["ring"] = rng.choice(["tp", "dp"])
+                s["peer"] = (TP_PEER if s["ring"] == "tp" else DP_PEER)[s["rank"]]
+                s["delay_ms"] = rng.choice(ok)
+            specs.append(s)
+    rng.shuffle(specs)
+    # Fault-free trials spread among the injected ones.
+    order = [("inj", s) for s in specs]
+    for i in range(a.fault_free):
+        order.insert(round((i + 1) * len(order) / (a.fault_free + 1)), ("free", None))
+
+    trials, fault_free = [], []
+    for i, (what, s) in enumerate(order):
+        t0 = time.time()
+        if what == "free":
+            r = fault_free_trial(rn, a.fault_free_s)
+            fault_free.append(r)
+            log(f"[{i + 1}/{len(order)}] fault-free {r['seconds']:.0f} s, {r['steps']} steps: "
+                f"{'FALSE POSITIVE ' + str(r['verdicts']) if r['verdicts'] else 'no verdict'}"
+                f"{'' if r['job_alive_at_end'] else ' (the job died!)'}  [load {r['load_avg_1m']}]")
+            continue
+        r = injected_trial(rn, s)
+        trials.append(r)
+        what_s = f"{s['kind']} rank {s['rank']} step {s['step']}"
+        if s["kind"] == "slow":
+            what_s += f" +{s['slowdown'] * 100:.0f} %"
+        if s["kind"] == "slow_link":
+            what_s += f" -> {s['peer']} ({s['ring']}) {s['delay_ms']} ms"
+        if r.get("measured_slowdown") is not None:
+            what_s += f" (measured +{r['measured_slowdown'] * 100:.0f} %)"
+        v = r["verdict"]
+        if v is None:
+            res = "MISSED (no verdict)" if r["injected_at"] else "NOT INJECTED"
+        else:
+            vs = f"{v['kind']} ranks {v['ranks']}" + (f" link {v['link']['src']}->{v['link']['dst']}" if v.get("link") else "")
+            if r["false_positive"]:
+                res = f"FALSE POSITIVE before the injection: {vs}"
+            else:
+                res = f"{'ok' if r['correct'] else 'WRONG'} {vs} after {r['latency_s']:.2f} s"
+        log(f"[{i + 1}/{len(order)}] {what_s}: {res}  [{time.time() - t0:.0f} s, load {r['load_avg_1m']}]")
+
+    overhead = None
+    if not a.skip_overhead:
+        log(f"overhead: {a.overhead_rounds} rounds of {a.overhead_steps} steps, monitor on/off alternating")
+        runs = []
+        for rnd in range(a.overhead_rounds):
+            for mon in (True, False):
+                r = overhead_run(rn, a.overhead_steps, mon)
+                r["round"] = rnd
+                runs.append(r)
+                log(f"  round {rnd + 1} monitor {'on ' if mon else 'off'}: median step "
+                    f"{r['median_step_time_s'] * 1e3:.3f} ms, time per step {r['time_per_step_s'] * 1e3:.3f} ms"
+                    f"  [load {r['load_avg_1m']}]")
+        on = [r for r in runs if r["monitor"]]
+        off = [r for r in runs if not r["monitor"]]
+        med_on = statistics.median(r["median_step_time_s"] for r in on)
+        med_off = statistics.median(r["median_step_time_s"] for r in off)
+        tps_on = statistics.median(r["time_per_step_s"] for r in on)
+        tps_off = statistics.median(r["time_per_step_s"] for r in off)
+        paired = [a_["median_step_time_s"] / b_["median_step_time_s"] - 1 for a_, b_ in zip(on, off)]
+        overhead = {"steps": a.overhead_steps, "rounds": a.overhead_rounds, "skip_steps": SKIP,
+                    "median_step_time_on_s": med_on, "median_step_time_off_s": med_off,
+                    "overhead": med_on / med_off - 1, "paired_overheads": paired,
+                    "time_per_step_on_s": tps_on, "time_per_step_off_s": tps_off,
+                    "overhead_time_per_step": tps_on / tps_off - 1, "runs": runs}
+
+    summ = summarise(trials, fault_free)
+    total = time.time() - started
+    goals = {
+        "crash_p90_le_2s": summ["crash_p90_s"] is not None and summ["crash_p90_s"] <= 2.0,
+        "hang_p90_le_10s": summ["hang_p90_s"] is not None and summ["hang_p90_s"] <= 10.0,
+        "slow_named_within_60s": summ["slow_max_s"] is not None and summ["slow_max_s"] <= 60.0
+        and all(summ["per_kind"][k]["correct"] == summ["per_kind"][k]["injected"] for k in ("slow", "slow_link")),
+        "precision_ge_0.95": summ["precision"] is not None and summ["precision"] >= 0.95,
+        "recall_ge_0.95": summ["recall"] is not None and summ["recall"] >= 0.95,
+        "overhead_lt_1pct": overhead is not None and overhead["overhead"] < 0.01,
+    }
+    result = {
+        "benchmark": "monitor",
+        "device": "cpu",
+        "machine": mach,
+        "command": "python3 " + " ".join([os.path.relpath(__file__, ROOT)] + sys.argv[1:]),
+        "protocol": __doc__.split("Protocol\n--------\n", 1)[1].split("\nUsage:")[0].strip(),
+        "seed": a.seed,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "duration_s": round(total, 1),
+        "model": " ".join(SMALL + LAYOUT) + " (4 ranks, 2 emulated nodes)",
+        "calibration": {"rate": {k: v for k, v in rate.items() if k != "verdicts"},
+                        "rate_run_verdicts": rate["verdicts"], "fault_step_range": [lo_step, hi_step],
+                        "slow_link": links, "slow_link_trial_delays_ms": ok},
+        "precision": summ["precision"], "recall": summ["recall"],
+        "crash_p90_s": summ["crash_p90_s"], "hang_p90_s": summ["hang_p90_s"], "slow_p90_s": summ["slow_p90_s"],
+        "overhead": overhead["overhead"] if overhead else None,
+        "summary": summ,
+        "overhead_detail": overhead,
+        "goals": goals,
+        "trials": trials,
+        "fault_free": fault_free,
+        "work_folder": work,
+    }
+    os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
+    with open(a.out, "w") as f:
+        json.dump(result, f, indent=2)
+        f.write("\n")
+
+    log("")
+    log(f"{'kind':<10} {'injected':>8} {'verdicts':>8} {'correct':>7} {'recall':>6} {'p50 s':>7} {'p90 s':>7} {'max s':>7}")
+    for k in KINDS:
+        pk = summ["per_kind"][k]
+        log(f"{k:<10} {pk['injected']:>8} {pk['verdicts']:>8} {pk['correct']:>7} {fmt(pk['recall']):>6} "
+            f"{fmt(pk['p50_s']):>7} {fmt(pk['p90_s']):>7} {fmt(pk['max_s']):>7}")
+    log(f"fault-free: {len(fault_free)} runs, {sum(len(f['verdicts']) for f in fault_free)} verdicts")
+    log(f"precision {fmt(summ['precision'], nd=3)} ({summ['correct_verdicts']}/{summ['verdicts']}), recall "
+        f"{fmt(summ['recall'], nd=3)} ({summ['correct_verdicts']}/{summ['injected']}); p90: crash "
+        f"{fmt(summ['crash_p90_s'], ' s')}, hang {fmt(summ['hang_p90_s'], ' s')}, slow {fmt(summ['slow_p90_s'], ' s')}")
+    if overhead:
+        log(f"overhead: median step on {overhead['median_step_time_on_s'] * 1e3:.3f} ms, off "
+            f"{overhead['median_step_time_off_s'] * 1e3:.3f} ms -> {overhead['overhead'] * 100:+.2f} % "
+            f"(time per step: {overhead['overhead_time_per_step'] * 100:+.2f} %)")
+    log("goals: " + ", ".join(f"{k} {'met' if v else 'NOT met'}" for k, v in goals.items()))
+    log(f"{total / 60:.1f} min; wrote {a.out}")
+    if not a.keep:
+        # Keep the folders of the failed trials (they were not removed above); drop the shared cache.
+        shutil.rmtree(os.path.join(work, "cache"), ignore_errors=True)
+        if not os.listdir(work):
+            os.rmdir(work)
+
+
+if __name__ == "__main__":
+    main()
