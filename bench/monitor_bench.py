@@ -8,14 +8,20 @@ nothing persisted), 4 ranks, TP 2 x DP 2 on 2 emulated nodes (--ranks-per-node 2
 run has its own --snapshot-job (a reused one would resume from old snapshots) and its own monitor job id and
 token. Environment: OMPI_MCA_btl_vader_single_copy_mechanism=none, LOOM_PERSIST_EVERY=0, LOOM_LOG_LEVEL=warn.
 
-1. Calibration (no monitor verdicts involved).
+0. Isolation: the bench runs private copies of build/bin/{loom,gpt-train} (a rebuild of the checkout during the
+   bench cannot mix versions). Before every run it waits (up to --quiet-wait s) until other work uses < 0.5 of
+   the cores over 1-2 s, and while a run goes it samples, every 0.2 s, whether any process that is not this
+   bench's is running; both are recorded per run (other_busy_cores, other_work_seen = fraction of the samples,
+   other_work = their names). Only one job runs at a time.
+1. Calibration.
    a. Step rate: one monitored fault-free run of --calib-steps steps; steps/s over the steps after the first 50,
       from the rank-0 metrics file (`elapsed_s`). The fault step of the trials is drawn uniformly from the steps
       that land 3-8 s after the first step at that rate.
-   b. Slow link: for a TP pair (0 -> 1) and a DP pair (0 -> 2) and each candidate delay (--link-delays, ms), a
-      run with `--fault-kind slow_link` at step 300; slowdown = time per step after the injection / time per step
-      before it − 1 (time per step from `elapsed_s`, steps 50..300 against 320..end). The trials draw their delay
-      uniformly from the candidates whose measured slowdown is >= 10 % on both pair kinds.
+   b. Slow link (no monitor): for a TP pair (0 -> 1) and a DP pair (0 -> 2) and each candidate delay
+      (--link-delays, ms), a 550-step run with `--fault-kind slow_link` at step 300; slowdown = time per step
+      after the injection / time per step before it − 1 (time per step from `elapsed_s`, steps 50..300 against
+      310..550). The trials draw their delay uniformly from the candidates whose measured slowdown is >= 10 % on
+      both pair kinds.
 2. Injected trials: --trials per kind of crash, hang, hang_comm, slow, slow_link, in a seeded random order, each
    with a random rank (0..3) and fault step; slow: --fault-slowdown uniform in [0.1, 0.4]; slow_link: peer = the
    rank's TP or DP ring neighbour (coin flip; TP pairs {0,1},{2,3}, DP pairs {0,2},{1,3}). The monitor runs with
@@ -111,6 +117,31 @@ def loadavg():
         return None
 
 
+def busy_cores(interval=1.0):
+    """Cores busy over `interval` (from /proc/stat); between trials nothing of this bench runs, so this is the
+    load of other work on the machine."""
+    def sample():
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+        idle = v[3] + (v[4] if len(v) > 4 else 0)
+        return sum(v[:8]), idle
+    t0, i0 = sample()
+    time.sleep(interval)
+    t1, i1 = sample()
+    if t1 == t0:
+        return 0.0
+    return (os.cpu_count() or 1) * (1 - (i1 - i0) / (t1 - t0))
+
+
+def wait_quiet(max_wait_s, threshold=0.5):
+    """Waits (up to max_wait_s) until other work uses less than `threshold` cores; returns (busy, waited_s)."""
+    t0 = time.time()
+    busy = busy_cores()
+    while busy >= threshold and time.time() - t0 < max_wait_s:
+        busy = busy_cores(2.0)
+    return round(busy, 2), round(time.time() - t0, 1)
+
+
 class Runner:
     """Starts monitors and 4-rank jobs, and cleans up after them (only the processes it started)."""
 
@@ -125,6 +156,14 @@ class Runner:
         self.env.update({"OMPI_MCA_btl_vader_single_copy_mechanism": "none", "LOOM_PERSIST_EVERY": "0",
                          "LOOM_LOG_LEVEL": "warn", "LOOM_CACHE_DIR": os.path.join(work, "cache")})
         self.mpirun = ["mpirun", "--oversubscribe", "--allow-run-as-root"]
+        self.quiet_wait_s = 0.0
+        self.active_monitors, self.active_jobs = [], []  # what cleanup() stops when the bench is interrupted
+
+    def cleanup(self):
+        for p in self.active_monitors:
+            self.stop_monitor(p)
+        for p, job in self.active_jobs:
+            self.stop_job(p, job)
 
     def new_dir(self, name):
         self.count += 1
@@ -140,6 +179,7 @@ class Runner:
             cmd.append("--exit-on-verdict")
         p = subprocess.Popen(cmd, stdout=open(os.path.join(d, "monitor.log"), "w"), stderr=subprocess.STDOUT,
                              env=self.env, cwd=d)
+        self.active_monitors.append(p)
         for _ in range(200):
             if os.path.exists(port_file) and open(port_file).read().strip():
                 return p, int(open(port_file).read().strip())
@@ -149,8 +189,9 @@ class Runner:
         self.stop_monitor(p)
         raise RuntimeError(f"the monitor did not start: {open(os.path.join(d, 'monitor.log')).read()}")
 
-    @staticmethod
-    def stop_monitor(p):
+    def stop_monitor(self, p):
+        if p in self.active_monitors:
+            self.active_monitors.remove(p)
         if p.poll() is None:
             p.send_signal(signal.SIGTERM)
             try:
@@ -170,12 +211,16 @@ class Runner:
         cmd += extra
         with open(os.path.join(d, "cmd.txt"), "w") as f:
             f.write(" ".join(cmd) + "\n")
-        return subprocess.Popen(cmd, stdout=open(os.path.join(d, "run.log"), "w"), stderr=subprocess.STDOUT,
-                                env=self.env, cwd=d, start_new_session=True)
+        p = subprocess.Popen(cmd, stdout=open(os.path.join(d, "run.log"), "w"), stderr=subprocess.STDOUT,
+                             env=self.env, cwd=d, start_new_session=True)
+        self.active_jobs.append((p, job))
+        return p
 
     def stop_job(self, p, job):
         """SIGTERM to mpirun's session (it forwards to the ranks), SIGKILL after 10 s; then the ranks and snapshot
         daemons of this job that are left (found by this job's unique id in their command line)."""
+        if (p, job) in self.active_jobs:
+            self.active_jobs.remove((p, job))
         if p.poll() is None:
             try:
                 os.killpg(p.pid, signal.SIGTERM)
@@ -210,6 +255,42 @@ class Runner:
                     os.unlink(os.path.join("/dev/shm", n))
                 except OSError:
                     pass
+
+    def foreign_running(self):
+        """Names of running (state R) processes that are not this bench's (no run id of it in their command
+        line): other work competing for the 2 cores while a trial runs."""
+        out = []
+        me = str(os.getpid())
+        tag = self.tag.encode()
+        for n in os.listdir("/proc"):
+            if not n.isdigit() or n == me:
+                continue
+            try:
+                stat = open(f"/proc/{n}/stat", "rb").read()
+                state = stat[stat.rindex(b")") + 2:stat.rindex(b")") + 3]
+                if state != b"R":
+                    continue
+                argv = open(f"/proc/{n}/cmdline", "rb").read()
+            except (OSError, ValueError):
+                continue
+            if not argv or tag in argv:
+                continue  # kernel threads have no command line
+            out.append(os.path.basename(argv.split(b"\0")[0].decode(errors="replace")))
+        return out
+
+    def wait_job(self, p, timeout_s, stop=None):
+        """Polls until p exits (or stop() says so, or timeout_s); returns the fraction of polls that saw other
+        work running and the names seen."""
+        t0 = time.time()
+        seen, hits, polls = set(), 0, 0
+        while p.poll() is None and time.time() - t0 < timeout_s and not (stop and stop()):
+            f = self.foreign_running()
+            polls += 1
+            if f:
+                hits += 1
+                seen.update(f)
+            time.sleep(0.2)
+        return (round(hits / polls, 3) if polls else 0.0), sorted(seen)
 
     @staticmethod
     def _pids_with(token):
@@ -282,13 +363,11 @@ def slowdown_in_run(rows, step):
 
 def calibrate_rate(rn, steps):
     d, job = rn.new_dir("calib-rate")
+    busy, _ = wait_quiet(rn.quiet_wait_s)
     mon, port = rn.start_monitor(d, job, exit_on_verdict=False)
     t0 = time.time()
     p = rn.start_job(d, job, steps, [], port=port)
-    try:
-        p.wait(300)
-    except subprocess.TimeoutExpired:
-        pass
+    foreign, names = rn.wait_job(p, 300)
     wall = time.time() - t0
     rn.stop_monitor(mon)
     rn.stop_job(p, job)
@@ -300,7 +379,8 @@ def calibrate_rate(rn, steps):
         raise RuntimeError(f"calibration run made too few steps ({len(rows)}); see {d}/run.log")
     verdicts = read_verdicts(os.path.join(d, "v"))
     return {"steps": steps, "steps_per_s": 1.0 / tps, "first_step_elapsed_s": rows[0]["elapsed_s"],
-            "wall_s": wall, "median_step_time_s": statistics.median(r["step_time_s"] for r in rows[SKIP:]),
+            "wall_s": wall, "other_busy_cores": busy, "other_work_seen": foreign, "other_work": names,
+            "median_step_time_s": statistics.median(r["step_time_s"] for r in rows[SKIP:]),
             "verdicts": verdicts}
 
 
@@ -309,19 +389,18 @@ def calibrate_links(rn, delays, at=300, steps_after=250):
     for pair, (src, dst) in (("tp", (0, 1)), ("dp", (0, 2))):
         for dms in delays:
             d, job = rn.new_dir(f"calib-link-{pair}-{dms}")
+            busy, _ = wait_quiet(rn.quiet_wait_s)
             p = rn.start_job(d, job, at + steps_after, ["--fault-kind", "slow_link", "--fault-rank", str(src), "--fault-step",
                                               str(at), "--fault-peer", str(dst), "--fault-delay-ms", str(dms)])
-            try:
-                p.wait(300)
-            except subprocess.TimeoutExpired:
-                pass
+            foreign, names = rn.wait_job(p, 300)
             rn.stop_job(p, job)
             rows = read_metrics(os.path.join(d, "metrics.jsonl"))
             if not rn.keep and rows:
                 shutil.rmtree(d, ignore_errors=True)
             s, before, after = slowdown_in_run(rows, at)
             out.append({"pair": pair, "src": src, "dst": dst, "delay_ms": dms, "slowdown": s,
-                        "time_per_step_before_s": before, "time_per_step_after_s": after})
+                        "time_per_step_before_s": before, "time_per_step_after_s": after, "other_busy_cores": busy,
+                        "other_work_seen": foreign, "other_work": names})
             log(f"  calib slow_link {pair} {src}->{dst} delay {dms} ms: slowdown "
                 f"{'n/a' if s is None else f'{s * 100:.0f} %'}")
     return out
@@ -348,13 +427,20 @@ def injected_trial(rn, spec):
         extra += ["--fault-slowdown", f"{spec['slowdown']:.3f}"]
     if kind == "slow_link":
         extra += ["--fault-peer", str(spec["peer"]), "--fault-delay-ms", str(spec["delay_ms"])]
+    busy, waited = wait_quiet(rn.quiet_wait_s)
     load0 = loadavg()
     mon, port = rn.start_monitor(d, job)
     t0 = time.time()
     p = rn.start_job(d, job, 10_000_000, extra, port=port)
     inject = None
+    seen, hits, polls = set(), 0, 0
     while True:
         time.sleep(0.2)
+        f = rn.foreign_running()
+        polls += 1
+        if f:
+            hits += 1
+            seen.update(f)
         if inject is None:
             inject = injection_time(os.path.join(d, "run.log"))
         if mon.poll() is not None:
@@ -371,7 +457,9 @@ def injected_trial(rn, spec):
     verdicts = read_verdicts(os.path.join(d, "v"))
     v = verdicts[0] if verdicts else None
     rec = dict(spec)
-    rec.update({"dir": os.path.basename(d), "injected_at": inject, "load_avg_1m": load0, "verdict": None,
+    rec.update({"dir": os.path.basename(d), "injected_at": inject, "load_avg_1m": load0, "other_busy_cores": busy,
+                "waited_for_quiet_s": waited, "other_work_seen": round(hits / polls, 3) if polls else 0.0,
+                "other_work": sorted(seen), "verdict": None,
                 "detected": False, "correct": False, "false_positive": False, "latency_s": None})
     if v is not None:
         rec["verdict"] = {k: v.get(k) for k in ("kind", "ranks", "link", "node", "onset", "detected_at", "summary")}
@@ -394,12 +482,12 @@ def injected_trial(rn, spec):
 
 def fault_free_trial(rn, seconds):
     d, job = rn.new_dir("fault-free")
+    busy, waited = wait_quiet(rn.quiet_wait_s)
     load0 = loadavg()
     mon, port = rn.start_monitor(d, job)
     p = rn.start_job(d, job, 10_000_000, [], port=port)
     t0 = time.time()
-    while time.time() < t0 + seconds and mon.poll() is None and p.poll() is None:
-        time.sleep(0.5)
+    foreign, names = rn.wait_job(p, seconds, stop=lambda: mon.poll() is not None)
     job_alive = p.poll() is None
     rn.stop_monitor(mon)  # first, so that stopping the job is not seen as a crash
     rn.stop_job(p, job)
@@ -407,6 +495,7 @@ def fault_free_trial(rn, seconds):
     rows = read_metrics(os.path.join(d, "metrics.jsonl"))
     rec = {"kind": "none", "dir": os.path.basename(d), "seconds": round(time.time() - t0, 1),
            "steps": rows[-1]["step"] if rows else 0, "job_alive_at_end": job_alive, "load_avg_1m": load0,
+           "other_busy_cores": busy, "waited_for_quiet_s": waited, "other_work_seen": foreign, "other_work": names,
            "verdicts": [{k: v.get(k) for k in ("kind", "ranks", "link", "summary")} for v in verdicts],
            "false_positive": bool(verdicts)}
     if not rn.keep and not verdicts and job_alive:
@@ -416,13 +505,11 @@ def fault_free_trial(rn, seconds):
 
 def overhead_run(rn, steps, monitor):
     d, job = rn.new_dir("overhead-" + ("on" if monitor else "off"))
+    busy, waited = wait_quiet(rn.quiet_wait_s)
     mon, port = (rn.start_monitor(d, job, exit_on_verdict=False) if monitor else (None, None))
     load0 = loadavg()
     p = rn.start_job(d, job, steps, [], port=port)
-    try:
-        p.wait(300)
-    except subprocess.TimeoutExpired:
-        pass
+    foreign, names = rn.wait_job(p, 300)
     if mon is not None:
         rn.stop_monitor(mon)
     rn.stop_job(p, job)
@@ -432,6 +519,7 @@ def overhead_run(rn, steps, monitor):
         raise RuntimeError(f"overhead run stopped at {len(rows)} of {steps} steps; see {d}/run.log")
     rec = {"monitor": monitor, "median_step_time_s": statistics.median(r["step_time_s"] for r in rows[SKIP:]),
            "time_per_step_s": time_per_step(rows, SKIP + 1, steps), "load_avg_1m": load0,
+           "other_busy_cores": busy, "waited_for_quiet_s": waited, "other_work_seen": foreign, "other_work": names,
            "verdicts": len(verdicts)}
     if not rn.keep:
         shutil.rmtree(d, ignore_errors=True)
@@ -453,6 +541,29 @@ def summarise(trials, fault_free):
             sd = [t["measured_slowdown"] for t in ts if t.get("measured_slowdown") is not None]
             per_kind[kind]["measured_slowdown_min"] = min(sd) if sd else None
             per_kind[kind]["measured_slowdown_median"] = statistics.median(sd) if sd else None
+    by_delay = {}
+    for t in trials:
+        if t["kind"] == "slow_link":
+            b = by_delay.setdefault(f"{t['delay_ms']}ms-{t['ring']}", {"injected": 0, "correct": 0, "latency_s": [],
+                                                                       "measured_slowdown": []})
+            b["injected"] += 1
+            b["correct"] += t["correct"]
+            if t["correct"]:
+                b["latency_s"].append(round(t["latency_s"], 2))
+            if t.get("measured_slowdown") is not None:
+                b["measured_slowdown"].append(round(t["measured_slowdown"], 3))
+    by_slowdown = {}
+    for t in trials:
+        if t["kind"] == "slow":
+            lo = min(3, int(t["slowdown"] * 10))  # 0.1-0.2, 0.2-0.3, 0.3-0.4
+            b = by_slowdown.setdefault(f"{lo / 10:.1f}-{(lo + 1) / 10:.1f}", {"injected": 0, "correct": 0,
+                                                                             "latency_s": [], "measured_slowdown": []})
+            b["injected"] += 1
+            b["correct"] += t["correct"]
+            if t["correct"]:
+                b["latency_s"].append(round(t["latency_s"], 2))
+            if t.get("measured_slowdown") is not None:
+                b["measured_slowdown"].append(round(t["measured_slowdown"], 3))
     n_verdicts = sum(1 for t in trials if t["verdict"] is not None) + sum(len(f["verdicts"]) for f in fault_free)
     n_correct = sum(t["correct"] for t in trials)
     fp = sum(1 for t in trials if t["false_positive"]) + sum(len(f["verdicts"]) for f in fault_free)
@@ -463,6 +574,8 @@ def summarise(trials, fault_free):
 
     return {
         "per_kind": per_kind,
+        "slow_link_by_delay_and_ring": dict(sorted(by_delay.items())),
+        "slow_by_requested_slowdown": dict(sorted(by_slowdown.items())),
         "verdicts": n_verdicts, "correct_verdicts": n_correct, "false_positives": fp, "wrong_verdicts": wrong,
         "injected": len(trials),
         "precision": n_correct / n_verdicts if n_verdicts else None,
@@ -490,11 +603,13 @@ def main():
     ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "monitor_cpu.json"))
     ap.add_argument("--bin", default=os.path.join(ROOT, "build", "bin"))
     ap.add_argument("--calib-steps", type=int, default=2000)
-    ap.add_argument("--link-delays", type=float, nargs="+", default=[0.5, 1.0, 2.0],
+    ap.add_argument("--link-delays", type=float, nargs="+", default=[0.1, 0.2, 0.5, 1.0],
                     help="candidate slow_link delays (ms) to calibrate")
-    ap.add_argument("--overhead-rounds", type=int, default=4)
-    ap.add_argument("--overhead-steps", type=int, default=2000)
+    ap.add_argument("--overhead-rounds", type=int, default=5)
+    ap.add_argument("--overhead-steps", type=int, default=3000)
     ap.add_argument("--skip-overhead", action="store_true")
+    ap.add_argument("--quiet-wait", type=float, default=120.0,
+                    help="before each run, wait up to this long for other work to use < 0.5 cores (recorded)")
     ap.add_argument("--keep", action="store_true", help="keep every trial's folder (failed ones are always kept)")
     a = ap.parse_args()
     if a.quick:
@@ -502,9 +617,39 @@ def main():
     for tool in ("loom", "gpt-train"):
         if not os.access(os.path.join(a.bin, tool), os.X_OK):
             sys.exit(f"{os.path.join(a.bin, tool)} not found; build first (cmake --build build)")
-    rng = random.Random(a.seed)
     work = tempfile.mkdtemp(prefix="loom-monbench.")
-    rn = Runner(a.bin, work, a.keep)
+    # Private copies of the binaries, so that a rebuild of the checkout during the bench cannot mix versions
+    # (gpt-train starts the `loom` next to itself as the snapshot daemon).
+    bindir = os.path.join(work, "bin")
+    os.makedirs(bindir)
+    a.binaries = {}
+    for tool in ("loom", "gpt-train"):
+        src = os.path.join(a.bin, tool)
+        shutil.copy2(src, os.path.join(bindir, tool))
+        a.binaries[tool] = {"path": src, "mtime": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(os.path.getmtime(src)))}
+    try:
+        a.git = subprocess.run(["git", "-C", ROOT, "log", "-1", "--format=%h %s"], capture_output=True, text=True,
+                               timeout=10).stdout.strip()[:120]
+    except (OSError, subprocess.SubprocessError):
+        a.git = None
+    rn = Runner(bindir, work, a.keep)
+    rn.quiet_wait_s = a.quiet_wait
+
+    def on_term(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_term)
+    try:
+        bench(a, rn, work)
+    except KeyboardInterrupt:
+        log(f"interrupted; stopping the current run (trial folders kept in {work})")
+        sys.exit(130)
+    finally:
+        rn.cleanup()
+
+
+def bench(a, rn, work):
+    rng = random.Random(a.seed)
     started = time.time()
     mach = machine()
     log(f"monitor bench: {mach['cpu']}, {mach['cores']} cores; work folder {work}; load {loadavg()}")
@@ -549,7 +694,7 @@ def main():
             fault_free.append(r)
             log(f"[{i + 1}/{len(order)}] fault-free {r['seconds']:.0f} s, {r['steps']} steps: "
                 f"{'FALSE POSITIVE ' + str(r['verdicts']) if r['verdicts'] else 'no verdict'}"
-                f"{'' if r['job_alive_at_end'] else ' (the job died!)'}  [load {r['load_avg_1m']}]")
+                f"{'' if r['job_alive_at_end'] else ' (the job died!)'}  [other work seen {r['other_work_seen'] * 100:.0f} %]")
             continue
         r = injected_trial(rn, s)
         trials.append(r)
@@ -569,7 +714,7 @@ def main():
                 res = f"FALSE POSITIVE before the injection: {vs}"
             else:
                 res = f"{'ok' if r['correct'] else 'WRONG'} {vs} after {r['latency_s']:.2f} s"
-        log(f"[{i + 1}/{len(order)}] {what_s}: {res}  [{time.time() - t0:.0f} s, load {r['load_avg_1m']}]")
+        log(f"[{i + 1}/{len(order)}] {what_s}: {res}  [{time.time() - t0:.0f} s; other work seen {r['other_work_seen'] * 100:.0f} %]")
 
     overhead = None
     if not a.skip_overhead:
@@ -582,7 +727,7 @@ def main():
                 runs.append(r)
                 log(f"  round {rnd + 1} monitor {'on ' if mon else 'off'}: median step "
                     f"{r['median_step_time_s'] * 1e3:.3f} ms, time per step {r['time_per_step_s'] * 1e3:.3f} ms"
-                    f"  [load {r['load_avg_1m']}]")
+                    f"  [other work seen {r['other_work_seen'] * 100:.0f} %]")
         on = [r for r in runs if r["monitor"]]
         off = [r for r in runs if not r["monitor"]]
         med_on = statistics.median(r["median_step_time_s"] for r in on)
@@ -614,6 +759,8 @@ def main():
         "command": "python3 " + " ".join([os.path.relpath(__file__, ROOT)] + sys.argv[1:]),
         "protocol": __doc__.split("Protocol\n--------\n", 1)[1].split("\nUsage:")[0].strip(),
         "seed": a.seed,
+        "binaries": a.binaries,
+        "git_head": a.git,
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "duration_s": round(total, 1),
         "model": " ".join(SMALL + LAYOUT) + " (4 ranks, 2 emulated nodes)",
@@ -641,6 +788,11 @@ def main():
         pk = summ["per_kind"][k]
         log(f"{k:<10} {pk['injected']:>8} {pk['verdicts']:>8} {pk['correct']:>7} {fmt(pk['recall']):>6} "
             f"{fmt(pk['p50_s']):>7} {fmt(pk['p90_s']):>7} {fmt(pk['max_s']):>7}")
+    for name, table in (("slow_link by delay/ring", summ["slow_link_by_delay_and_ring"]),
+                        ("slow by requested slowdown", summ["slow_by_requested_slowdown"])):
+        for key, b in table.items():
+            log(f"  {name} {key}: {b['correct']}/{b['injected']} named; measured slowdown {b['measured_slowdown']}; "
+                f"latency {b['latency_s']}")
     log(f"fault-free: {len(fault_free)} runs, {sum(len(f['verdicts']) for f in fault_free)} verdicts")
     log(f"precision {fmt(summ['precision'], nd=3)} ({summ['correct_verdicts']}/{summ['verdicts']}), recall "
         f"{fmt(summ['recall'], nd=3)} ({summ['correct_verdicts']}/{summ['injected']}); p90: crash "
@@ -654,6 +806,7 @@ def main():
     if not a.keep:
         # Keep the folders of the failed trials (they were not removed above); drop the shared cache.
         shutil.rmtree(os.path.join(work, "cache"), ignore_errors=True)
+        shutil.rmtree(os.path.join(work, "bin"), ignore_errors=True)
         if not os.listdir(work):
             os.rmdir(work)
 

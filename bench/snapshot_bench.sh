@@ -6,9 +6,9 @@
 #   source .device/env.sh && OUT=... bash bench/snapshot_bench.sh [--budget S] [--steps N] [--parts LIST]
 #     --parts  comma-separated subset of copy,steps,restore,torch,ec,ecbench (default: all, in that order; restore
 #              needs the HDF5 file and the daemon job that steps leaves)
-#   Each gpt-train start of the 0.95B model takes about 80 s before its first step on the H100 machine: ~58 s of
-#   serial parameter initialisation (at TP=1 the OpenMP loop of core/param_arena.cc has one iteration) and ~20 s
-#   to create, prefault and page-lock the snapshot buffers; the part timeouts allow for it.
+#   Each gpt-train start of the 0.95B model took about 80 s before its first step on the H100 machine when these
+#   figures were taken: ~58 s of serial parameter initialisation (fixed since: ~8 s) and ~20 s to create,
+#   prefault and page-lock the snapshot buffers; the part timeouts allow for it.
 #
 # Protocol (every part in this one invocation, one after another, nothing else on the GPU):
 #   1. machine: /dev/shm size and free memory decide the model. The reference model (ref-0.95b, TP=1) keeps
