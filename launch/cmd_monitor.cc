@@ -3,6 +3,7 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <chrono>
 #include <csignal>
 #include <cstdlib>
 #include <fstream>
@@ -83,9 +84,17 @@ int cmd_monitor(int argc, char** argv) {
   }
   std::signal(SIGINT, on_signal);
   std::signal(SIGTERM, on_signal);
+  // Standalone there is one incarnation: after its verdict the monitor goes on serving the page until stopped.
+  bool reported = false;
   while (!g_stop.load()) {
+    if (reported) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(200));
+      continue;
+    }
     auto v = server.wait_verdict(0.2);
-    if (v && exit_on_verdict) {
+    if (!v) continue;
+    reported = true;
+    if (exit_on_verdict) {
       std::cout << v->to_json(o.job, o.epoch) << std::endl;
       return 3;
     }

@@ -78,7 +78,10 @@ class CommFaults {
       wait_recv();
       hang_forever(dst);
     }
-    if (slow_dst_.load(std::memory_order_relaxed) == dst) sleep_for_slow_link();
+    if (slow_dst_.load(std::memory_order_relaxed) == dst) {
+      wait_recv();  // the delay is on this rank's outgoing link only: its own receive is timed without it
+      sleep_for_slow_link();
+    }
   }
 
  private:

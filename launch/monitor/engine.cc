@@ -92,11 +92,12 @@ void VerdictEngine::heartbeat(int rank, const MonMessage& m, double now) {
   }
 }
 
-void VerdictEngine::trace(int rank, const std::vector<TraceRecord>& recs, double now) {
+void VerdictEngine::trace(int rank, const std::vector<TraceRecord>& recs, double now, bool truncated) {
   (void)now;
   auto it = ranks_.find(rank);
   LOOM_CHECK(it != ranks_.end(), kComm, "TRACE from rank " << rank << " before its HELLO");
   RankView& r = it->second;
+  if (truncated) r.last_end = 0;
   std::vector<TraceRecord> done;
   for (const TraceRecord& t : recs)
     if (t.end_s > 0) done.push_back(t);
@@ -217,6 +218,14 @@ std::optional<Verdict> VerdictEngine::check_crash(double now) {
   // When one process dies, mpirun kills the others a moment later; a rank that went silent may have died first,
   // so the verdict waits until every overdue rank is either back or past the silence limit.
   if (late) return std::nullopt;
+  // Every rank silent at once with every connection open: the machine or the network stalled, not one rank.
+  bool any_closed = false, any_alive = false;
+  for (const auto& [r, info] : ranks_) {
+    if (info.bye) continue;
+    any_closed = any_closed || !info.connected;
+    any_alive = any_alive || (info.connected && now - info.last_heartbeat <= silence);
+  }
+  if (!lost.empty() && !any_closed && !any_alive) return std::nullopt;
   if (first_rank < 0 || now - first < cfg_.crash_grace_s) return std::nullopt;
   // A rank that never reached the monitor while others were lost died first (before its HELLO).
   int world = 0, local_size = 0;
@@ -257,9 +266,15 @@ std::optional<Verdict> VerdictEngine::check_hang(double now) {
   for (const auto& [r, info] : ranks_)
     if (info.completed == 0) return std::nullopt;  // not all ranks past start-up yet
   const double threshold = hang_threshold_s();
-  for (const auto& [r, info] : ranks_)
-    if (now - info.last_progress > threshold) return localise_hang(now, threshold);
-  return std::nullopt;
+  bool hung = false, stale = false;
+  for (const auto& [r, info] : ranks_) {
+    hung = hung || now - info.last_progress > threshold;
+    // Localising needs every rank's current counters: a late heartbeat would name a rank by stale ones (a hung
+    // rank's heartbeat thread goes on, so a real hang still gets fresh ones).
+    stale = stale || now - info.last_heartbeat > 1.2 * cfg_.heartbeat_s;
+  }
+  if (!hung || stale) return std::nullopt;
+  return localise_hang(now, threshold);
 }
 
 std::optional<Verdict> VerdictEngine::localise_hang(double now, double threshold) {

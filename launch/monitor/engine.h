@@ -40,9 +40,9 @@ struct EngineConfig {
   int hang_min_samples = 20;
   double window_s = 5.0;
   int slow_windows = 3;
-  double slow_rank_gap = 0.05;
+  double slow_rank_gap = 0.08;
   double slow_link_factor = 4.0;
-  double slow_link_min_s = 0.0005;
+  double slow_link_min_s = 0.0001;
 };
 
 struct RankView {
@@ -90,7 +90,9 @@ class VerdictEngine {
   void hello(const RankView& info, double now);
   // Applies a HEARTBEAT (throws kComm on malformed fields; the rank's state is unchanged then).
   void heartbeat(int rank, const MonMessage& m, double now);
-  void trace(int rank, const std::vector<TraceRecord>& recs, double now);
+  // `truncated`: the rank left out older records (it ships at most a bounded batch per heartbeat), so the gap
+  // to the previous batch is unknown.
+  void trace(int rank, const std::vector<TraceRecord>& recs, double now, bool truncated = false);
   void bye(int rank, const std::string& reason, const std::string& message, double now);
   void disconnect(int rank, double now);
   // Evaluates the rules at time now; returns the incarnation's verdict once.

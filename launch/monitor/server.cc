@@ -260,7 +260,7 @@ bool MonitorServer::handle(Connection& c, const MonMessage& m) {
       return false;
     }
     if (m.type == MonType::kHeartbeat) engine_->heartbeat(rank, m, now);
-    if (m.type == MonType::kTrace) engine_->trace(rank, decode_records(m.get("recs")), now);
+    if (m.type == MonType::kTrace) engine_->trace(rank, decode_records(m.get("recs")), now, m.get("truncated") == "1");
     if (m.type == MonType::kBye) engine_->bye(rank, m.get("reason", "done"), m.get("message"), now);
     return true;
   } catch (const Error& e) {

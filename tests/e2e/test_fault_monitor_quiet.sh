@@ -8,7 +8,7 @@ mkdir -p "$d"
 "$LOOM_BIN/loom" monitor --job quiet$$ --token tok$$ --port 0 --port-file "$d/port" --verdict-dir "$d/v" \
   >"$d/monitor.log" 2>&1 &
 mon=$!
-trap 'kill $mon 2>/dev/null; [ -n "${KEEP_WORK:-}" ] || rm -rf "$WORK"' EXIT
+trap 'pkill -KILL -f -- "--monitor-job quiet$$" 2>/dev/null; kill $mon 2>/dev/null; [ -n "${KEEP_WORK:-}" ] || rm -rf "$WORK"' EXIT
 for _ in $(seq 1 100); do [ -s "$d/port" ] && break; sleep 0.1; done
 port=$(cat "$d/port")
 # The run is stopped after 120 s; what counts is the monitor's state just before that.
@@ -18,7 +18,8 @@ mpi 4 "$LOOM_BIN/gpt-train" "${SMALL[@]}" --steps 1000000 --tp 2 --ranks-per-nod
 job=$!
 sleep "${QUIET_S:-120}"
 curl -s "http://127.0.0.1:$port/status.json" >"$d/status.json" || true
-kill -TERM "$job" 2>/dev/null || true
+# `mpi` runs in a background subshell: stop mpirun itself (its command line carries the job's marker).
+pkill -TERM -f -- "--monitor-job quiet$$" 2>/dev/null || true
 wait "$job" 2>/dev/null || true
 stop_daemons quiet$$
 steps=$(tail -1 "$d/m.jsonl" | sed -n 's/^{"step":\([0-9]*\),.*/\1/p')
