@@ -26,6 +26,7 @@
 
 #include "checkpoint/hdf5_check.h"
 #include "core/error.h"
+#include "core/fileio.h"
 #include "core/log.h"
 
 namespace loom::snap {
@@ -50,38 +51,6 @@ struct H5Session {
   std::lock_guard<std::mutex> lock_{hdf5_mutex()};
   h5::QuietErrors quiet_;
   h5::ErrorContext context_;
-};
-
-// ---- file descriptors and the temp file -------------------------------------------------------------------
-
-class UniqueFd {
- public:
-  explicit UniqueFd(int fd) : fd_(fd) {}
-  ~UniqueFd() {
-    if (fd_ >= 0) ::close(fd_);
-  }
-  UniqueFd(const UniqueFd&) = delete;
-  UniqueFd& operator=(const UniqueFd&) = delete;
-  int get() const { return fd_; }
-
- private:
-  int fd_;
-};
-
-// Unlinks the temp file unless the write reached its rename.
-class TempFileGuard {
- public:
-  explicit TempFileGuard(std::string path) : path_(std::move(path)) {}
-  ~TempFileGuard() {
-    if (armed_) ::unlink(path_.c_str());
-  }
-  TempFileGuard(const TempFileGuard&) = delete;
-  TempFileGuard& operator=(const TempFileGuard&) = delete;
-  void release() { armed_ = false; }
-
- private:
-  std::string path_;
-  bool armed_ = true;
 };
 
 std::string human_bytes(double bytes) {

@@ -29,6 +29,7 @@
 #include "core/error.h"
 #include "core/log.h"
 #include "core/rng.h"
+#include "core/text.h"
 
 namespace loom {
 namespace {
@@ -176,27 +177,6 @@ std::string type_phrase(const std::string& type, const std::vector<std::string>&
 
 // ---- TOML -------------------------------------------------------------------------------------------------
 
-std::string toml_escape(const std::string& s) {
-  std::string out = "\"";
-  for (unsigned char c : s) {
-    switch (c) {
-      case '"': out += "\\\""; break;
-      case '\\': out += "\\\\"; break;
-      case '\n': out += "\\n"; break;
-      case '\t': out += "\\t"; break;
-      case '\r': out += "\\r"; break;
-      default:
-        if (c < 0x20 || c == 0x7f) {
-          char buf[8];
-          std::snprintf(buf, sizeof buf, "\\u%04x", c);
-          out += buf;
-        } else {
-          out += static_cast<char>(c);
-        }
-    }
-  }
-  return out + "\"";
-}
 
 // A TOML scalar as the text the key's assign parses; nullopt for arrays and dates, which no key takes.
 std::optional<std::string> toml_scalar_text(const toml::node& node) {
@@ -711,7 +691,7 @@ std::string Config::table() const {
 std::string Config::to_toml() const {
   std::ostringstream out;
   out << "# Loom config: every key with its value in effect (Config::to_toml).\n";
-  if (!preset_.empty()) out << "preset = " << toml_escape(preset_) << "\n";
+  if (!preset_.empty()) out << "preset = " << quote_escaped(preset_) << "\n";
   // Keys in key order can interleave sections ("a.b.x" sorts between "a.a" and "a.c"); group them first.
   std::map<std::string, std::vector<const Entry*>> by_section;
   for (const auto& [key, e] : entries_) by_section[key.substr(0, key.rfind('.'))].push_back(&e);
@@ -721,7 +701,7 @@ std::string Config::to_toml() const {
       out << "# " << replace_all(e->help, '\n', ' ') << "\n" << e->name << " = ";
       std::string value = e->print();
       if (e->type == "string" || e->type == "choice") {
-        out << toml_escape(value);
+        out << quote_escaped(value);
       } else if (e->type == "float") {
         out << toml_float_text(value);
       } else {

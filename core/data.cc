@@ -24,6 +24,7 @@
 
 #include "core/env.h"
 #include "core/error.h"
+#include "core/fileio.h"
 #include "core/log.h"
 #include "core/rng.h"
 
@@ -42,38 +43,6 @@ constexpr int32_t kLlmcMagicU16 = 20240520;  // GPT-2 shards, uint16 tokens
 constexpr int32_t kLlmcMagicU32 = 20240801;  // Llama-3 shards, uint32 tokens
 
 constexpr const char* kSystemFortunesDir = "/usr/share/games/fortunes";
-
-class UniqueFd {
- public:
-  explicit UniqueFd(int fd) : fd_(fd) {}
-  ~UniqueFd() {
-    if (fd_ >= 0) ::close(fd_);
-  }
-  UniqueFd(const UniqueFd&) = delete;
-  UniqueFd& operator=(const UniqueFd&) = delete;
-  int get() const { return fd_; }
-  // Closes now and returns close()'s result: for a written file, close can report a deferred write error.
-  int close() { return ::close(std::exchange(fd_, -1)); }
-
- private:
-  int fd_;
-};
-
-// Unlinks a temp file when the write that owns it fails before the rename.
-class TempFileGuard {
- public:
-  explicit TempFileGuard(std::string path) : path_(std::move(path)) {}
-  ~TempFileGuard() {
-    if (armed_) ::unlink(path_.c_str());
-  }
-  TempFileGuard(const TempFileGuard&) = delete;
-  TempFileGuard& operator=(const TempFileGuard&) = delete;
-  void release() { armed_ = false; }
-
- private:
-  std::string path_;
-  bool armed_ = true;
-};
 
 template <class T>
 T load_le(const unsigned char* p) {

@@ -169,7 +169,10 @@ void MpiCommunicator::transfer(void* recv_buf, const void* send_buf, int64_t rec
   const MPI_Datatype dt = mpi_dtype(dtype);
   double peer_ready = 0;
   const double recv_ready = wall_clock_s();
-  std::vector<MPI_Request> recvs, sends;
+  std::vector<MPI_Request>& recvs = recv_requests_;
+  std::vector<MPI_Request>& sends = send_requests_;
+  recvs.clear();
+  sends.clear();
   recvs.emplace_back();
   LOOM_MPI_CHECK(MPI_Irecv(&peer_ready, 1, MPI_DOUBLE, left(), kRingClockTag, comm(), &recvs.back()));
   for_each_chunk(recv_count, [&](int64_t off, int count) {

@@ -94,6 +94,7 @@ class MpiCommunicator : public Communicator {
   MpiComm comm_;
   std::vector<int> world_ranks_;   // world rank of each rank of the group
   std::vector<char> recv_scratch_, acc_scratch_;
+  std::vector<MPI_Request> recv_requests_, send_requests_;  // of the transfer in flight (reused: no allocation)
 };
 
 }  // namespace loom

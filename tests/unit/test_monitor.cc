@@ -72,6 +72,22 @@ EngineConfig fast_config() {
   return c;
 }
 
+struct Timed {
+  Verdict v;
+  double after;  // seconds from the start of the feed
+};
+
+// From t on, every 0.1 s for up to `seconds`: feed(u) sends the ranks' traffic, then the engine ticks. The first
+// verdict and when it came, or nullopt.
+template <class Feed>
+std::optional<Timed> first_verdict(VerdictEngine& e, double t, double seconds, Feed&& feed) {
+  for (double u = t; u < t + seconds; u += 0.1) {
+    feed(u);
+    if (auto v = e.tick(u)) return Timed{*v, u - t};
+  }
+  return std::nullopt;
+}
+
 }  // namespace
 
 TEST(MonitorProtocol, FramesRoundTripAndBadHeadersAreNamed) {
@@ -199,20 +215,17 @@ TEST(VerdictEngine, HangOutsideCommunicationNamesTheRankThatLaunchedLeast) {
   uint64_t c = 0;
   double t = healthy(e, 0.1, 2.0, &c);
   // Rank 1 stops before collective c; the others launch one more each and wait in it.
-  for (double u = t; u < t + 10; u += 0.1) {
+  auto got = first_verdict(e, t, 10, [&](double u) {
     e.heartbeat(1, beat(5, c, c, 1, u), u);
     for (int r : {0, 2, 3}) e.heartbeat(r, beat(5, c + 1, c, 1, u), u);
-    if (auto v = e.tick(u)) {
-      EXPECT_EQ(v->kind, "hang");
-      EXPECT_EQ(v->ranks, std::vector<int>{1});
-      EXPECT_EQ(v->node, 0);
-      EXPECT_NE(v->summary.find("outside communication"), std::string::npos);
-      EXPECT_GE(u - t, e.config().hang_min_s - 0.11);
-      EXPECT_LE(u - t, e.config().hang_min_s + 0.31);
-      return;
-    }
-  }
-  FAIL() << "no hang verdict in 10 s";
+  });
+  ASSERT_TRUE(got) << "no hang verdict in 10 s";
+  EXPECT_EQ(got->v.kind, "hang");
+  EXPECT_EQ(got->v.ranks, std::vector<int>{1});
+  EXPECT_EQ(got->v.node, 0);
+  EXPECT_NE(got->v.summary.find("outside communication"), std::string::npos);
+  EXPECT_GE(got->after, e.config().hang_min_s - 0.11);
+  EXPECT_LE(got->after, e.config().hang_min_s + 0.31);
 }
 
 TEST(VerdictEngine, HangInsideACollectiveNamesTheStalledLink) {
@@ -227,17 +240,14 @@ TEST(VerdictEngine, HangInsideACollectiveNamesTheStalledLink) {
   };
   std::map<int, std::string> xs = {{0, x(2, 3, 1, false)}, {1, x(2, 0, 2, false)}, {2, x(1, 1, 3, true)},
                                    {3, x(1, 2, 0, false)}};
-  for (double u = t; u < t + 10; u += 0.1) {
+  auto got = first_verdict(e, t, 10, [&](double u) {
     for (int r = 0; r < 4; ++r) e.heartbeat(r, beat(5, c + 1, c, 1, u, xs[r]), u);
-    if (auto v = e.tick(u)) {
-      EXPECT_EQ(v->kind, "hang");
-      EXPECT_EQ(v->link_src, 2);
-      EXPECT_EQ(v->link_dst, 3);
-      EXPECT_EQ(v->node, 1);
-      return;
-    }
-  }
-  FAIL() << "no hang verdict in 10 s";
+  });
+  ASSERT_TRUE(got) << "no hang verdict in 10 s";
+  EXPECT_EQ(got->v.kind, "hang");
+  EXPECT_EQ(got->v.link_src, 2);
+  EXPECT_EQ(got->v.link_dst, 3);
+  EXPECT_EQ(got->v.node, 1);
 }
 
 TEST(VerdictEngine, SlowRankIsTheOneThatWaitsLeast) {
@@ -246,20 +256,17 @@ TEST(VerdictEngine, SlowRankIsTheOneThatWaitsLeast) {
   uint64_t c = 0;
   double t = healthy(e, 0.1, 1.0, &c);
   // Rank 1 spends 20 % of its time in collectives, the others 45-50 %: they wait for it.
-  for (double u = t; u < t + 10; u += 0.1) {
+  auto got = first_verdict(e, t, 10, [&](double u) {
     c += 20;
     for (int r = 0; r < 4; ++r) {
       const double frac = r == 1 ? 0.2 : 0.45 + 0.02 * r;
       e.heartbeat(r, beat(5, c, c, frac * u, u), u);
     }
-    if (auto v = e.tick(u)) {
-      EXPECT_EQ(v->kind, "slow_rank");
-      EXPECT_EQ(v->ranks, std::vector<int>{1});
-      EXPECT_GE(u - t, 2.0 * e.config().window_s) << "needs slow_windows consecutive windows";
-      return;
-    }
-  }
-  FAIL() << "no slow-rank verdict in 10 windows";
+  });
+  ASSERT_TRUE(got) << "no slow-rank verdict in 10 windows";
+  EXPECT_EQ(got->v.kind, "slow_rank");
+  EXPECT_EQ(got->v.ranks, std::vector<int>{1});
+  EXPECT_GE(got->after, 2.0 * e.config().window_s) << "needs slow_windows consecutive windows";
 }
 
 TEST(VerdictEngine, SlowLinkIsTheOutlierOfThePairMatrix) {
@@ -268,21 +275,18 @@ TEST(VerdictEngine, SlowLinkIsTheOutlierOfThePairMatrix) {
   uint64_t c = 0;
   double t = healthy(e, 0.1, 1.0, &c);
   // Ring pairs 0->1, 1->2, 2->3, 3->0 (receiver-reported); 2->3 takes 4 ms, the others 0.1 ms.
-  for (double u = t; u < t + 10; u += 0.1) {
+  auto got = first_verdict(e, t, 10, [&](double u) {
     c += 20;
     for (int r = 0; r < 4; ++r) {
       const int src = (r + 3) % 4;
       const double mean = src == 2 ? 0.004 : 0.0001;
       e.heartbeat(r, beat(5, c, c, 0.5 * u, u, "", encode_links({LinkStats{src, 10, 1000, 10 * mean, mean}})), u);
     }
-    if (auto v = e.tick(u)) {
-      EXPECT_EQ(v->kind, "slow_link");
-      EXPECT_EQ(v->link_src, 2);
-      EXPECT_EQ(v->link_dst, 3);
-      return;
-    }
-  }
-  FAIL() << "no slow-link verdict in 10 windows";
+  });
+  ASSERT_TRUE(got) << "no slow-link verdict in 10 windows";
+  EXPECT_EQ(got->v.kind, "slow_link");
+  EXPECT_EQ(got->v.link_src, 2);
+  EXPECT_EQ(got->v.link_dst, 3);
 }
 
 TEST(VerdictEngine, NoVerdictOnNoisyHealthyTraffic) {
