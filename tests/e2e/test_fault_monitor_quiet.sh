@@ -8,7 +8,9 @@ mkdir -p "$d"
 "$LOOM_BIN/loom" monitor --job quiet$$ --token tok$$ --port 0 --port-file "$d/port" --verdict-dir "$d/v" \
   >"$d/monitor.log" 2>&1 &
 mon=$!
-trap 'pkill -KILL -f -- "--monitor-job quiet$$" 2>/dev/null; kill $mon 2>/dev/null; [ -n "${KEEP_WORK:-}" ] || rm -rf "$WORK"' EXIT
+# (set -e holds inside the trap too: nothing left to kill must not fail the test)
+trap 'pkill -KILL -f -- "--monitor-job quiet$$" 2>/dev/null || true; kill $mon 2>/dev/null || true
+[ -n "${KEEP_WORK:-}" ] || rm -rf "$WORK"' EXIT
 for _ in $(seq 1 100); do [ -s "$d/port" ] && break; sleep 0.1; done
 port=$(cat "$d/port")
 # The run is stopped after 120 s; what counts is the monitor's state just before that.
