@@ -23,7 +23,9 @@ token. Environment: OMPI_MCA_btl_vader_single_copy_mechanism=none, LOOM_PERSIST_
       310..550). The trials draw their delay uniformly from the candidates whose measured slowdown is >= 10 % on
       both pair kinds.
 2. Injected trials: --trials per kind of crash, hang, hang_comm, slow, slow_link, in a seeded random order, each
-   with a random rank (0..3) and fault step; slow: --fault-slowdown uniform in [0.1, 0.4]; slow_link: peer = the
+   with a random rank (0..3) and fault step; slow: --fault-slowdown uniform in [0.1, 0.4], injected at a time
+   (--fault-after-s uniform in [22, 30] s) rather than a step: the monitor learns each rank's baseline deviation
+   in its first ~20 s and a slowdown already present then is part of the baseline; slow_link: peer = the
    rank's TP or DP ring neighbour (coin flip; TP pairs {0,1},{2,3}, DP pairs {0,2},{1,3}). The monitor runs with
    --exit-on-verdict; the trial ends at the first verdict or 90 s after the injection (the trainer's log line
    "fault injection: ... at unix time T"). Recorded: detected, correct (kind: crash->crash, hang/hang_comm->hang,
@@ -76,6 +78,7 @@ TP_PEER = {0: 1, 1: 0, 2: 3, 3: 2}
 DP_PEER = {0: 2, 2: 0, 1: 3, 3: 1}
 VERDICT_TIMEOUT_S = 90.0
 INJECT_WINDOW_S = (3.0, 8.0)
+SLOW_AFTER_S = (22.0, 30.0)  # slow: after the monitor's baseline windows (start-up + 2 × 5 s)
 MIN_SLOWDOWN = 0.10
 SKIP = 50  # warm-up steps excluded from step-time figures
 
@@ -329,13 +332,25 @@ def time_per_step(rows, lo, hi):
     return (sel[-1]["elapsed_s"] - sel[0]["elapsed_s"]) / (sel[-1]["step"] - sel[0]["step"])
 
 
-def injection_time(run_log):
+def injection_field(run_log, pattern):
+    """Group 1 of `pattern` in the trainer's "fault injection: ..." log line, or None."""
     try:
         text = open(run_log, errors="replace").read()
     except OSError:
         return None
-    m = re.search(r"fault injection: .* at unix time ([0-9.]+)", text)
-    return float(m.group(1)) if m else None
+    m = re.search(r"fault injection: " + pattern, text)
+    return m.group(1) if m else None
+
+
+def injection_time(run_log):
+    t = injection_field(run_log, r".* at unix time ([0-9.]+)")
+    return float(t) if t is not None else None
+
+
+def injection_step(run_log):
+    """The step a fault hit at ("... from step N ..." / "... after step N ...")."""
+    n = injection_field(run_log, r".*(?:from|after) step ([0-9]+)")
+    return int(n) if n is not None else None
 
 
 def read_verdicts(vdir):
@@ -424,7 +439,7 @@ def injected_trial(rn, spec):
     d, job = rn.new_dir(f"{kind}-r{rank}")
     extra = ["--fault-kind", kind, "--fault-rank", str(rank), "--fault-step", str(step)]
     if kind == "slow":
-        extra += ["--fault-slowdown", f"{spec['slowdown']:.3f}"]
+        extra += ["--fault-slowdown", f"{spec['slowdown']:.3f}", "--fault-after-s", str(spec["after_s"])]
     if kind == "slow_link":
         extra += ["--fault-peer", str(spec["peer"]), "--fault-delay-ms", str(spec["delay_ms"])]
     busy, waited = wait_quiet(rn.quiet_wait_s)
@@ -471,7 +486,8 @@ def injected_trial(rn, spec):
             rec["correct"] = judge(kind, rank, spec.get("peer"), v)
     if kind in ("slow", "slow_link"):
         rows = read_metrics(os.path.join(d, "metrics.jsonl"))
-        s, before, after = slowdown_in_run(rows, step)
+        rec["injected_step"] = injection_step(os.path.join(d, "run.log"))
+        s, before, after = slowdown_in_run(rows, rec["injected_step"] if rec["injected_step"] is not None else step)
         rec["measured_slowdown"] = s
         rec["time_per_step_before_s"] = before
         rec["time_per_step_after_s"] = after
@@ -675,6 +691,8 @@ def bench(a, rn, work):
             s = {"kind": kind, "rank": rng.randrange(4), "step": rng.randint(lo_step, hi_step)}
             if kind == "slow":
                 s["slowdown"] = round(rng.uniform(0.1, 0.4), 3)
+                s["after_s"] = round(rng.uniform(*SLOW_AFTER_S), 1)
+                s["step"] = 0  # the first step after after_s (recorded as injected_step)
             if kind == "slow_link":
                 s["ring"] = rng.choice(["tp", "dp"])
                 s["peer"] = (TP_PEER if s["ring"] == "tp" else DP_PEER)[s["rank"]]

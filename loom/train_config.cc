@@ -54,6 +54,9 @@ void TrainConfig::declare(Config& cfg) {
                  "link); slow = longer steps; slow_link = delay the rank's transfers to fault_peer");
   cfg.add("fault.fault_rank", &fault_rank, "the rank the fault hits");
   cfg.add("fault.fault_step", &fault_step, "the fault hits after this many completed steps");
+  cfg.add("fault.fault_after_s", &fault_after_s,
+          "> 0: the fault hits at the first step from fault_step on that ends this many seconds after the trainer "
+          "started (a time, e.g. after the monitor learned its baselines, whatever the step rate)");
   cfg.add("fault.fault_epoch", &fault_epoch, "the incarnation the fault hits (monitor.epoch); -1 = every one");
   cfg.add("fault.fault_peer", &fault_peer, "slow_link: the receiving rank; -1 = the next rank of the TP (else DP) ring");
   cfg.add("fault.fault_delay_ms", &fault_delay_ms, "slow_link: delay of each transfer (ms)");
@@ -135,7 +138,8 @@ void TrainConfig::validate(int world_size) const {
              "fault.fault_rank " << fault_rank << " is not a rank of this job (0.." << world_size - 1 << ")");
   LOOM_CHECK(heartbeat_s > 0, kConfig, "monitor.heartbeat_s must be positive, got " << heartbeat_s);
   LOOM_CHECK(epoch >= 0, kConfig, "monitor.epoch must be >= 0, got " << epoch);
-  LOOM_CHECK(fault_delay_ms >= 0 && fault_slowdown >= 0, kConfig, "fault.fault_delay_ms and fault.fault_slowdown must be >= 0");
+  LOOM_CHECK(fault_delay_ms >= 0 && fault_slowdown >= 0 && fault_after_s >= 0, kConfig,
+             "fault.fault_delay_ms, fault.fault_slowdown and fault.fault_after_s must be >= 0");
   for (const FaultSpec& f : fault_specs())
     LOOM_CHECK(f.rank >= 0 && f.rank < world_size && f.step >= 0, kConfig,
                "fault " << f.kind << ": rank " << f.rank << " is not a rank of this job (0.." << world_size - 1

@@ -58,6 +58,7 @@ struct TrainConfig {
   std::string fault_kind = "none";     // none | crash | kill_daemon | hang | hang_comm | slow | slow_link
   int64_t fault_rank = 0;
   int64_t fault_step = 0;              // after this many completed steps
+  double fault_after_s = 0;            // and (when > 0) at the first such step this long after the trainer started
   int64_t fault_epoch = 0;             // only in this incarnation; -1 = in every one
   int64_t fault_peer = -1;             // slow_link: the receiving rank; -1 = the next rank of the TP (else DP) ring
   double fault_delay_ms = 5.0;         // slow_link: delay per transfer

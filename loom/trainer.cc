@@ -55,6 +55,7 @@ Trainer::Trainer(Session& session, LanguageModel& model) : s_(session), cfg_(ses
   micro_batch_ = cfg_.micro_batch > 0 ? cfg_.micro_batch : local_batch_;
   schedule_ = LrSchedule{cfg_.lr, cfg_.min_lr, cfg_.warmup_steps, cfg_.steps};
   faults_ = cfg_.fault_specs();
+  fault_hit_step_.assign(faults_.size(), -1);
 
   open_data();
 
@@ -397,15 +398,22 @@ void Trainer::end_step(const StepStats& last) {
 
 void Trainer::inject_fault(double step_time_s) {
   const int64_t epoch = cfg_.epoch;
-  for (const TrainConfig::FaultSpec& f : faults_) {
+  const double since_start = std::chrono::duration<double>(std::chrono::steady_clock::now() - started_).count();
+  for (size_t i = 0; i < faults_.size(); ++i) {
+    const TrainConfig::FaultSpec& f = faults_[i];
     if (s_.rank() != f.rank || (f.epoch >= 0 && f.epoch != epoch) || step_ < f.step) continue;
-    if (f.kind == "slow") {  // every step from fault_step on
-      if (step_ == f.step) LOOM_WARN("fault injection: rank " << s_.rank() << " slows down by " << cfg_.fault_slowdown * 100
+    // The step it hits at: fault_step itself (a step before it resumed past it: never), or with fault_after_s
+    // the first step from fault_step on that ends late enough.
+    int64_t& hit = fault_hit_step_[i];
+    if (hit < 0 && (cfg_.fault_after_s > 0 ? since_start >= cfg_.fault_after_s : step_ == f.step)) hit = step_;
+    if (hit < 0) continue;
+    if (f.kind == "slow") {  // every step from the hit on
+      if (step_ == hit) LOOM_WARN("fault injection: rank " << s_.rank() << " slows down by " << cfg_.fault_slowdown * 100
                                                          << " % from step " << step_ << " at unix time " << fault_clock());
       std::this_thread::sleep_for(std::chrono::duration<double>(cfg_.fault_slowdown * step_time_s));
       continue;
     }
-    if (step_ != f.step) continue;
+    if (step_ != hit) continue;
     if (f.kind == "crash") {
       LOOM_WARN("fault injection: rank " << s_.rank() << " crashes (SIGKILL) after step " << step_ << " at unix time "
                                          << fault_clock());

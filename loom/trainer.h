@@ -10,6 +10,8 @@
 // and as the last line on success: {"event":"done","steps":N,"final_loss":L}.
 #pragma once
 
+#include <chrono>
+
 #include <cstdint>
 #include <fstream>
 #include <memory>
@@ -98,6 +100,8 @@ class Trainer {
   Session& s_;
   const TrainConfig& cfg_;
   std::vector<TrainConfig::FaultSpec> faults_;
+  std::vector<int64_t> fault_hit_step_;  // per fault: the step it hit at (-1: not yet)
+  std::chrono::steady_clock::time_point started_ = std::chrono::steady_clock::now();
   LanguageModel& model_;
   std::optional<TokenFile> data_;
   std::unique_ptr<BatchSampler> sampler_;

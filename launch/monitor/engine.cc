@@ -367,14 +367,38 @@ std::optional<Verdict> VerdictEngine::close_window(double now) {
   }
   std::optional<Verdict> out;
   int candidate = -1;
-  double gap = 0;
+  double gap = 0, below_base = 0;
+  std::map<int, double> dev;  // rank -> its fraction minus the median of the others'
   if (progressing && frac.size() >= 2 && frac.size() == ranks_.size()) {
-    auto lowest = std::min_element(frac.begin(), frac.end(), [](auto& a, auto& b) { return a.second < b.second; });
-    std::vector<double> others;
-    for (auto& [r, f] : frac)
-      if (r != lowest->first) others.push_back(f);
-    gap = median(others) - lowest->second;
-    if (gap >= cfg_.slow_rank_gap) candidate = lowest->first;
+    for (auto& [r, f] : frac) {
+      std::vector<double> others;
+      for (auto& [q, g] : frac)
+        if (q != r) others.push_back(g);
+      dev[r] = f - median(others);
+    }
+    ++rank_windows_seen_;
+    const int b = cfg_.slow_baseline_windows;
+    const bool learning = rank_windows_seen_ >= 2 && rank_windows_seen_ <= 1 + b;  // the first is start-up
+    const bool have_base = rank_windows_seen_ > 1 + b;
+    // Against its own baseline (once learned), or the median of the others for a rank slow from the start.
+    double worst = 0;
+    for (auto& [r, d] : dev) {
+      const double rel = have_base ? dev_base_[r] - d : 0;
+      if (rel >= cfg_.slow_rank_gap && rel > worst) worst = rel, candidate = r;
+    }
+    for (auto& [r, d] : dev)
+      if (candidate < 0 && -d >= cfg_.slow_rank_abs_gap && -d > worst) worst = -d, candidate = r;
+    if (candidate >= 0) {
+      gap = -dev[candidate];
+      below_base = have_base ? dev_base_[candidate] - dev[candidate] : 0;
+    }
+    if (learning) {
+      for (auto& [r, d] : dev) dev_sum_[r] += d;
+      if (rank_windows_seen_ == 1 + b)
+        for (auto& [r, sum] : dev_sum_) dev_base_[r] = sum / b;
+    } else if (have_base && candidate < 0) {
+      for (auto& [r, d] : dev) dev_base_[r] += cfg_.slow_baseline_follow * (d - dev_base_[r]);
+    }
   }
   if (candidate >= 0 && candidate == rank_candidate_) {
     ++rank_streak_;
@@ -384,9 +408,16 @@ std::optional<Verdict> VerdictEngine::close_window(double now) {
   }
   rank_candidate_ = candidate;
   if (candidate >= 0) {
-    JsonObject w;
+    JsonObject w, base;
     for (auto& [r, f] : frac) w.num(std::to_string(r), f);
-    rank_windows_.push_back(JsonObject().num("end", now).num("gap", gap).raw("comm_fraction", w.done()).done());
+    for (auto& [r, d] : dev_base_) base.num(std::to_string(r), d);
+    rank_windows_.push_back(JsonObject()
+                                .num("end", now)
+                                .num("gap", gap)
+                                .num("below_baseline", below_base)
+                                .raw("comm_fraction", w.done())
+                                .raw("baseline_deviation", base.done())
+                                .done());
   }
   if (candidate >= 0 && rank_streak_ >= cfg_.slow_windows) {
     Verdict v;
@@ -397,7 +428,9 @@ std::optional<Verdict> VerdictEngine::close_window(double now) {
     s.precision(3);
     s << "rank " << candidate << " is slow: in " << rank_streak_ << " windows of " << span
       << " s it spent the least time waiting in collectives (" << frac[candidate] * 100 << " % of its time, "
-      << gap * 100 << " points below the median of the others): the others wait for it";
+      << gap * 100 << " points below the median of the others";
+    if (below_base > 0) s << ", " << below_base * 100 << " below its own baseline";
+    s << "): the others wait for it";
     v.summary = s.str();
     v.evidence = JsonObject().raw("windows", json_array(rank_windows_)).done();
     out = v;

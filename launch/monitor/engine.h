@@ -12,8 +12,13 @@
 //             number, the in-flight ring transfers name the stalled pair: a receiver waiting at step k on a
 //             sender that reached step k and already has its own input.
 //   slow rank over windows of window_s, each rank's fraction of time inside collectives: the slow rank is the
-//             one that waits least (the others wait for it); named when the same rank is below the median of
-//             the others by slow_rank_gap in slow_windows consecutive windows.
+//             one that waits least (the others wait for it). Ranks are not symmetric even when healthy (ring
+//             position, TP role, a core shared with a daemon: a fault-free 2-core CI run showed one rank 12
+//             points below the others for minutes), so each rank's deviation from the median of the others is
+//             learned over slow_baseline_windows windows (after the first, start-up window) and then followed
+//             slowly on windows without a candidate. Named when the same rank falls slow_rank_gap below its own
+//             baseline in slow_windows consecutive windows, or (slow from the start, before or without a
+//             baseline) slow_rank_abs_gap below the median of the others.
 //   slow link the pairwise matrix of mean transfer times (receiver-measured, waiting excluded): a pair above
 //             slow_link_factor × the median of the other pairs (and slow_link_min_s above it) in slow_windows
 //             consecutive windows.
@@ -41,6 +46,9 @@ struct EngineConfig {
   double window_s = 5.0;
   int slow_windows = 3;
   double slow_rank_gap = 0.08;
+  double slow_rank_abs_gap = 0.30;
+  int slow_baseline_windows = 2;
+  double slow_baseline_follow = 0.1;  // weight of a window without a candidate in the baseline (EMA)
   double slow_link_factor = 4.0;
   double slow_link_min_s = 0.0001;
 };
@@ -128,6 +136,8 @@ class VerdictEngine {
   std::map<std::pair<int, int>, LinkStats> window_links_;
   std::map<std::pair<int, int>, double> last_link_means_;
   int rank_streak_ = 0, rank_candidate_ = -1;
+  int rank_windows_seen_ = 0;                        // complete windows (every rank reporting, progressing)
+  std::map<int, double> dev_sum_, dev_base_;         // rank -> deviation from the others' median: sum, baseline
   int link_streak_ = 0;
   std::pair<int, int> link_candidate_{-1, -1};
   std::vector<std::string> rank_windows_, link_windows_;  // evidence of the current streaks

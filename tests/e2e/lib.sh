@@ -88,7 +88,8 @@ stop_daemons() {
 
 # ---- monitor helpers ---------------------------------------------------------------------------------------
 # monitored_fault NAME KIND RANK [GPT ARGS...]: starts `loom monitor` (exits at its first verdict) and a 4-rank
-# TP2 x DP2 run on 2 emulated nodes with the fault KIND at RANK after step $FAULT_STEP (default 300, ~3 s in); returns when the monitor reached a
+# TP2 x DP2 run on 2 emulated nodes with the fault KIND at RANK after step $FAULT_STEP (default 300, ~3 s in; or
+# $FAULT_AFTER_S seconds in); returns when the monitor reached a
 # verdict (or after 120 s), kills the job, and leaves $WORK/NAME/verdict.json and $WORK/NAME/fault_at (the unix
 # time the trainer logged for the injection).
 monitored_fault() {
@@ -103,7 +104,7 @@ monitored_fault() {
   [ -s "$d/port" ] || fail "$name: the monitor did not start: $(cat "$d/monitor.log")"
   timeout 150 $LOOM_MPIRUN -np 4 "$LOOM_BIN/gpt-train" "${SMALL[@]}" --steps 100000 --tp 2 --ranks-per-node 2 \
     --log-level warn --snapshot-job "s$name$$" --monitor "127.0.0.1:$(cat "$d/port")" --monitor-job "m$name$$" \
-    --monitor-token "tok$$" --fault-kind "$kind" --fault-rank "$rank" --fault-step "${FAULT_STEP:-300}" "$@" >"$d/run.log" 2>&1 &
+    --monitor-token "tok$$" --fault-kind "$kind" --fault-rank "$rank" --fault-step "${FAULT_STEP:-300}" --fault-after-s "${FAULT_AFTER_S:-0}" "$@" >"$d/run.log" 2>&1 &
   local job=$!
   ( sleep 120; kill "$mon" 2>/dev/null ) &
   local guard=$!
