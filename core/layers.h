@@ -23,6 +23,7 @@ class RMSNorm : public Module {
   explicit RMSNorm(int64_t dim, float eps = 1e-5f);
   Tensor operator()(Ctx& c, const Tensor& x) const { return ops::rmsnorm(c, x, weight_.value(), eps_); }
   Parameter& weight() const { return weight_; }
+  float eps() const { return eps_; }
 
  private:
   Parameter& weight_;

@@ -9,7 +9,11 @@ ColumnParallelLinear::ColumnParallelLinear(int64_t in_features, int64_t out_feat
     : tp_(tp), weight_(register_parameter("weight", Shape{out_features, in_features}, init, {tp.split(0)})) {}
 
 Tensor ColumnParallelLinear::operator()(Ctx& c, const Tensor& x) const {
-  return ops::linear(c, ops::copy_to_tp(c, x, tp_.comm), weight_.value());
+  return local(c, ops::copy_to_tp(c, x, tp_.comm));
+}
+
+Tensor ColumnParallelLinear::local(Ctx& c, const Tensor& x) const {
+  return ops::linear(c, x, weight_.value());
 }
 
 RowParallelLinear::RowParallelLinear(int64_t in_features, int64_t out_features, TpGroup tp, InitSpec init)

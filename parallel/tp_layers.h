@@ -29,6 +29,9 @@ class ColumnParallelLinear : public Module {
   ColumnParallelLinear(int64_t in_features, int64_t out_features, TpGroup tp, InitSpec init = InitSpec::normal(0.02f));
   // x [..., in] (replicated) -> [..., out / tp]
   Tensor operator()(Ctx& c, const Tensor& x) const;
+  // The same product, but x's gradient is left as this rank's partial sum: the op that produced x sums it over
+  // TP in its backward (ops::fused_allreduce_add_rmsnorm), once for all its consumers.
+  Tensor local(Ctx& c, const Tensor& x) const;
   Parameter& weight() const { return weight_; }
 
  private:

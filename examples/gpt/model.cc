@@ -3,6 +3,7 @@
 #include <cmath>
 
 #include "core/error.h"
+#include "parallel/tp_ops.h"
 
 namespace gpt {
 
@@ -21,6 +22,9 @@ void GptConfig::declare(loom::Config& cfg) {
   cfg.add("model.norm_eps", &norm_eps, "RMSNorm epsilon");
   cfg.add("model.rope_base", &rope_base, "RoPE base");
   cfg.add("model.init_std", &init_std, "std of the normal initialisation");
+  cfg.add("model.fused_norm", &fused_norm,
+          "fuse each row-parallel all-reduce with the residual add and the next RMSNorm (one all-reduce in the "
+          "backward for q, k and v; a fused device kernel where the communicator has one)");
   // tiny trains in a few minutes on 2 CPU cores; the last is the reference model of the GPU benchmarks.
   cfg.add_preset("tiny",
                  {{"model.dim", "128"},
@@ -121,13 +125,19 @@ Attention::Attention(const GptConfig& cfg, loom::TpGroup tp)
       wv_(register_module<loom::ColumnParallelLinear>("wv", cfg.dim, cfg.dim, tp, matrix_init(cfg))),
       wo_(register_module<loom::RowParallelLinear>("wo", cfg.dim, cfg.dim, tp, residual_init(cfg))) {}
 
-Tensor Attention::operator()(Ctx& c, const Tensor& x) const {
+Tensor Attention::heads_out(Ctx& c, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& x) const {
   const Shape heads{x.size(0), x.size(1), local_heads_, head_dim_};
-  Tensor q = loom::ops::rope(c, wq_(c, x).reshape(heads), rope_base_);
-  Tensor k = loom::ops::rope(c, wk_(c, x).reshape(heads), rope_base_);
-  Tensor v = wv_(c, x).reshape(heads);
-  Tensor a = loom::ops::causal_attention(c, q, k, v);
-  return wo_(c, a.reshape(Shape{x.size(0), x.size(1), local_heads_ * head_dim_}));
+  Tensor a = loom::ops::causal_attention(c, loom::ops::rope(c, q.reshape(heads), rope_base_),
+                                         loom::ops::rope(c, k.reshape(heads), rope_base_), v.reshape(heads));
+  return a.reshape(Shape{x.size(0), x.size(1), local_heads_ * head_dim_});
+}
+
+Tensor Attention::operator()(Ctx& c, const Tensor& x) const {
+  return wo_(c, heads_out(c, wq_(c, x), wk_(c, x), wv_(c, x), x));
+}
+
+Tensor Attention::partial(Ctx& c, const Tensor& x) const {
+  return wo_.partial(c, heads_out(c, wq_.local(c, x), wk_.local(c, x), wv_.local(c, x), x));
 }
 
 Mlp::Mlp(const GptConfig& cfg, loom::TpGroup tp)
@@ -139,8 +149,13 @@ Tensor Mlp::operator()(Ctx& c, const Tensor& x) const {
   return w2_(c, loom::ops::swiglu(c, w1_(c, x), w3_(c, x)));
 }
 
+Tensor Mlp::partial(Ctx& c, const Tensor& x) const {
+  return w2_.partial(c, loom::ops::swiglu(c, w1_.local(c, x), w3_.local(c, x)));
+}
+
 Block::Block(const GptConfig& cfg, loom::TpGroup tp)
-    : attn_norm_(register_module<loom::RMSNorm>("attn_norm", cfg.dim, static_cast<float>(cfg.norm_eps))),
+    : tp_(tp),
+      attn_norm_(register_module<loom::RMSNorm>("attn_norm", cfg.dim, static_cast<float>(cfg.norm_eps))),
       attn_(register_module<Attention>("attn", cfg, tp)),
       mlp_norm_(register_module<loom::RMSNorm>("mlp_norm", cfg.dim, static_cast<float>(cfg.norm_eps))),
       mlp_(register_module<Mlp>("mlp", cfg, tp)) {}
@@ -148,6 +163,13 @@ Block::Block(const GptConfig& cfg, loom::TpGroup tp)
 Tensor Block::operator()(Ctx& c, const Tensor& x) const {
   Tensor h = loom::ops::add(c, x, attn_(c, attn_norm_(c, x)));
   return loom::ops::add(c, h, mlp_(c, mlp_norm_(c, h)));
+}
+
+loom::ops::NormedResidual Block::fused(Ctx& c, const Tensor& x, const Tensor& n, const loom::RMSNorm& next_norm) const {
+  auto h = loom::ops::fused_allreduce_add_rmsnorm(c, attn_.partial(c, n), x, mlp_norm_.weight().value(),
+                                                  mlp_norm_.eps(), tp_.comm);
+  return loom::ops::fused_allreduce_add_rmsnorm(c, mlp_.partial(c, h.normed), h.residual, next_norm.weight().value(),
+                                                next_norm.eps(), tp_.comm);
 }
 
 Gpt::Gpt(const GptConfig& cfg, loom::TpGroup tp)
@@ -166,6 +188,19 @@ Tensor Gpt::logits(Ctx& c, const Tensor& tokens) const {
   LOOM_CHECK(tokens.size(1) <= cfg_.seq_len, kShape,
              "gpt: sequence length " << tokens.size(1) << " exceeds model.seq_len " << cfg_.seq_len);
   Tensor x = tok_emb_(c, tokens);  // [B, T, D]
+  if (cfg_.fused_norm && blocks_.size() > 0) {
+    // The first norm is a plain one (the embedding's all-reduce has no residual to fuse with); copy_to_tp sums
+    // its consumers' partial gradients. Every later norm is fused with the all-reduce before it.
+    const Block& first = blocks_.at<Block>(0);
+    Tensor n = loom::ops::copy_to_tp(c, first.attn_norm()(c, x), tp_.comm);
+    for (size_t i = 0; i < blocks_.size(); ++i) {
+      const loom::RMSNorm& next = i + 1 < blocks_.size() ? blocks_.at<Block>(i + 1).attn_norm() : norm_;
+      auto out = blocks_.at<Block>(i).fused(c, x, n, next);
+      x = out.residual;
+      n = out.normed;
+    }
+    return lm_head_.local(c, n).flatten_2d();  // [B*T, V/tp]
+  }
   for (size_t i = 0; i < blocks_.size(); ++i) x = blocks_.at<Block>(i)(c, x);
   Tensor h = norm_(c, x);
   return lm_head_(c, h).flatten_2d();  // [B*T, V/tp]

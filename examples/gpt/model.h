@@ -15,6 +15,7 @@
 #include "core/config.h"
 #include "core/layers.h"
 #include "loom/trainer.h"
+#include "parallel/fused_norm.h"
 #include "parallel/tp_layers.h"
 
 namespace gpt {
@@ -29,6 +30,9 @@ struct GptConfig {
   double norm_eps = 1e-5;
   double rope_base = 10000;
   double init_std = 0.02;
+  // Fuse the TP all-reduce of each row-parallel output with the residual add and the next RMSNorm
+  // (parallel/fused_norm.h). Same parameters and results either way (within rounding of the backward).
+  bool fused_norm = true;
 
   // model.* keys and the presets (which also set train.* keys).
   void declare(loom::Config& cfg);
@@ -45,8 +49,12 @@ class Attention : public loom::Module {
   Attention(const GptConfig& cfg, loom::TpGroup tp);
   // x [B, T, D] -> [B, T, D]
   loom::Tensor operator()(loom::Ctx& c, const loom::Tensor& x) const;
+  // The fused path: x's gradient is left unreduced, and the output is this rank's partial sum (no all-reduce).
+  loom::Tensor partial(loom::Ctx& c, const loom::Tensor& x) const;
 
  private:
+  loom::Tensor heads_out(loom::Ctx& c, const loom::Tensor& q, const loom::Tensor& k, const loom::Tensor& v,
+                         const loom::Tensor& x) const;
   int64_t local_heads_, head_dim_;
   float rope_base_;
   loom::ColumnParallelLinear& wq_;
@@ -59,6 +67,7 @@ class Mlp : public loom::Module {
  public:
   Mlp(const GptConfig& cfg, loom::TpGroup tp);
   loom::Tensor operator()(loom::Ctx& c, const loom::Tensor& x) const;
+  loom::Tensor partial(loom::Ctx& c, const loom::Tensor& x) const;  // as Attention::partial
 
  private:
   loom::ColumnParallelLinear& w1_;
@@ -70,8 +79,15 @@ class Block : public loom::Module {
  public:
   Block(const GptConfig& cfg, loom::TpGroup tp);
   loom::Tensor operator()(loom::Ctx& c, const loom::Tensor& x) const;
+  // The fused path: x is the residual stream and n = attn_norm(x) (its gradient summed over TP by whoever made
+  // it); returns the residual stream after the block and next_norm(that), next_norm being the next block's
+  // attn_norm or the final norm.
+  loom::ops::NormedResidual fused(loom::Ctx& c, const loom::Tensor& x, const loom::Tensor& n,
+                                  const loom::RMSNorm& next_norm) const;
+  const loom::RMSNorm& attn_norm() const { return attn_norm_; }
 
  private:
+  loom::TpGroup tp_;
   loom::RMSNorm& attn_norm_;
   Attention& attn_;
   loom::RMSNorm& mlp_norm_;

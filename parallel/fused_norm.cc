@@ -1,0 +1,54 @@
+#include "parallel/fused_norm.h"
+
+#include "core/error.h"
+
+namespace loom::ops {
+
+NormedResidual fused_allreduce_add_rmsnorm(Ctx& c, const Tensor& partial, const Tensor& residual, const Tensor& weight,
+                                           float eps, Communicator* tp) {
+  const char* op = "fused_allreduce_add_rmsnorm";
+  LOOM_CHECK(partial.ndim() >= 1, kShape, op << ": partial must have at least one dimension");
+  LOOM_CHECK(residual.shape() == partial.shape(), kShape,
+             op << ": residual " << residual.shape().str() << " and partial " << partial.shape().str() << " differ");
+  LOOM_CHECK(weight.ndim() == 1 && weight.size(0) == partial.size(-1), kShape,
+             op << ": weight must be [" << partial.size(-1) << "], got " << weight.shape().str());
+  LOOM_CHECK(partial.dtype() == c.compute_dtype() && residual.dtype() == c.compute_dtype() &&
+                 weight.dtype() == c.compute_dtype(),
+             kShape, op << ": partial, residual and weight must be " << dtype_name(c.compute_dtype()));
+  LOOM_CHECK(eps > 0, kConfig, op << ": eps must be positive, got " << eps);
+  const bool comm = tp != nullptr && tp->size() > 1;
+  const bool grad = c.needs_grad({partial, residual, weight});
+
+  Tensor sum = partial.detach();
+  if (comm) tp->all_reduce(sum, ReduceOp::kSum);
+  NormedResidual out{c.output(partial.shape(), partial.dtype(), grad), c.output(partial.shape(), partial.dtype(), grad)};
+  Backend& be = c.backend();
+  be.add(out.residual, residual, sum);
+  Tensor r2 = out.residual.flatten_2d();
+  Tensor rstd = c.scratch(Shape{r2.size(0)}, DType::kF32);
+  be.rmsnorm_forward(out.normed.flatten_2d(), rstd, r2, weight, eps);
+  if (!grad) return out;
+
+  Backend* b = &be;
+  ActivationArena* arena = &c.arena();
+  const Tensor normed = out.normed, res_out = out.residual;
+  c.tape()->record([=](Tape& t) {
+    if (auto dn = t.grad(normed)) {
+      // The consumers' partial input gradients, summed over TP once; then the RMSNorm backward, added to
+      // whatever the residual stream's later users sent back (the slot of res_out, accumulated into).
+      if (comm) tp->all_reduce(*dn, ReduceOp::kSum);
+      auto dr = t.target(res_out);
+      auto dw_t = t.target(weight);
+      Tensor dw = dw_t ? dw_t->grad : arena->allocate(weight.shape(), DType::kF32);
+      if (!dw_t || !dw_t->accumulate) b->fill(dw, 0.0f);
+      b->rmsnorm_backward(dr->grad.flatten_2d(), dr->accumulate, dw, dn->flatten_2d(), r2, weight, rstd);
+    }
+    auto g = t.grad(res_out);
+    if (!g) return;
+    if (auto tgt = t.target(residual)) b->axpy(tgt->grad, *g, 1.0f, tgt->accumulate);
+    if (auto tgt = t.target(partial)) b->axpy(tgt->grad, *g, 1.0f, tgt->accumulate);
+  });
+  return out;
+}
+
+}  // namespace loom::ops
