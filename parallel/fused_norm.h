@@ -15,9 +15,9 @@
 // of summing the consumers' partial gradients before the all-reduce rather than after (a different rounding,
 // within the TP-equivalence tolerance).
 //
-// Backends: the Communicator may supply the whole forward as one device kernel (fused_forward below; the CUDA
-// IPC kernels do); otherwise the op composes the communicator's all-reduce with the backend's add and RMSNorm,
-// which is the reference (the CPU path, bit-for-bit the unfused ops).
+// Today the op composes the communicator's all-reduce (MPI or NCCL) with the backend's add and RMSNorm kernels:
+// the reference (the CPU path, bit-for-bit the unfused ops). The one-kernel CUDA IPC versions (two-shot and
+// one-shot, docs/fused_norm.md) are to plug in here, behind the same op, when the communicator offers them.
 #pragma once
 
 #include "core/context.h"

@@ -23,8 +23,8 @@ void GptConfig::declare(loom::Config& cfg) {
   cfg.add("model.rope_base", &rope_base, "RoPE base");
   cfg.add("model.init_std", &init_std, "std of the normal initialisation");
   cfg.add("model.fused_norm", &fused_norm,
-          "fuse each row-parallel all-reduce with the residual add and the next RMSNorm (one all-reduce in the "
-          "backward for q, k and v; a fused device kernel where the communicator has one)");
+          "fuse each row-parallel all-reduce with the residual add and the next RMSNorm into one op (one "
+          "all-reduce in the backward for q, k and v instead of three; docs/fused_norm.md)");
   // tiny trains in a few minutes on 2 CPU cores; the last is the reference model of the GPU benchmarks.
   cfg.add_preset("tiny",
                  {{"model.dim", "128"},
