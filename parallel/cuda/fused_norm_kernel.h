@@ -1,0 +1,83 @@
+// The one-kernel fused all-reduce + residual add + RMSNorm of the TP hot path (docs/fused_norm.md), over
+// symmetric buffers that every rank of the group can read and write (CUDA IPC mappings of the peers' buffers
+// on NVLink; in the tests, buffers of one GPU shared by "virtual ranks" on separate streams). No NVLink
+// multicast: every remote access is an ordinary load or store through a peer pointer.
+//
+//   two-shot  each rank copies its partial rows into its own input buffer (epoch & 1); barrier; rank r reduces the rows of
+//             its token slice from every peer in the fixed rank order 0..W-1 (so every rank gets bit-identical
+//             results), adds the residual, RMSNorms, and writes both the new residual rows and the normalised
+//             rows into every peer's output buffers; barrier; each rank copies its output buffers out.
+//   one-shot  each rank copies its partial into input buffer (epoch & 1); barrier; every rank reduces every
+//             row from all peers in the same fixed order (the same arithmetic everywhere: bit-identical).
+//             Double-buffered inputs make one barrier enough: a rank can only overwrite buffer (epoch & 1) two
+//             calls later, after every peer passed the barrier of the call in between (which it reaches only
+//             once its previous kernel, the reads included, is complete). Both algorithms follow the same
+//             parity rule, so calls may alternate between them.
+//
+// Synchronisation: flags are 32-bit epochs (a per-group call counter kept by the caller, never reset from the
+// host; compared wrap-safely). Block b of rank r only ever waits for block b of its peers (rows are dealt to
+// blocks by row % blocks on every rank). Signal: the block's stores, __syncthreads, then one thread fences at
+// system scope and stores the epoch with release semantics into every peer's flag slot; wait: one thread loads
+// with acquire semantics at system scope, then __syncthreads. Every spin is bounded by the abort word (host
+// memory the launcher can set) and a deadline on the global timer; a failed wait records (kind, peer) in the
+// error word and the kernel returns, so a dead or hung peer gives an error, not a hang. Nothing is allocated or
+// synchronised inside launch(), so it can be captured in a CUDA graph (the epoch is then a kernel argument
+// frozen into the graph: replaying needs a fresh epoch per replay, which the caller's graph update provides).
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace loom::cuda {
+
+constexpr int kFusedMaxRanks = 8;
+constexpr int kFusedMaxBlocks = 32;
+// Flag words per rank: [2 barriers][kFusedMaxRanks senders][kFusedMaxBlocks blocks].
+constexpr int64_t kFusedFlagWords = 2 * kFusedMaxRanks * kFusedMaxBlocks;
+
+// Error word values: 0 = fine; otherwise (kind << 8) | peer.
+enum FusedError : uint32_t { kFusedDeadline = 1, kFusedAborted = 2 };
+
+// One rank's view of the group's symmetric memory.
+struct FusedNormGroup {
+  int ranks = 0, rank = 0;
+  // Rank p's staging buffer and flag words, as this rank addresses them.
+  void* stage[kFusedMaxRanks] = {};
+  uint32_t* flags[kFusedMaxRanks] = {};
+  int64_t stage_bytes = 0;            // of each staging buffer
+  const volatile uint32_t* abort = nullptr;  // mapped host word: non-zero stops every wait
+  uint32_t* error = nullptr;          // this rank's device error word (first failure wins)
+};
+
+enum class FusedAlgo { kOneShot, kTwoShot };
+
+struct FusedNormArgs {
+  const void* partial = nullptr;   // bf16 [rows, d], this rank's partial sums
+  const void* residual = nullptr;  // bf16 [rows, d], identical on every rank
+  const void* weight = nullptr;    // bf16 [d]
+  void* residual_out = nullptr;    // bf16 [rows, d]
+  void* normed = nullptr;          // bf16 [rows, d]
+  int64_t rows = 0, d = 0;
+  float eps = 1e-5f;
+  uint32_t epoch = 0;       // > every epoch used before on this group
+  int blocks = 16;          // SMs it occupies (1..kFusedMaxBlocks)
+  double timeout_s = 10.0;  // per wait
+  FusedAlgo algo = FusedAlgo::kTwoShot;
+};
+
+// Staging bytes each rank needs for `rows` x `d` bf16 (two input buffers and two output buffers).
+int64_t fused_stage_bytes(int64_t rows, int64_t d);
+
+// Enqueues the kernel on `stream`. Throws (kShape/kComm) on arguments that cannot work; a failure during the
+// kernel shows in *g.error after the stream is synchronised (fused_error_message() explains it).
+void launch_fused_allreduce_add_rmsnorm(const FusedNormGroup& g, const FusedNormArgs& a, cudaStream_t stream);
+
+// Occupies `stream` for about `ns` nanoseconds (one thread spinning on the global timer): a late rank in the
+// tests and benchmarks.
+void launch_spin(uint64_t ns, cudaStream_t stream);
+
+// "" for 0; else what went wrong (the peer is error & 0xff).
+const char* fused_error_kind(uint32_t error);
+
+}  // namespace loom::cuda

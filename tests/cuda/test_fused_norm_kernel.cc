@@ -1,0 +1,331 @@
+// The fused all-reduce + residual add + RMSNorm kernels (parallel/cuda/fused_norm_kernel.h) on "virtual ranks":
+// W ranks of one process on one GPU, each with its own stream and its own staging buffer and flag words, which
+// the others address directly (the same protocol as CUDA IPC peers on NVLink, without a second GPU). Each rank's
+// kernel occupies `blocks` SMs, so all W run at once.
+//   - Both algorithms against a host reference for token counts 1..16384 and hidden sizes 1024..8192: the new
+//     residual stream exactly (the same f32 additions in the same rank order, one rounding), the normalised rows
+//     within one bf16 rounding (norm-wise 1e-2; the sum of squares is added in another order), and every rank's
+//     outputs bit-identical.
+//   - 10^5 calls with random per-rank delays (a spin kernel before some ranks' calls) and inputs that change
+//     every call: no error, and every 1000th call checked bit for bit against the expected result.
+//   - A dead peer (its kernel never launched) makes the survivor fail with a deadline error naming it, within
+//     the deadline; the abort word stops a waiting kernel.
+#include <gtest/gtest.h>
+
+#include <chrono>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <thread>
+#include <vector>
+
+#include "core/dtype.h"
+#include "core/rng.h"
+#include "tests/cuda/cuda_test_util.h"
+
+#ifdef LOOM_HAVE_CUDA
+#include <cuda_runtime.h>
+
+#include "parallel/cuda/fused_norm_kernel.h"
+#endif
+
+namespace loom {
+namespace {
+
+class FusedNormKernel : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    const std::string reason = test::cuda_skip_reason();
+    if (!reason.empty()) GTEST_SKIP() << reason;
+  }
+};
+
+#ifdef LOOM_HAVE_CUDA
+
+#define CK(expr) ASSERT_EQ((expr), cudaSuccess) << #expr << ": " << cudaGetErrorString(cudaGetLastError())
+
+std::vector<uint16_t> random_bf16(int64_t n, uint64_t seed, uint64_t stream, float scale, float offset = 0.0f) {
+  std::vector<uint16_t> v(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i)
+    v[static_cast<size_t>(i)] =
+        f32_to_bf16(offset + scale * random_normal(seed, stream, static_cast<uint64_t>(i))).bits;
+  return v;
+}
+
+float f(uint16_t b) {
+  return bf16_to_f32(bf16{b});
+}
+
+// W virtual ranks: staging buffers, flag words (zeroed once, at creation), error words, the abort word, streams.
+struct VirtualGroup {
+  int ranks;
+  int64_t stage_bytes;
+  std::vector<void*> stage, flags;
+  std::vector<uint32_t*> error;
+  uint32_t* abort_host = nullptr;
+  uint32_t* abort_dev = nullptr;
+  std::vector<cudaStream_t> streams;
+  uint32_t epoch = 0;
+
+  VirtualGroup(int w, int64_t bytes) : ranks(w), stage_bytes(bytes) {
+    for (int r = 0; r < w; ++r) {
+      void *s = nullptr, *fl = nullptr, *e = nullptr;
+      cudaMalloc(&s, static_cast<size_t>(bytes));
+      cudaMalloc(&fl, cuda::kFusedFlagWords * sizeof(uint32_t));
+      cudaMemset(fl, 0, cuda::kFusedFlagWords * sizeof(uint32_t));
+      cudaMalloc(&e, sizeof(uint32_t));
+      cudaMemset(e, 0, sizeof(uint32_t));
+      stage.push_back(s);
+      flags.push_back(fl);
+      error.push_back(static_cast<uint32_t*>(e));
+      cudaStream_t st;
+      cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking);
+      streams.push_back(st);
+    }
+    cudaHostAlloc(reinterpret_cast<void**>(&abort_host), sizeof(uint32_t), cudaHostAllocMapped);
+    *abort_host = 0;
+    cudaHostGetDevicePointer(reinterpret_cast<void**>(&abort_dev), abort_host, 0);
+    cudaDeviceSynchronize();
+  }
+  ~VirtualGroup() {
+    cudaDeviceSynchronize();
+    for (int r = 0; r < ranks; ++r) {
+      cudaFree(stage[static_cast<size_t>(r)]);
+      cudaFree(flags[static_cast<size_t>(r)]);
+      cudaFree(error[static_cast<size_t>(r)]);
+      cudaStreamDestroy(streams[static_cast<size_t>(r)]);
+    }
+    cudaFreeHost(abort_host);
+  }
+  cuda::FusedNormGroup view(int r) const {
+    cuda::FusedNormGroup g;
+    g.ranks = ranks;
+    g.rank = r;
+    for (int p = 0; p < ranks; ++p) {
+      g.stage[p] = stage[static_cast<size_t>(p)];
+      g.flags[p] = static_cast<uint32_t*>(flags[static_cast<size_t>(p)]);
+    }
+    g.stage_bytes = stage_bytes;
+    g.abort = abort_dev;
+    g.error = error[static_cast<size_t>(r)];
+    return g;
+  }
+  uint32_t error_of(int r) const {
+    uint32_t e = 0;
+    cudaMemcpy(&e, error[static_cast<size_t>(r)], sizeof e, cudaMemcpyDeviceToHost);
+    return e;
+  }
+};
+
+// Device copies of one problem: per-rank partials, the shared residual and weight, per-rank outputs.
+struct Problem {
+  int64_t rows, d;
+  std::vector<std::vector<uint16_t>> partial;
+  std::vector<uint16_t> residual, weight;
+  std::vector<void*> dev_partial, dev_res_out, dev_normed;
+  void *dev_residual = nullptr, *dev_weight = nullptr;
+
+  Problem(int w, int64_t rows_, int64_t d_, uint64_t seed) : rows(rows_), d(d_) {
+    const int64_t n = rows * d;
+    for (int r = 0; r < w; ++r) partial.push_back(random_bf16(n, seed, 10 + static_cast<uint64_t>(r), 0.5f));
+    residual = random_bf16(n, seed, 1, 1.0f);
+    weight = random_bf16(d, seed, 2, 0.2f, 1.0f);
+    const size_t bytes = static_cast<size_t>(n) * 2;
+    for (int r = 0; r < w; ++r) {
+      void *p, *a, *b;
+      cudaMalloc(&p, bytes);
+      cudaMalloc(&a, bytes);
+      cudaMalloc(&b, bytes);
+      cudaMemcpy(p, partial[static_cast<size_t>(r)].data(), bytes, cudaMemcpyHostToDevice);
+      dev_partial.push_back(p);
+      dev_res_out.push_back(a);
+      dev_normed.push_back(b);
+    }
+    cudaMalloc(&dev_residual, bytes);
+    cudaMalloc(&dev_weight, static_cast<size_t>(d) * 2);
+    cudaMemcpy(dev_residual, residual.data(), bytes, cudaMemcpyHostToDevice);
+    cudaMemcpy(dev_weight, weight.data(), static_cast<size_t>(d) * 2, cudaMemcpyHostToDevice);
+  }
+  ~Problem() {
+    for (void* p : dev_partial) cudaFree(p);
+    for (void* p : dev_res_out) cudaFree(p);
+    for (void* p : dev_normed) cudaFree(p);
+    cudaFree(dev_residual);
+    cudaFree(dev_weight);
+  }
+  cuda::FusedNormArgs args(int r, uint32_t epoch, cuda::FusedAlgo algo, int blocks) const {
+    cuda::FusedNormArgs a;
+    a.partial = dev_partial[static_cast<size_t>(r)];
+    a.residual = dev_residual;
+    a.weight = dev_weight;
+    a.residual_out = dev_res_out[static_cast<size_t>(r)];
+    a.normed = dev_normed[static_cast<size_t>(r)];
+    a.rows = rows;
+    a.d = d;
+    a.eps = 1e-5f;
+    a.epoch = epoch;
+    a.blocks = blocks;
+    a.timeout_s = 20.0;
+    a.algo = algo;
+    return a;
+  }
+  // Host reference: the residual exactly as the kernel (f32 sum in rank order, + residual, one rounding), the
+  // normalised rows in f32 from it.
+  void reference(std::vector<uint16_t>* res, std::vector<float>* normed) const {
+    const int64_t n = rows * d;
+    res->resize(static_cast<size_t>(n));
+    normed->resize(static_cast<size_t>(n));
+    for (int64_t row = 0; row < rows; ++row) {
+      double sum_sq = 0;
+      for (int64_t j = 0; j < d; ++j) {
+        const size_t i = static_cast<size_t>(row * d + j);
+        float acc = f(partial[0][i]);
+        for (size_t p = 1; p < partial.size(); ++p) acc += f(partial[p][i]);
+        (*res)[i] = f32_to_bf16(acc + f(residual[i])).bits;
+        const double x = f((*res)[i]);
+        sum_sq += x * x;
+      }
+      const double rs = 1.0 / std::sqrt(sum_sq / static_cast<double>(d) + 1e-5);
+      for (int64_t j = 0; j < d; ++j) {
+        const size_t i = static_cast<size_t>(row * d + j);
+        (*normed)[i] = static_cast<float>(f((*res)[i]) * rs * f(weight[static_cast<size_t>(j)]));
+      }
+    }
+  }
+  std::vector<uint16_t> download(const std::vector<void*>& v, int r) const {
+    std::vector<uint16_t> out(static_cast<size_t>(rows * d));
+    cudaMemcpy(out.data(), v[static_cast<size_t>(r)], out.size() * 2, cudaMemcpyDeviceToHost);
+    return out;
+  }
+};
+
+void launch_all(const VirtualGroup& g, const Problem& pb, cuda::FusedAlgo algo, int blocks, uint32_t epoch) {
+  for (int r = 0; r < g.ranks; ++r)
+    cuda::launch_fused_allreduce_add_rmsnorm(g.view(r), pb.args(r, epoch, algo, blocks), g.streams[static_cast<size_t>(r)]);
+}
+
+TEST_F(FusedNormKernel, BothAlgorithmsMatchTheReferenceAndAreBitIdenticalOnEveryRank) {
+  struct Case {
+    int ranks;
+    int64_t rows, d;
+  };
+  const Case cases[] = {{2, 1, 1024}, {2, 3, 8192}, {4, 37, 2048}, {2, 300, 4096}, {8, 1000, 1024},
+                        {2, 4096, 8192}, {4, 16384, 2048}, {2, 16384, 8192}, {3, 129, 4096}};
+  for (const Case& c : cases) {
+    Problem pb(c.ranks, c.rows, c.d, 7 + static_cast<uint64_t>(c.rows));
+    std::vector<uint16_t> want_res;
+    std::vector<float> want_norm;
+    pb.reference(&want_res, &want_norm);
+    VirtualGroup g(c.ranks, cuda::fused_stage_bytes(c.rows, c.d));
+    for (cuda::FusedAlgo algo : {cuda::FusedAlgo::kTwoShot, cuda::FusedAlgo::kOneShot}) {
+      SCOPED_TRACE(std::string(algo == cuda::FusedAlgo::kTwoShot ? "two-shot" : "one-shot") + ", " +
+                   std::to_string(c.ranks) + " ranks, " + std::to_string(c.rows) + " x " + std::to_string(c.d));
+      ++g.epoch;
+      launch_all(g, pb, algo, 16, g.epoch);
+      CK(cudaDeviceSynchronize());
+      std::vector<uint16_t> res0 = pb.download(pb.dev_res_out, 0), norm0 = pb.download(pb.dev_normed, 0);
+      for (int r = 0; r < c.ranks; ++r) {
+        ASSERT_EQ(g.error_of(r), 0u) << cuda::fused_error_kind(g.error_of(r));
+        EXPECT_TRUE(pb.download(pb.dev_res_out, r) == res0) << "residual differs on rank " << r;
+        EXPECT_TRUE(pb.download(pb.dev_normed, r) == norm0) << "normed differs on rank " << r;
+      }
+      int64_t res_wrong = 0;
+      double num = 0, den = 0;
+      for (size_t i = 0; i < want_res.size(); ++i) {
+        res_wrong += res0[i] != want_res[i];
+        num += std::pow(f(norm0[i]) - want_norm[i], 2.0);
+        den += std::pow(want_norm[i], 2.0);
+      }
+      EXPECT_EQ(res_wrong, 0) << "residual elements different from the reference";
+      EXPECT_LE(std::sqrt(num / den), 1e-2) << "normed rows, norm-wise relative error";
+    }
+  }
+}
+
+TEST_F(FusedNormKernel, HundredThousandCallsWithRandomDelaysStayCorrect) {
+  const int w = 2;
+  const int64_t rows = 16, d = 1024;
+  // Four input sets, used in turn, so a rank that read a peer's buffer before the peer refilled it would see the
+  // previous call's data.
+  std::vector<std::unique_ptr<Problem>> sets;
+  std::vector<std::vector<uint16_t>> want_res(4);
+  for (int s = 0; s < 4; ++s) {
+    sets.push_back(std::make_unique<Problem>(w, rows, d, 1000 + static_cast<uint64_t>(s)));
+    std::vector<float> unused;
+    sets.back()->reference(&want_res[static_cast<size_t>(s)], &unused);
+  }
+  VirtualGroup g(w, cuda::fused_stage_bytes(rows, d));
+  auto env = [](const char* k, int dflt) { const char* v = std::getenv(k); return v ? std::atoi(v) : dflt; };
+  const int calls = env("LOOM_FUSED_TEST_CALLS", 100000);
+  const int algo_mode = env("LOOM_FUSED_TEST_ALGO", 2);  // 0 two-shot, 1 one-shot, 2 alternate
+  const bool spin = env("LOOM_FUSED_TEST_SPIN", 1) != 0;
+  for (int i = 0; i < calls; ++i) {
+    const Problem& pb = *sets[static_cast<size_t>(i % 4)];
+    const bool one = algo_mode == 2 ? (i / 4) % 2 == 1 : algo_mode == 1;
+    const auto algo = one ? cuda::FusedAlgo::kOneShot : cuda::FusedAlgo::kTwoShot;
+    ++g.epoch;
+    for (int r = 0; r < w; ++r) {
+      const double u = random_uniform(99, static_cast<uint64_t>(r), static_cast<uint64_t>(i));
+      if (spin && u < 0.1) cuda::launch_spin(static_cast<uint64_t>(u * 2e5), g.streams[static_cast<size_t>(r)]);
+      cuda::FusedNormArgs a = pb.args(r, g.epoch, algo, 4);
+      a.timeout_s = 2.0;
+      cuda::launch_fused_allreduce_add_rmsnorm(g.view(r), a, g.streams[static_cast<size_t>(r)]);
+    }
+    // The host runs at most 100 calls ahead: kernels that wait for each other must all have been submitted, and
+    // a launch that blocks on a full queue must not hold back a peer's kernel.
+    if (i % 100 == 99) {
+      CK(cudaDeviceSynchronize());
+      ASSERT_EQ(g.error_of(0) | g.error_of(1), 0u)
+          << "call " << i << ": rank 0 '" << cuda::fused_error_kind(g.error_of(0)) << "' (peer "
+          << (g.error_of(0) & 0xff) << "), rank 1 '" << cuda::fused_error_kind(g.error_of(1)) << "' (peer "
+          << (g.error_of(1) & 0xff) << ")";
+    }
+    if (i % 1000 == 999) {
+      for (int r = 0; r < w; ++r) {
+        ASSERT_EQ(g.error_of(r), 0u) << "call " << i << ": " << cuda::fused_error_kind(g.error_of(r));
+        ASSERT_TRUE(pb.download(pb.dev_res_out, r) == want_res[static_cast<size_t>(i % 4)])
+            << "call " << i << ", rank " << r << ": wrong residual";
+      }
+    }
+  }
+}
+
+TEST_F(FusedNormKernel, ADeadPeerIsAnErrorWithinTheDeadlineAndAbortStopsAWait) {
+  const int64_t rows = 64, d = 1024;
+  Problem pb(2, rows, d, 5);
+  for (auto algo : {cuda::FusedAlgo::kTwoShot, cuda::FusedAlgo::kOneShot}) {
+    VirtualGroup g(2, cuda::fused_stage_bytes(rows, d));
+    cuda::FusedNormArgs a = pb.args(0, 1, algo, 8);
+    a.timeout_s = 0.5;
+    const auto t0 = std::chrono::steady_clock::now();
+    cuda::launch_fused_allreduce_add_rmsnorm(g.view(0), a, g.streams[0]);  // rank 1 never comes
+    CK(cudaStreamSynchronize(g.streams[0]));
+    const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    const uint32_t e = g.error_of(0);
+    EXPECT_EQ(e >> 8, cuda::kFusedDeadline) << cuda::fused_error_kind(e);
+    EXPECT_EQ(e & 0xff, 1u) << "the error names the missing peer";
+    EXPECT_GE(s, 0.45);
+    EXPECT_LT(s, 3.0) << "the survivor must give up soon after the 0.5 s deadline";
+  }
+  VirtualGroup g(2, cuda::fused_stage_bytes(rows, d));
+  cuda::FusedNormArgs a = pb.args(0, 1, cuda::FusedAlgo::kTwoShot, 8);
+  a.timeout_s = 60.0;
+  const auto t0 = std::chrono::steady_clock::now();
+  cuda::launch_fused_allreduce_add_rmsnorm(g.view(0), a, g.streams[0]);
+  std::this_thread::sleep_for(std::chrono::milliseconds(200));
+  *reinterpret_cast<volatile uint32_t*>(g.abort_host) = 1;
+  CK(cudaStreamSynchronize(g.streams[0]));
+  const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  EXPECT_EQ(g.error_of(0) >> 8, cuda::kFusedAborted);
+  EXPECT_LT(s, 5.0);
+}
+
+#else
+
+TEST_F(FusedNormKernel, BothAlgorithmsMatchTheReferenceAndAreBitIdenticalOnEveryRank) {}
+
+#endif
+
+}  // namespace
+}  // namespace loom
