@@ -557,29 +557,27 @@ def summarise(trials, fault_free):
             sd = [t["measured_slowdown"] for t in ts if t.get("measured_slowdown") is not None]
             per_kind[kind]["measured_slowdown_min"] = min(sd) if sd else None
             per_kind[kind]["measured_slowdown_median"] = statistics.median(sd) if sd else None
-    by_delay = {}
-    for t in trials:
-        if t["kind"] == "slow_link":
-            b = by_delay.setdefault(f"{t['delay_ms']}ms-{t['ring']}", {"injected": 0, "correct": 0, "latency_s": [],
-                                                                       "measured_slowdown": []})
+    def buckets(kind, key):
+        """Trials of `kind` grouped by key(trial): injected, correct, latencies, measured slowdowns."""
+        out = {}
+        for t in trials:
+            if t["kind"] != kind:
+                continue
+            b = out.setdefault(key(t), {"injected": 0, "correct": 0, "latency_s": [], "measured_slowdown": []})
             b["injected"] += 1
             b["correct"] += t["correct"]
             if t["correct"]:
                 b["latency_s"].append(round(t["latency_s"], 2))
             if t.get("measured_slowdown") is not None:
                 b["measured_slowdown"].append(round(t["measured_slowdown"], 3))
-    by_slowdown = {}
-    for t in trials:
-        if t["kind"] == "slow":
-            lo = min(3, int(t["slowdown"] * 10))  # 0.1-0.2, 0.2-0.3, 0.3-0.4
-            b = by_slowdown.setdefault(f"{lo / 10:.1f}-{(lo + 1) / 10:.1f}", {"injected": 0, "correct": 0,
-                                                                             "latency_s": [], "measured_slowdown": []})
-            b["injected"] += 1
-            b["correct"] += t["correct"]
-            if t["correct"]:
-                b["latency_s"].append(round(t["latency_s"], 2))
-            if t.get("measured_slowdown") is not None:
-                b["measured_slowdown"].append(round(t["measured_slowdown"], 3))
+        return out
+
+    def slowdown_band(t):
+        lo = min(3, int(t["slowdown"] * 10))  # 0.1-0.2, 0.2-0.3, 0.3-0.4
+        return f"{lo / 10:.1f}-{(lo + 1) / 10:.1f}"
+
+    by_delay = buckets("slow_link", lambda t: f"{t['delay_ms']}ms-{t['ring']}")
+    by_slowdown = buckets("slow", slowdown_band)
     n_verdicts = sum(1 for t in trials if t["verdict"] is not None) + sum(len(f["verdicts"]) for f in fault_free)
     n_correct = sum(t["correct"] for t in trials)
     fp = sum(1 for t in trials if t["false_positive"]) + sum(len(f["verdicts"]) for f in fault_free)

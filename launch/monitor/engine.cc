@@ -27,6 +27,16 @@ double median(std::vector<double> v) {
   return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
 }
 
+// The median of `sorted` with one element equal to x left out (x must be in it): the median of the others,
+// without copying them.
+double median_without(const std::vector<double>& sorted, double x) {
+  const size_t skip = static_cast<size_t>(std::lower_bound(sorted.begin(), sorted.end(), x) - sorted.begin());
+  const size_t m = sorted.size() - 1;
+  if (m == 0) return 0;
+  auto at = [&](size_t j) { return sorted[j < skip ? j : j + 1]; };
+  return m % 2 ? at(m / 2) : 0.5 * (at(m / 2 - 1) + at(m / 2));
+}
+
 std::string ms(double s) {
   std::ostringstream os;
   os.precision(3);
@@ -370,32 +380,26 @@ std::optional<Verdict> VerdictEngine::close_window(double now) {
   double gap = 0, below_base = 0;
   std::map<int, double> dev;  // rank -> its fraction minus the median of the others'
   if (progressing && frac.size() >= 2 && frac.size() == ranks_.size()) {
-    for (auto& [r, f] : frac) {
-      std::vector<double> others;
-      for (auto& [q, g] : frac)
-        if (q != r) others.push_back(g);
-      dev[r] = f - median(others);
-    }
+    std::vector<double> sorted;
+    for (auto& [r, f] : frac) sorted.push_back(f);
+    std::sort(sorted.begin(), sorted.end());
+    for (auto& [r, f] : frac) dev[r] = f - median_without(sorted, f);
     ++rank_windows_seen_;
-    const int b = cfg_.slow_baseline_windows;
-    const bool learning = rank_windows_seen_ >= 2 && rank_windows_seen_ <= 1 + b;  // the first is start-up
-    const bool have_base = rank_windows_seen_ > 1 + b;
+    const int learned = rank_windows_seen_ - 1;  // baseline windows so far (the first window is start-up)
+    const bool have_base = learned > cfg_.slow_baseline_windows;
     // Against its own baseline (once learned), or the median of the others for a rank slow from the start.
     double worst = 0;
-    for (auto& [r, d] : dev) {
-      const double rel = have_base ? dev_base_[r] - d : 0;
-      if (rel >= cfg_.slow_rank_gap && rel > worst) worst = rel, candidate = r;
-    }
+    if (have_base)
+      for (auto& [r, d] : dev)
+        if (dev_base_[r] - d >= cfg_.slow_rank_gap && dev_base_[r] - d > worst) worst = dev_base_[r] - d, candidate = r;
     for (auto& [r, d] : dev)
       if (candidate < 0 && -d >= cfg_.slow_rank_abs_gap && -d > worst) worst = -d, candidate = r;
     if (candidate >= 0) {
       gap = -dev[candidate];
       below_base = have_base ? dev_base_[candidate] - dev[candidate] : 0;
     }
-    if (learning) {
-      for (auto& [r, d] : dev) dev_sum_[r] += d;
-      if (rank_windows_seen_ == 1 + b)
-        for (auto& [r, sum] : dev_sum_) dev_base_[r] = sum / b;
+    if (learned >= 1 && !have_base) {  // running mean over the baseline windows
+      for (auto& [r, d] : dev) dev_base_[r] += (d - dev_base_[r]) / learned;
     } else if (have_base && candidate < 0) {
       for (auto& [r, d] : dev) dev_base_[r] += cfg_.slow_baseline_follow * (d - dev_base_[r]);
     }

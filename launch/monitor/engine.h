@@ -137,7 +137,7 @@ class VerdictEngine {
   std::map<std::pair<int, int>, double> last_link_means_;
   int rank_streak_ = 0, rank_candidate_ = -1;
   int rank_windows_seen_ = 0;                        // complete windows (every rank reporting, progressing)
-  std::map<int, double> dev_sum_, dev_base_;         // rank -> deviation from the others' median: sum, baseline
+  std::map<int, double> dev_base_;                   // rank -> its usual deviation from the others' median
   int link_streak_ = 0;
   std::pair<int, int> link_candidate_{-1, -1};
   std::vector<std::string> rank_windows_, link_windows_;  // evidence of the current streaks

@@ -250,25 +250,6 @@ TEST(VerdictEngine, HangInsideACollectiveNamesTheStalledLink) {
   EXPECT_EQ(got->v.node, 1);
 }
 
-TEST(VerdictEngine, SlowRankIsTheOneThatWaitsLeast) {
-  VerdictEngine e(fast_config());
-  for (int r = 0; r < 4; ++r) e.hello(rank_info(r, r / 2), 0.0);
-  uint64_t c = 0;
-  double t = healthy(e, 0.1, 4.0, &c);  // the start-up window and the baseline windows
-  // Rank 1 spends 20 % of its time in collectives, the others 45-50 %: they wait for it.
-  auto got = first_verdict(e, t, 10, [&](double u) {
-    c += 20;
-    for (int r = 0; r < 4; ++r) {
-      const double frac = r == 1 ? 0.2 : 0.45 + 0.02 * r;
-      e.heartbeat(r, beat(5, c, c, frac * u, u), u);
-    }
-  });
-  ASSERT_TRUE(got) << "no slow-rank verdict in 10 windows";
-  EXPECT_EQ(got->v.kind, "slow_rank");
-  EXPECT_EQ(got->v.ranks, std::vector<int>{1});
-  EXPECT_GE(got->after, 2.0 * e.config().window_s) << "needs slow_windows consecutive windows";
-}
-
 // Feeds 4 ranks whose fractions of time in collectives are frac(rank, u) from t for `seconds`; the first verdict.
 template <class Frac>
 std::optional<Timed> feed_fractions(VerdictEngine& e, double t, double seconds, uint64_t* c, Frac&& frac) {
@@ -276,6 +257,19 @@ std::optional<Timed> feed_fractions(VerdictEngine& e, double t, double seconds, 
     *c += 20;
     for (int r = 0; r < 4; ++r) e.heartbeat(r, beat(5, *c, *c, frac(r, u), u), u);
   });
+}
+
+TEST(VerdictEngine, SlowRankIsTheOneThatWaitsLeast) {
+  VerdictEngine e(fast_config());
+  for (int r = 0; r < 4; ++r) e.hello(rank_info(r, r / 2), 0.0);
+  uint64_t c = 0;
+  double t = healthy(e, 0.1, 4.0, &c);  // the start-up window and the baseline windows
+  // Rank 1 spends 20 % of its time in collectives, the others 45-50 %: they wait for it.
+  auto got = feed_fractions(e, t, 10, &c, [](int r, double u) { return (r == 1 ? 0.2 : 0.45 + 0.02 * r) * u; });
+  ASSERT_TRUE(got) << "no slow-rank verdict in 10 windows";
+  EXPECT_EQ(got->v.kind, "slow_rank");
+  EXPECT_EQ(got->v.ranks, std::vector<int>{1});
+  EXPECT_GE(got->after, 2.0 * e.config().window_s) << "needs slow_windows consecutive windows";
 }
 
 TEST(VerdictEngine, SlowRankBaselineAbsorbsASystematicAsymmetryAndStillNamesANewSlowRank) {
