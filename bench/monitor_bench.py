@@ -24,8 +24,8 @@ token. Environment: OMPI_MCA_btl_vader_single_copy_mechanism=none, LOOM_PERSIST_
       both pair kinds.
 2. Injected trials: --trials per kind of crash, hang, hang_comm, slow, slow_link, in a seeded random order, each
    with a random rank (0..3) and fault step; slow: --fault-slowdown uniform in [0.1, 0.4], injected at a time
-   (--fault-after-s uniform in [22, 30] s) rather than a step: the monitor learns each rank's baseline deviation
-   in its first ~20 s and a slowdown already present then is part of the baseline; slow_link: peer = the
+   (--fault-after-s uniform in [30, 38] s) rather than a step: the monitor learns each rank's baseline deviation
+   in its first ~25 s and a slowdown already present then is part of the baseline; slow_link: peer = the
    rank's TP or DP ring neighbour (coin flip; TP pairs {0,1},{2,3}, DP pairs {0,2},{1,3}). The monitor runs with
    --exit-on-verdict; the trial ends at the first verdict or 90 s after the injection (the trainer's log line
    "fault injection: ... at unix time T"). Recorded: detected, correct (kind: crash->crash, hang/hang_comm->hang,
@@ -78,7 +78,7 @@ TP_PEER = {0: 1, 1: 0, 2: 3, 3: 2}
 DP_PEER = {0: 2, 2: 0, 1: 3, 3: 1}
 VERDICT_TIMEOUT_S = 90.0
 INJECT_WINDOW_S = (3.0, 8.0)
-SLOW_AFTER_S = (22.0, 30.0)  # slow: after the monitor's baseline windows (start-up + 2 × 5 s)
+SLOW_AFTER_S = (30.0, 38.0)  # slow: after the monitor's baseline windows (start-up + 4 × 5 s)
 MIN_SLOWDOWN = 0.10
 SKIP = 50  # warm-up steps excluded from step-time figures
 

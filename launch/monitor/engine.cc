@@ -384,6 +384,8 @@ std::optional<Verdict> VerdictEngine::close_window(double now) {
     for (auto& [r, f] : frac) sorted.push_back(f);
     std::sort(sorted.begin(), sorted.end());
     for (auto& [r, f] : frac) dev[r] = f - median_without(sorted, f);
+    last_frac_ = frac;
+    last_dev_ = dev;
     ++rank_windows_seen_;
     const int learned = rank_windows_seen_ - 1;  // baseline windows so far (the first window is start-up)
     const bool have_base = learned > cfg_.slow_baseline_windows;

@@ -45,9 +45,9 @@ struct EngineConfig {
   int hang_min_samples = 20;
   double window_s = 5.0;
   int slow_windows = 3;
-  double slow_rank_gap = 0.08;
+  double slow_rank_gap = 0.12;
   double slow_rank_abs_gap = 0.30;
-  int slow_baseline_windows = 2;
+  int slow_baseline_windows = 4;
   double slow_baseline_follow = 0.1;  // weight of a window without a candidate in the baseline (EMA)
   double slow_link_factor = 4.0;
   double slow_link_min_s = 0.0001;
@@ -118,6 +118,11 @@ class VerdictEngine {
   const std::map<std::string, std::map<int, LatencyCell>>& latency() const { return latency_; }
   // Pair (src, dst) -> mean transfer time over the last complete window.
   const std::map<std::pair<int, int>, double>& last_link_means() const { return last_link_means_; }
+  // Rank -> fraction of its time inside collectives over the last complete window, and its deviation from the
+  // median of the others' (what the slow-rank rule compares with the rank's learned baseline).
+  const std::map<int, double>& last_comm_fraction() const { return last_frac_; }
+  const std::map<int, double>& last_deviation() const { return last_dev_; }
+  const std::map<int, double>& baseline_deviation() const { return dev_base_; }
 
  private:
   std::optional<Verdict> check_crash(double now);
@@ -138,6 +143,7 @@ class VerdictEngine {
   int rank_streak_ = 0, rank_candidate_ = -1;
   int rank_windows_seen_ = 0;                        // complete windows (every rank reporting, progressing)
   std::map<int, double> dev_base_;                   // rank -> its usual deviation from the others' median
+  std::map<int, double> last_frac_, last_dev_;       // the last complete window's (see last_comm_fraction)
   int link_streak_ = 0;
   std::pair<int, int> link_candidate_{-1, -1};
   std::vector<std::string> rank_windows_, link_windows_;  // evidence of the current streaks

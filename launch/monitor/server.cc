@@ -352,6 +352,10 @@ std::string MonitorServer::status_json_locked() const {
   std::vector<std::string> links;
   for (const auto& [pair, mean] : engine_->last_link_means())
     links.push_back(JsonObject().num("src", pair.first).num("dst", pair.second).num("mean_ms", mean * 1e3).done());
+  JsonObject frac, dev, base;
+  for (const auto& [r, f] : engine_->last_comm_fraction()) frac.num(std::to_string(r), f);
+  for (const auto& [r, d] : engine_->last_deviation()) dev.num(std::to_string(r), d);
+  for (const auto& [r, d] : engine_->baseline_deviation()) base.num(std::to_string(r), d);
   std::vector<std::string> verdicts;
   for (const Verdict& v : verdicts_) verdicts.push_back(v.to_json(opt_.job, opt_.epoch));
   const MonitorCounters& c = counters_;
@@ -368,6 +372,10 @@ std::string MonitorServer::status_json_locked() const {
                            .num("http_requests", static_cast<double>(c.http_requests))
                            .num("monitor_stalls", static_cast<double>(stalls_)).done())
       .raw("ranks", json_array(ranks)).raw("latency", latency.done()).raw("links", json_array(links))
+      .raw("comm_fraction", JsonObject()
+                                .raw("fraction", frac.done())
+                                .raw("deviation", dev.done())
+                                .raw("baseline", base.done()).done())
       .raw("verdicts", json_array(verdicts)).done();
 }
 

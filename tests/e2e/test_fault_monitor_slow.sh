@@ -3,9 +3,9 @@
 # without mistaking one for the other: 4 ranks, TP 2 x DP 2 on 2 emulated nodes.
 source "$(dirname "$0")/lib.sh"
 
-# The slowdown starts 25 s in, after the monitor learned each rank's usual deviation from the others (a rank
+# The slowdown starts 30 s in, after the monitor learned each rank's usual deviation from the others (a rank
 # that is slower than the others from the start is only named beyond 30 points; see test_monitor.cc).
-FAULT_AFTER_S=25 monitored_fault slow slow 2 --fault-slowdown 0.3
+FAULT_AFTER_S=30 monitored_fault slow slow 2 --fault-slowdown 0.3
 verdict_check slow 'v["kind"] == "slow_rank" and v["ranks"] == [2] and t <= 60.0'
 
 # Rank 1's transfers to its DP ring neighbour 3 (another node) are delayed.

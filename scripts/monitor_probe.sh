@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# What the slow-rank rule sees: runs the CPU test job (4 ranks, TP 2 x DP 2 on 2 emulated nodes, the e2e tests'
+# SMALL model) under a monitor for SECONDS, reads the monitor's /status.json every 5 s and prints, per complete
+# 5 s window, each rank's fraction of time inside collectives and how far it is below its learned baseline
+# deviation (the rule names a rank at slow_rank_gap = 12 points in 3 consecutive windows).
+#   bash scripts/monitor_probe.sh [SECONDS=120] [gpt-train fault flags...]
+#   e.g. bash scripts/monitor_probe.sh 90 --fault-kind slow --fault-rank 2 --fault-slowdown 0.15 --fault-after-s 40
+# LOOM_BIN defaults to build/bin (set LOOM_BIN=build-cpu/bin for the CPU build).
+source "$(dirname "$0")/../tests/e2e/lib.sh"
+secs=${1:-120}
+shift || true
+job=probe$$
+d=$WORK/probe
+mkdir -p "$d"
+"$LOOM_BIN/loom" monitor --job $job --token tok$$ --port 0 --port-file "$d/port" --verdict-dir "$d/v" \
+  >"$d/monitor.log" 2>&1 &
+mon=$!
+trap 'pkill -KILL -f -- "--monitor-job '$job'" 2>/dev/null || true; kill $mon 2>/dev/null || true; rm -rf "$WORK"' EXIT
+for _ in $(seq 1 100); do [ -s "$d/port" ] && break; sleep 0.1; done
+port=$(cat "$d/port")
+mpi 4 "$LOOM_BIN/gpt-train" "${SMALL[@]}" --steps 1000000 --tp 2 --ranks-per-node 2 --snapshot-job $job \
+  --monitor "127.0.0.1:$port" --monitor-job $job --monitor-token tok$$ --metrics-file "$d/m.jsonl" "$@" \
+  >"$d/run.log" 2>&1 &
+for i in $(seq 1 $((secs / 5))); do
+  sleep 5
+  curl -s "http://127.0.0.1:$port/status.json" >"$d/s.$i.json" || true
+done
+pkill -TERM -f -- "--monitor-job $job" 2>/dev/null || true
+sleep 2
+stop_daemons $job
+"$LOOM_PYTHON3" - "$d" <<'PY'
+import json, os, sys
+d, last = sys.argv[1], None
+print("  time  in collectives (%) per rank   | points below own baseline per rank | verdicts")
+for i in range(1, 100000):
+    f = f"{d}/s.{i}.json"
+    if not os.path.exists(f):
+        break
+    try:
+        s = json.load(open(f))
+    except ValueError:
+        continue
+    c = s["comm_fraction"]
+    if not c["fraction"] or json.dumps(c["fraction"]) == last:
+        continue  # no complete window yet, or the same window as the last read
+    last = json.dumps(c["fraction"])
+    frac = " ".join(f"{v * 100:5.1f}" for v in c["fraction"].values())
+    below = " ".join(f"{(c['baseline'].get(r, 0) - v) * 100:5.1f}" for r, v in c["deviation"].items())
+    print(f"{i * 5:5d} s  {frac}  | {below} | {len(s['verdicts'])}")
+    for v in s["verdicts"]:
+        print("        verdict:", v["kind"], v["summary"])
+PY
