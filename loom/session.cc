@@ -220,8 +220,9 @@ void Session::make_device_communicators() {
   if (backend_->device() != Device::kCuda || world_size_ == 1) return;
 #ifdef LOOM_HAVE_NCCL
   cudaStream_t stream = static_cast<cuda::CudaBackend&>(*backend_).stream();
-  groups_->use_device_communicators([stream](MpiCommunicator& group, const std::string& name, uint32_t id) {
-    return std::make_unique<NcclCommunicator>(group.comm(), name, id, stream);
+  const bool fused_kernel = train_.fused_kernel;
+  groups_->use_device_communicators([stream, fused_kernel](MpiCommunicator& group, const std::string& name, uint32_t id) {
+    return std::make_unique<NcclCommunicator>(group.comm(), name, id, stream, fused_kernel && name == "tp");
   });
 #else
   LOOM_THROW(kConfig, "this build of Loom has no NCCL, so it cannot train on several GPUs (rebuild with NCCL found)");

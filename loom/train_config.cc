@@ -31,6 +31,9 @@ void TrainConfig::declare(Config& cfg) {
   cfg.add("parallel.tp", &tp, "tensor-parallel size");
   cfg.add("parallel.dp", &dp, "data-parallel size; 0 = world size / tp");
   cfg.add("parallel.ranks_per_node", &ranks_per_node, "emulate nodes of this many ranks; 0 = real nodes");
+  cfg.add("parallel.fused_kernel", &fused_kernel,
+          "on GPUs, run the TP fused all-reduce + residual add + RMSNorm as one kernel over CUDA IPC when the TP "
+          "group is on one node (experimental, off: NCCL all-reduce + norm kernels; docs/fused_norm.md)");
   cfg.add("snapshot.snapshot_every", &snapshot_every, "in-memory snapshot after every N-th step; 0 disables");
   cfg.add("snapshot.snapshot_job", &snapshot_job, "job id of the snapshot daemons; empty = derived from config and folder");
   cfg.add("snapshot.snapshot_budget_mb", &snapshot_budget_mb,

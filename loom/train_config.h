@@ -37,6 +37,7 @@ struct TrainConfig {
   int64_t tp = 1;
   int64_t dp = 0;              // 0: world size / tp
   int64_t ranks_per_node = 0;  // 0: real nodes; >0: emulated nodes of this many ranks
+  bool fused_kernel = false;   // the fused all-reduce + RMSNorm as one CUDA IPC kernel on the GPUs of a node
   // [snapshot]
   int64_t snapshot_every = 1;          // in-memory snapshot after every N-th step; 0 disables
   std::string snapshot_job;            // job id of the daemons' memory; "" -> derived from the config and folder

@@ -66,6 +66,30 @@ void Communicator::all_reduce(const Tensor& t, ReduceOp op) {
   trace_.end(seq);
 }
 
+bool Communicator::fused_allreduce_add_rmsnorm(const Tensor& partial, const Tensor& residual, const Tensor& weight,
+                                              float eps, const Tensor& residual_out, const Tensor& normed,
+                                              const Tensor& rstd) {
+  if (size_ == 1 || partial.ndim() != 2 || !has_fused_path(partial)) return false;
+  const char* call = "fused_allreduce_add_rmsnorm";
+  check_tensor(partial, call, "partial", true);
+  for (const Tensor* t : {&residual, &residual_out, &normed}) {
+    check_tensor(*t, call, "residual/residual_out/normed", true);
+    check_dtype(*t, partial.dtype(), call, "residual/residual_out/normed");
+    LOOM_CHECK(t->shape() == partial.shape(), kShape,
+               call << " on '" << name_ << "': shapes " << t->shape().str() << " and " << partial.shape().str() << " differ");
+  }
+  check_tensor(weight, call, "weight", true);
+  check_tensor(rstd, call, "rstd", false);
+  check_dtype(weight, partial.dtype(), call, "weight");
+  LOOM_CHECK(weight.numel() == partial.size(1) && rstd.numel() == partial.size(0) && rstd.dtype() == DType::kF32,
+             kShape, call << " on '" << name_ << "': weight must be [" << partial.size(1) << "] and rstd f32 ["
+                          << partial.size(0) << "]");
+  uint64_t seq = trace_.begin(CollectiveOp::kAllReduce, group_id_, -1, partial.nbytes());
+  do_fused_allreduce_add_rmsnorm(partial, residual, weight, eps, residual_out, normed, rstd);
+  trace_.end(seq);
+  return true;
+}
+
 void Communicator::reduce_scatter(const Tensor& out, const Tensor& in, ReduceOp op) {
   const char* call = "reduce_scatter";
   check_tensor(out, call, "out", true);

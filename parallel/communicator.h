@@ -60,6 +60,15 @@ class Communicator {
   void recv(const Tensor& t, int peer);
   void barrier();
 
+  // The fused op's one-kernel device path (parallel/fused_norm.h): residual_out = residual + the sum over ranks
+  // of partial, normed = rmsnorm(residual_out) * weight, rstd = its per-row 1/rms (f32 [rows]). partial,
+  // residual, residual_out, normed [rows, d] and weight [d], all of one dtype. Returns false, having done
+  // nothing, when this communicator has no such path for these tensors (the caller then composes all_reduce,
+  // add and rmsnorm); the answer depends only on the arguments' shapes and dtypes and the group, so it is the
+  // same on every rank. Collective when it returns true. Traced as an all-reduce of partial.
+  bool fused_allreduce_add_rmsnorm(const Tensor& partial, const Tensor& residual, const Tensor& weight, float eps,
+                                   const Tensor& residual_out, const Tensor& normed, const Tensor& rstd);
+
   const TraceRing& trace() const { return trace_; }
 
  protected:
@@ -76,6 +85,11 @@ class Communicator {
   virtual void do_send(const Tensor& t, int peer) = 0;
   virtual void do_recv(const Tensor& t, int peer) = 0;
   virtual void do_barrier() = 0;
+  // The fused path (see fused_allreduce_add_rmsnorm); none by default.
+  virtual bool has_fused_path(const Tensor& /*partial*/) const { return false; }
+  virtual void do_fused_allreduce_add_rmsnorm(const Tensor& /*partial*/, const Tensor& /*residual*/,
+                                              const Tensor& /*weight*/, float /*eps*/, const Tensor& /*residual_out*/,
+                                              const Tensor& /*normed*/, const Tensor& /*rstd*/) {}
 
  private:
   void check_tensor(const Tensor& t, const char* call, const char* arg, bool reduction) const;

@@ -19,14 +19,18 @@ NormedResidual fused_allreduce_add_rmsnorm(Ctx& c, const Tensor& partial, const 
   const bool comm = tp != nullptr && tp->size() > 1;
   const bool grad = c.needs_grad({partial, residual, weight});
 
-  Tensor sum = partial.detach();
-  if (comm) tp->all_reduce(sum, ReduceOp::kSum);
   NormedResidual out{c.output(partial.shape(), partial.dtype(), grad), c.output(partial.shape(), partial.dtype(), grad)};
   Backend& be = c.backend();
-  be.add(out.residual, residual, sum);
   Tensor r2 = out.residual.flatten_2d();
   Tensor rstd = c.scratch(Shape{r2.size(0)}, DType::kF32);
-  be.rmsnorm_forward(out.normed.flatten_2d(), rstd, r2, weight, eps);
+  // The communicator's one-kernel path where it has one (CUDA IPC on the GPUs of a node), else the reference.
+  if (!comm || !tp->fused_allreduce_add_rmsnorm(partial.detach().flatten_2d(), residual.detach().flatten_2d(), weight,
+                                                eps, r2, out.normed.flatten_2d(), rstd)) {
+    Tensor sum = partial.detach();
+    if (comm) tp->all_reduce(sum, ReduceOp::kSum);
+    be.add(out.residual, residual, sum);
+    be.rmsnorm_forward(out.normed.flatten_2d(), rstd, r2, weight, eps);
+  }
   if (!grad) return out;
 
   Backend* b = &be;

@@ -15,9 +15,10 @@
 // of summing the consumers' partial gradients before the all-reduce rather than after (a different rounding,
 // within the TP-equivalence tolerance).
 //
-// Today the op composes the communicator's all-reduce (MPI or NCCL) with the backend's add and RMSNorm kernels:
-// the reference (the CPU path, bit-for-bit the unfused ops). The one-kernel CUDA IPC versions (two-shot and
-// one-shot, docs/fused_norm.md) are to plug in here, behind the same op, when the communicator offers them.
+// Where the communicator offers a one-kernel path (Communicator::fused_allreduce_add_rmsnorm: NCCL groups of one
+// node with parallel.fused_kernel, the CUDA IPC two-shot/one-shot kernels of docs/fused_norm.md), the forward
+// is that kernel; otherwise it composes the communicator's all-reduce (MPI or NCCL) with the backend's add and
+// RMSNorm kernels: the reference (the CPU path, bit-for-bit the unfused ops). The backward is the same either way.
 #pragma once
 
 #include "core/context.h"

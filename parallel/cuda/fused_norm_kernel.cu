@@ -100,7 +100,7 @@ __device__ void stage_input(const Views& v, const BFloat16* partial, int64_t in_
 // 1 / sqrt(mean(r^2) + eps) in double, rounded once. res_dst[0] is re-read for the second pass.
 __device__ void reduce_norm_row(const Views& v, int64_t in_off, int64_t row, int64_t d, const BFloat16* residual,
                                 const BFloat16* w, float eps, BFloat16* const* res_dst, BFloat16* const* norm_dst,
-                                int n_dst, float* shared) {
+                                int n_dst, float* rstd, float* shared) {
   const int64_t packs = d / kPack, base = row * d;
   float sum_sq = 0.0f;
   for (int64_t p = threadIdx.x; p < packs; p += blockDim.x) {
@@ -125,6 +125,7 @@ __device__ void reduce_norm_row(const Views& v, int64_t in_off, int64_t row, int
   sum_sq = block_sum(sum_sq, shared);
   const double mean_sq = static_cast<double>(sum_sq) / static_cast<double>(d);
   const float rs = static_cast<float>(1.0 / sqrt(mean_sq + static_cast<double>(eps)));
+  if (rstd != nullptr && threadIdx.x == 0) rstd[row] = rs;
   for (int64_t p = threadIdx.x; p < packs; p += blockDim.x) {
     float r[kPack], wv[kPack];
     load_pack<kPack>(res_dst[0] + base + p * kPack, r);  // this thread's own stores
@@ -139,13 +140,29 @@ __device__ void reduce_norm_row(const Views& v, int64_t in_off, int64_t row, int
   }
 }
 
-// Staging layout per rank (bf16 elements, cap = rows * d): [in 0][in 1][out residual][out normed].
+// The rstd of a row of this rank's residual output, summed exactly as reduce_norm_row sums it (the same
+// thread-to-pack mapping, the same order within a pack, the same block reduction), so every rank gets the
+// owner's value bit for bit.
+__device__ float row_rstd(const BFloat16* res, int64_t row, int64_t d, float eps, float* shared) {
+  float sum_sq = 0.0f;
+  for (int64_t p = threadIdx.x; p < d / kPack; p += blockDim.x) {
+    float r[kPack];
+    load_pack<kPack>(res + row * d + p * kPack, r);
+#pragma unroll
+    for (int k = 0; k < kPack; ++k) sum_sq += r[k] * r[k];
+  }
+  sum_sq = block_sum(sum_sq, shared);
+  return static_cast<float>(1.0 / sqrt(static_cast<double>(sum_sq) / static_cast<double>(d) + static_cast<double>(eps)));
+}
+
+// Staging layout per rank (bf16 elements; cap = the capacity of the staging buffer / 4, the same for every call
+// whatever its shape, so the parity rule holds when shapes change between calls):
+// [in 0][in 1][out residual][out normed].
 __global__ void __launch_bounds__(kThreads)
     fused_two_shot(Views v, const BFloat16* partial, const BFloat16* residual, const BFloat16* w,
-                   BFloat16* residual_out, BFloat16* normed, int64_t rows, int64_t d, float eps, uint32_t epoch,
-                   uint64_t timeout_ns) {
+                   BFloat16* residual_out, BFloat16* normed, float* rstd, int64_t rows, int64_t d, int64_t cap,
+                   float eps, uint32_t epoch, uint64_t timeout_ns) {
   __shared__ float shared[32];
-  const int64_t cap = rows * d;
   const int64_t in_off = (epoch & 1u) * cap;  // the same parity rule as one-shot, so the two can alternate
   const uint64_t deadline = global_ns() + timeout_ns;
   stage_input(v, partial, in_off, rows, d);
@@ -160,30 +177,35 @@ __global__ void __launch_bounds__(kThreads)
     norm_dst[q] = v.stage[p] + 3 * cap;
   }
   for (int64_t row = first_row(begin); row < end; row += gridDim.x)
-    reduce_norm_row(v, in_off, row, d, residual, w, eps, res_dst, norm_dst, v.ranks, shared);
+    reduce_norm_row(v, in_off, row, d, residual, w, eps, res_dst, norm_dst, v.ranks, nullptr, shared);
   if (!block_barrier(v, 1, epoch, deadline)) return;
   const BFloat16* my_res = v.stage[v.rank] + 2 * cap;
   const BFloat16* my_norm = v.stage[v.rank] + 3 * cap;
-  for (int64_t row = first_row(0); row < rows; row += gridDim.x)
+  for (int64_t row = first_row(0); row < rows; row += gridDim.x) {
     for (int64_t p = threadIdx.x; p < d / kPack; p += blockDim.x) {
       copy_pack(residual_out + row * d + p * kPack, my_res + row * d + p * kPack);
       copy_pack(normed + row * d + p * kPack, my_norm + row * d + p * kPack);
     }
+    if (rstd != nullptr) {
+      const float rs = row_rstd(residual_out, row, d, eps, shared);  // this thread's own stores
+      if (threadIdx.x == 0) rstd[row] = rs;
+    }
+  }
 }
 
 __global__ void __launch_bounds__(kThreads)
     fused_one_shot(Views v, const BFloat16* partial, const BFloat16* residual, const BFloat16* w,
-                   BFloat16* residual_out, BFloat16* normed, int64_t rows, int64_t d, float eps, uint32_t epoch,
-                   uint64_t timeout_ns) {
+                   BFloat16* residual_out, BFloat16* normed, float* rstd, int64_t rows, int64_t d, int64_t cap,
+                   float eps, uint32_t epoch, uint64_t timeout_ns) {
   __shared__ float shared[32];
-  const int64_t in_off = (epoch & 1u) * rows * d;
+  const int64_t in_off = (epoch & 1u) * cap;
   const uint64_t deadline = global_ns() + timeout_ns;
   stage_input(v, partial, in_off, rows, d);
   if (!block_barrier(v, 0, epoch, deadline)) return;
   BFloat16* res_dst[1] = {residual_out};
   BFloat16* norm_dst[1] = {normed};
   for (int64_t row = first_row(0); row < rows; row += gridDim.x)
-    reduce_norm_row(v, in_off, row, d, residual, w, eps, res_dst, norm_dst, 1, shared);
+    reduce_norm_row(v, in_off, row, d, residual, w, eps, res_dst, norm_dst, 1, rstd, shared);
 }
 
 __global__ void spin(uint64_t ns) {
@@ -219,6 +241,10 @@ int64_t fused_stage_bytes(int64_t rows, int64_t d) {
   return 4 * rows * d * static_cast<int64_t>(sizeof(BFloat16));
 }
 
+int64_t fused_stage_capacity(int64_t stage_bytes) {
+  return stage_bytes / (4 * static_cast<int64_t>(sizeof(BFloat16))) / kPack * kPack;
+}
+
 const char* fused_error_kind(uint32_t error) {
   switch (error >> 8) {
     case 0: return "";
@@ -236,7 +262,7 @@ void launch_fused_allreduce_add_rmsnorm(const FusedNormGroup& g, const FusedNorm
   LOOM_CHECK(a.rows >= 0, kShape, op << ": negative row count");
   LOOM_CHECK(a.blocks >= 1 && a.blocks <= kFusedMaxBlocks, kConfig,
              op << ": blocks " << a.blocks << " out of 1.." << kFusedMaxBlocks);
-  LOOM_CHECK(fused_stage_bytes(a.rows, a.d) <= g.stage_bytes, kShape,
+  LOOM_CHECK(a.rows * a.d <= fused_stage_capacity(g.stage_bytes), kShape,
              op << ": " << a.rows << " x " << a.d << " needs " << fused_stage_bytes(a.rows, a.d)
                 << " staging bytes per rank, the group has " << g.stage_bytes);
   LOOM_CHECK(g.abort != nullptr && g.error != nullptr, kComm, op << ": group without abort/error words");
@@ -261,12 +287,13 @@ void launch_fused_allreduce_add_rmsnorm(const FusedNormGroup& g, const FusedNorm
   auto* w = static_cast<const BFloat16*>(a.weight);
   auto* res_out = static_cast<BFloat16*>(a.residual_out);
   auto* normed = static_cast<BFloat16*>(a.normed);
+  const int64_t cap = fused_stage_capacity(g.stage_bytes);
   if (a.algo == FusedAlgo::kTwoShot)
-    fused_two_shot<<<a.blocks, kThreads, 0, stream>>>(v, partial, residual, w, res_out, normed, a.rows, a.d, a.eps,
-                                                       a.epoch, timeout_ns);
+    fused_two_shot<<<a.blocks, kThreads, 0, stream>>>(v, partial, residual, w, res_out, normed, a.rstd, a.rows, a.d,
+                                                       cap, a.eps, a.epoch, timeout_ns);
   else
-    fused_one_shot<<<a.blocks, kThreads, 0, stream>>>(v, partial, residual, w, res_out, normed, a.rows, a.d, a.eps,
-                                                       a.epoch, timeout_ns);
+    fused_one_shot<<<a.blocks, kThreads, 0, stream>>>(v, partial, residual, w, res_out, normed, a.rstd, a.rows, a.d,
+                                                       cap, a.eps, a.epoch, timeout_ns);
   LOOM_CUDA_CHECK_LAUNCH(op);
 }
 

@@ -58,6 +58,7 @@ struct FusedNormArgs {
   const void* weight = nullptr;    // bf16 [d]
   void* residual_out = nullptr;    // bf16 [rows, d]
   void* normed = nullptr;          // bf16 [rows, d]
+  float* rstd = nullptr;           // optional f32 [rows]: 1 / sqrt(mean(residual_out^2) + eps), for the backward
   int64_t rows = 0, d = 0;
   float eps = 1e-5f;
   uint32_t epoch = 0;       // > every epoch used before on this group
@@ -68,6 +69,9 @@ struct FusedNormArgs {
 
 // Staging bytes each rank needs for `rows` x `d` bf16 (two input buffers and two output buffers).
 int64_t fused_stage_bytes(int64_t rows, int64_t d);
+// The largest rows x d a staging buffer of `stage_bytes` takes. The buffer's regions are laid out by this
+// capacity, not by the call's shape, so calls of different shapes may follow each other on a group.
+int64_t fused_stage_capacity(int64_t stage_bytes);
 
 // Enqueues the kernel on `stream`. Throws (kShape/kComm) on arguments that cannot work; a failure during the
 // kernel shows in *g.error after the stream is synchronised (fused_error_message() explains it).

@@ -1,10 +1,18 @@
 #include "parallel/nccl/nccl_communicator.h"
 
 #include "core/cuda/cuda_check.h"
+#include "core/log.h"
+#include "parallel/cuda/ipc_fused_norm.h"
 #include "parallel/mpi_check.h"
 
 namespace loom {
 namespace {
+
+// The fused kernel's waits give up after this long (a dead or hung peer becomes an error, not a hang).
+constexpr double kFusedTimeoutS = 30.0;
+// One-shot (every rank reduces every row) up to this size of partial, two-shot above. Not tuned yet: the
+// (ranks, bytes) table needs the 2-GPU machine (docs/fused_norm.md).
+constexpr int64_t kOneShotMaxBytes = 512 << 10;
 
 ncclDataType_t nccl_type(DType t) {
   switch (t) {
@@ -38,7 +46,8 @@ int mpi_size(MPI_Comm c) {
 
 }  // namespace
 
-NcclCommunicator::NcclCommunicator(MPI_Comm comm, std::string name, uint32_t group_id, cudaStream_t stream)
+NcclCommunicator::NcclCommunicator(MPI_Comm comm, std::string name, uint32_t group_id, cudaStream_t stream,
+                                   bool fused_kernel)
     : Communicator(std::move(name), mpi_rank(comm), mpi_size(comm), group_id), stream_(stream) {
   ncclUniqueId id{};
   if (rank() == 0) LOOM_NCCL_CHECK(this, ncclGetUniqueId(&id));
@@ -47,6 +56,16 @@ NcclCommunicator::NcclCommunicator(MPI_Comm comm, std::string name, uint32_t gro
   config.blocking = 1;
   LOOM_NCCL_CHECK(this, ncclCommInitRankConfig(&comm_, size(), id, rank(), &config));
   LOOM_CUDA_CHECK(cudaMalloc(&barrier_buf_, sizeof(float)));
+  if (fused_kernel && size() > 1) {
+    const std::string why = cuda::IpcFusedNorm::unavailable_reason(comm);
+    if (why.empty()) {
+      fused_ = std::make_unique<cuda::IpcFusedNorm>(comm, stream, 0, kFusedTimeoutS, this->name());
+      if (rank() == 0) LOOM_INFO("group '" << this->name() << "': fused all-reduce + RMSNorm kernel over CUDA IPC");
+    } else if (rank() == 0) {
+      LOOM_WARN("group '" << this->name() << "': no fused all-reduce + RMSNorm kernel (" << why
+                          << "); NCCL all-reduce + norm instead");
+    }
+  }
 }
 
 NcclCommunicator::~NcclCommunicator() {
@@ -61,7 +80,29 @@ NcclCommunicator::~NcclCommunicator() {
   if (barrier_buf_) cudaFree(barrier_buf_);
 }
 
+bool NcclCommunicator::has_fused_path(const Tensor& partial) const {
+  return fused_ != nullptr && partial.dtype() == DType::kBF16 && partial.size(1) % 8 == 0;
+}
+
+void NcclCommunicator::do_fused_allreduce_add_rmsnorm(const Tensor& partial, const Tensor& residual,
+                                                      const Tensor& weight, float eps, const Tensor& residual_out,
+                                                      const Tensor& normed, const Tensor& rstd) {
+  cuda::FusedNormArgs a;
+  a.partial = partial.data();
+  a.residual = residual.data();
+  a.weight = weight.data();
+  a.residual_out = residual_out.data();
+  a.normed = normed.data();
+  a.rstd = static_cast<float*>(rstd.data());
+  a.rows = partial.size(0);
+  a.d = partial.size(1);
+  a.eps = eps;
+  a.algo = partial.nbytes() <= kOneShotMaxBytes ? cuda::FusedAlgo::kOneShot : cuda::FusedAlgo::kTwoShot;
+  fused_->run(a);
+}
+
 void NcclCommunicator::abort() {
+  if (fused_) fused_->abort();
   if (comm_) ncclCommAbort(comm_);
   comm_ = nullptr;
   broken_ = true;

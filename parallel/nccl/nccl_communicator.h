@@ -8,12 +8,18 @@
 // Creation is collective over the group's MPI communicator: rank 0 makes the NCCL unique id and broadcasts it
 // over MPI. A failed NCCL call marks the communicator broken; it is then aborted (ncclCommAbort) rather than
 // destroyed, so a dead peer cannot hang the teardown. NVLink multicast (NVLS) is never requested.
+//
+// With fused_kernel, a group whose ranks are on one node (CUDA IPC reachable: cuda::IpcFusedNorm) also offers
+// the fused all-reduce + residual add + RMSNorm as one kernel (Communicator::fused_allreduce_add_rmsnorm) for
+// bf16 rows whose width is a multiple of 8; otherwise, or when the group cannot map its peers' memory (the
+// reason is logged once), the fused op composes NCCL's all-reduce with the norm kernels.
 #pragma once
 
 #include <cuda_runtime.h>
 #include <mpi.h>
 #include <nccl.h>
 
+#include <memory>
 #include <string>
 
 #include "parallel/communicator.h"
@@ -30,10 +36,14 @@
 
 namespace loom {
 
+namespace cuda {
+class IpcFusedNorm;
+}
+
 class NcclCommunicator final : public Communicator {
  public:
   // Collective over `comm` (every rank of it calls this with the same name/group id).
-  NcclCommunicator(MPI_Comm comm, std::string name, uint32_t group_id, cudaStream_t stream);
+  NcclCommunicator(MPI_Comm comm, std::string name, uint32_t group_id, cudaStream_t stream, bool fused_kernel = false);
   ~NcclCommunicator() override;
 
   Device device() const override { return Device::kCuda; }
@@ -52,12 +62,16 @@ class NcclCommunicator final : public Communicator {
   void do_send(const Tensor& t, int peer) override;
   void do_recv(const Tensor& t, int peer) override;
   void do_barrier() override;
+  bool has_fused_path(const Tensor& partial) const override;
+  void do_fused_allreduce_add_rmsnorm(const Tensor& partial, const Tensor& residual, const Tensor& weight, float eps,
+                                      const Tensor& residual_out, const Tensor& normed, const Tensor& rstd) override;
 
  private:
   ncclComm_t comm_ = nullptr;
   cudaStream_t stream_;
   void* barrier_buf_ = nullptr;
   bool broken_ = false;
+  std::unique_ptr<cuda::IpcFusedNorm> fused_;  // null: no one-kernel fused path
 };
 
 }  // namespace loom

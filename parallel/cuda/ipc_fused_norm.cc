@@ -1,0 +1,197 @@
+#include "parallel/cuda/ipc_fused_norm.h"
+
+#include <algorithm>
+#include <cstring>
+
+#include "core/cuda/cuda_check.h"
+#include "core/error.h"
+
+namespace loom::cuda {
+namespace {
+
+constexpr int64_t kFlagBytes = kFusedFlagWords * static_cast<int64_t>(sizeof(uint32_t));
+constexpr int kReasonChars = 256;
+
+// This rank's facts that decide whether the group can map each other's memory.
+struct Facts {
+  char host[MPI_MAX_PROCESSOR_NAME];
+  char bus_id[32];
+  int compute_mode;
+};
+
+// Why this rank cannot use the group's memory ("" when it can).
+std::string local_reason(const std::vector<Facts>& all, int rank) {
+  const int n = static_cast<int>(all.size());
+  if (n > kFusedMaxRanks)
+    return "the group has " + std::to_string(n) + " ranks; the fused kernels take at most " +
+           std::to_string(kFusedMaxRanks);
+  int mine = -1;
+  if (cudaGetDevice(&mine) != cudaSuccess) return "no current CUDA device";
+  for (int p = 0; p < n; ++p) {
+    const Facts& f = all[static_cast<size_t>(p)];
+    if (std::strcmp(f.host, all[static_cast<size_t>(rank)].host) != 0)
+      return std::string("ranks on different hosts (") + all[static_cast<size_t>(rank)].host + " and " + f.host +
+             "): CUDA IPC maps memory of one node only";
+    if (p == rank) continue;
+    if (std::strcmp(f.bus_id, all[static_cast<size_t>(rank)].bus_id) == 0) {
+      if (f.compute_mode == cudaComputeModeExclusiveProcess)
+        return std::string("ranks share GPU ") + f.bus_id + ", which is in exclusive-process mode";
+      continue;  // the same GPU: IPC works without peer access
+    }
+    int dev = -1;
+    if (cudaDeviceGetByPCIBusId(&dev, f.bus_id) != cudaSuccess) {
+      cudaGetLastError();
+      return std::string("rank ") + std::to_string(p) + "'s GPU " + f.bus_id + " is not visible to rank " +
+             std::to_string(rank) + " (CUDA_VISIBLE_DEVICES)";
+    }
+    int can = 0;
+    if (cudaDeviceCanAccessPeer(&can, mine, dev) != cudaSuccess || !can)
+      return std::string("GPU ") + all[static_cast<size_t>(rank)].bus_id + " cannot access GPU " + f.bus_id +
+             " peer-to-peer";
+  }
+  return {};
+}
+
+}  // namespace
+
+std::string IpcFusedNorm::unavailable_reason(MPI_Comm comm) {
+  int rank = 0, n = 0;
+  LOOM_MPI_CHECK(MPI_Comm_rank(comm, &rank));
+  LOOM_MPI_CHECK(MPI_Comm_size(comm, &n));
+  Facts mine{};
+  int len = 0;
+  LOOM_MPI_CHECK(MPI_Get_processor_name(mine.host, &len));
+  int dev = -1;
+  std::string reason;
+  if (cudaGetDevice(&dev) != cudaSuccess ||
+      cudaDeviceGetPCIBusId(mine.bus_id, sizeof mine.bus_id, dev) != cudaSuccess ||
+      cudaDeviceGetAttribute(&mine.compute_mode, cudaDevAttrComputeMode, dev) != cudaSuccess) {
+    cudaGetLastError();
+    reason = "rank " + std::to_string(rank) + " has no usable CUDA device";
+  }
+  std::vector<Facts> all(static_cast<size_t>(n));
+  LOOM_MPI_CHECK(MPI_Allgather(&mine, sizeof(Facts), MPI_BYTE, all.data(), sizeof(Facts), MPI_BYTE, comm));
+  if (reason.empty()) reason = local_reason(all, rank);
+  // Every rank reports the lowest failing rank's reason.
+  char buf[kReasonChars] = {};
+  std::strncpy(buf, reason.c_str(), kReasonChars - 1);
+  std::vector<char> reasons(static_cast<size_t>(n) * kReasonChars);
+  LOOM_MPI_CHECK(MPI_Allgather(buf, kReasonChars, MPI_CHAR, reasons.data(), kReasonChars, MPI_CHAR, comm));
+  for (int p = 0; p < n; ++p)
+    if (reasons[static_cast<size_t>(p) * kReasonChars] != 0)
+      return std::string(&reasons[static_cast<size_t>(p) * kReasonChars]);
+  return {};
+}
+
+IpcFusedNorm::IpcFusedNorm(MPI_Comm comm, cudaStream_t stream, int64_t stage_bytes, double timeout_s,
+                           std::string name)
+    : stream_(stream), timeout_s_(timeout_s), name_(std::move(name)) {
+  LOOM_CHECK(timeout_s > 0, kConfig, "fused norm group '" << name_ << "': timeout must be positive");
+  LOOM_MPI_CHECK(MPI_Comm_dup(comm, &comm_));
+  LOOM_MPI_CHECK(MPI_Comm_set_errhandler(comm_, MPI_ERRORS_RETURN));
+  LOOM_MPI_CHECK(MPI_Comm_rank(comm_, &rank_));
+  LOOM_MPI_CHECK(MPI_Comm_size(comm_, &size_));
+  LOOM_CHECK(size_ <= kFusedMaxRanks, kComm,
+             "fused norm group '" << name_ << "' of " << size_ << " ranks; at most " << kFusedMaxRanks);
+  LOOM_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&error_dev_), sizeof(uint32_t)));
+  LOOM_CUDA_CHECK(cudaMemset(error_dev_, 0, sizeof(uint32_t)));
+  LOOM_CUDA_CHECK(cudaHostAlloc(reinterpret_cast<void**>(&error_host_), sizeof(uint32_t), cudaHostAllocDefault));
+  *error_host_ = 0;
+  LOOM_CUDA_CHECK(cudaHostAlloc(reinterpret_cast<void**>(&abort_host_), sizeof(uint32_t), cudaHostAllocMapped));
+  *abort_host_ = 0;
+  LOOM_CUDA_CHECK(cudaHostGetDevicePointer(reinterpret_cast<void**>(&abort_dev_), abort_host_, 0));
+  map(std::max<int64_t>(stage_bytes, fused_stage_bytes(1, 8)));
+}
+
+IpcFusedNorm::~IpcFusedNorm() {
+  cudaStreamSynchronize(stream_);  // every wait is bounded: this returns
+  unmap();
+  cudaFree(error_dev_);
+  cudaFreeHost(error_host_);
+  cudaFreeHost(abort_host_);
+  if (comm_ != MPI_COMM_NULL) MPI_Comm_free(&comm_);
+  cudaGetLastError();
+}
+
+void IpcFusedNorm::map(int64_t stage_bytes) {
+  stage_bytes_ = stage_bytes;
+  LOOM_CUDA_CHECK(cudaMalloc(&mine_, static_cast<size_t>(kFlagBytes + stage_bytes)));
+  LOOM_CUDA_CHECK(cudaMemset(mine_, 0, static_cast<size_t>(kFlagBytes)));
+  LOOM_CUDA_CHECK(cudaDeviceSynchronize());  // the zeroed flags are visible before any peer can see them
+  cudaIpcMemHandle_t h;
+  LOOM_CUDA_CHECK(cudaIpcGetMemHandle(&h, mine_));
+  std::vector<cudaIpcMemHandle_t> all(static_cast<size_t>(size_));
+  LOOM_MPI_CHECK(MPI_Allgather(&h, sizeof h, MPI_BYTE, all.data(), sizeof h, MPI_BYTE, comm_));
+  peers_.assign(static_cast<size_t>(size_), nullptr);
+  for (int p = 0; p < size_; ++p) {
+    if (p == rank_) {
+      peers_[static_cast<size_t>(p)] = mine_;
+      continue;
+    }
+    cudaError_t e = cudaIpcOpenMemHandle(&peers_[static_cast<size_t>(p)], all[static_cast<size_t>(p)],
+                                         cudaIpcMemLazyEnablePeerAccess);
+    LOOM_CHECK(e == cudaSuccess, kComm,
+               "fused norm group '" << name_ << "': rank " << rank_ << " cannot map rank " << p
+                                    << "'s buffer (cudaIpcOpenMemHandle: " << cudaGetErrorString(e) << ")");
+  }
+  // Nobody launches on the new buffers before every rank mapped every peer's.
+  LOOM_MPI_CHECK(MPI_Barrier(comm_));
+}
+
+void IpcFusedNorm::unmap() {
+  for (int p = 0; p < static_cast<int>(peers_.size()); ++p)
+    if (p != rank_ && peers_[static_cast<size_t>(p)] != nullptr) cudaIpcCloseMemHandle(peers_[static_cast<size_t>(p)]);
+  peers_.clear();
+  if (mine_ != nullptr) cudaFree(mine_);
+  mine_ = nullptr;
+}
+
+void IpcFusedNorm::check() const {
+  const uint32_t e = *reinterpret_cast<volatile uint32_t*>(error_host_);
+  if (e == 0) return;
+  if ((e >> 8) == kFusedAborted)
+    LOOM_THROW(kComm, "fused all-reduce + RMSNorm on '" << name_ << "' (rank " << rank_ << "): aborted");
+  LOOM_THROW(kComm, "fused all-reduce + RMSNorm on '" << name_ << "' (rank " << rank_ << "): rank " << (e & 0xff)
+                                                      << " " << fused_error_kind(e) << " (waited " << timeout_s_
+                                                      << " s); the group is unusable");
+}
+
+void IpcFusedNorm::synchronize() const {
+  LOOM_CUDA_CHECK(cudaStreamSynchronize(stream_));
+  check();
+}
+
+void IpcFusedNorm::abort() {
+  *reinterpret_cast<volatile uint32_t*>(abort_host_) = 1;
+}
+
+void IpcFusedNorm::run(FusedNormArgs a) {
+  check();
+  LOOM_CHECK(*reinterpret_cast<volatile uint32_t*>(abort_host_) == 0, kComm,
+             "fused all-reduce + RMSNorm on '" << name_ << "': the group was aborted");
+  if (a.rows * a.d > fused_stage_capacity(stage_bytes_)) {
+    // Collective growth (every rank has the same shape): no kernel of the group may still use the old buffers.
+    LOOM_CUDA_CHECK(cudaStreamSynchronize(stream_));
+    check();
+    LOOM_MPI_CHECK(MPI_Barrier(comm_));
+    unmap();
+    map(std::max(fused_stage_bytes(a.rows, a.d), 2 * stage_bytes_));
+  }
+  FusedNormGroup g;
+  g.ranks = size_;
+  g.rank = rank_;
+  for (int p = 0; p < size_; ++p) {
+    auto* base = static_cast<char*>(peers_[static_cast<size_t>(p)]);
+    g.flags[p] = reinterpret_cast<uint32_t*>(base);
+    g.stage[p] = base + kFlagBytes;
+  }
+  g.stage_bytes = stage_bytes_;
+  g.abort = abort_dev_;
+  g.error = error_dev_;
+  a.epoch = ++epoch_;
+  a.timeout_s = timeout_s_;
+  launch_fused_allreduce_add_rmsnorm(g, a, stream_);
+  LOOM_CUDA_CHECK(cudaMemcpyAsync(error_host_, error_dev_, sizeof(uint32_t), cudaMemcpyDeviceToHost, stream_));
+}
+
+}  // namespace loom::cuda
