@@ -11,13 +11,10 @@ secs=${1:-120}
 shift || true
 job=probe$$
 d=$WORK/probe
-mkdir -p "$d"
-"$LOOM_BIN/loom" monitor --job $job --token tok$$ --port 0 --port-file "$d/port" --verdict-dir "$d/v" \
-  >"$d/monitor.log" 2>&1 &
-mon=$!
+start_monitor "$d" $job tok$$
+mon=$MON_PID
 trap 'pkill -KILL -f -- "--monitor-job '$job'" 2>/dev/null || true; kill $mon 2>/dev/null || true; rm -rf "$WORK"' EXIT
-for _ in $(seq 1 100); do [ -s "$d/port" ] && break; sleep 0.1; done
-port=$(cat "$d/port")
+port=$MON_PORT
 mpi 4 "$LOOM_BIN/gpt-train" "${SMALL[@]}" --steps 1000000 --tp 2 --ranks-per-node 2 --snapshot-job $job \
   --monitor "127.0.0.1:$port" --monitor-job $job --monitor-token tok$$ --metrics-file "$d/m.jsonl" "$@" \
   >"$d/run.log" 2>&1 &

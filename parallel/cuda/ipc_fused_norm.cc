@@ -123,19 +123,28 @@ void IpcFusedNorm::map(int64_t stage_bytes) {
   std::vector<cudaIpcMemHandle_t> all(static_cast<size_t>(size_));
   LOOM_MPI_CHECK(MPI_Allgather(&h, sizeof h, MPI_BYTE, all.data(), sizeof h, MPI_BYTE, comm_));
   peers_.assign(static_cast<size_t>(size_), nullptr);
-  for (int p = 0; p < size_; ++p) {
+  int failed_peer = -1;
+  cudaError_t err = cudaSuccess;
+  for (int p = 0; p < size_ && failed_peer < 0; ++p) {
     if (p == rank_) {
       peers_[static_cast<size_t>(p)] = mine_;
       continue;
     }
-    cudaError_t e = cudaIpcOpenMemHandle(&peers_[static_cast<size_t>(p)], all[static_cast<size_t>(p)],
-                                         cudaIpcMemLazyEnablePeerAccess);
-    LOOM_CHECK(e == cudaSuccess, kComm,
-               "fused norm group '" << name_ << "': rank " << rank_ << " cannot map rank " << p
-                                    << "'s buffer (cudaIpcOpenMemHandle: " << cudaGetErrorString(e) << ")");
+    err = cudaIpcOpenMemHandle(&peers_[static_cast<size_t>(p)], all[static_cast<size_t>(p)],
+                               cudaIpcMemLazyEnablePeerAccess);
+    if (err != cudaSuccess) {
+      peers_[static_cast<size_t>(p)] = nullptr;
+      failed_peer = p;
+    }
   }
-  // Nobody launches on the new buffers before every rank mapped every peer's.
-  LOOM_MPI_CHECK(MPI_Barrier(comm_));
+  // Every rank learns whether all mapped (nobody launches on the new buffers before that, and a rank that could
+  // not map does not leave the others waiting).
+  int ok = failed_peer < 0 ? 1 : 0, all_ok = 0;
+  LOOM_MPI_CHECK(MPI_Allreduce(&ok, &all_ok, 1, MPI_INT, MPI_MIN, comm_));
+  LOOM_CHECK(failed_peer < 0, kComm,
+             "fused norm group '" << name_ << "': rank " << rank_ << " cannot map rank " << failed_peer
+                                  << "'s buffer (cudaIpcOpenMemHandle: " << cudaGetErrorString(err) << ")");
+  LOOM_CHECK(all_ok == 1, kComm, "fused norm group '" << name_ << "': another rank could not map a peer's buffer");
 }
 
 void IpcFusedNorm::unmap() {

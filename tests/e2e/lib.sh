@@ -87,6 +87,20 @@ stop_daemons() {
 }
 
 # ---- monitor helpers ---------------------------------------------------------------------------------------
+# start_monitor DIR JOB TOKEN [loom monitor ARGS...]: starts `loom monitor` for JOB in the background (log in
+# DIR/monitor.log, verdicts in DIR/v), waits for its port; sets MON_PID and MON_PORT.
+start_monitor() {
+  local d=$1 job=$2 token=$3
+  shift 3
+  mkdir -p "$d"
+  "$LOOM_BIN/loom" monitor --job "$job" --token "$token" --port 0 --port-file "$d/port" --verdict-dir "$d/v" "$@" \
+    >"$d/monitor.log" 2>&1 &
+  MON_PID=$!
+  for _ in $(seq 1 100); do [ -s "$d/port" ] && break; sleep 0.1; done
+  [ -s "$d/port" ] || fail "the monitor did not start: $(cat "$d/monitor.log")"
+  MON_PORT=$(cat "$d/port")
+}
+
 # monitored_fault NAME KIND RANK [GPT ARGS...]: starts `loom monitor` (exits at its first verdict) and a 4-rank
 # TP2 x DP2 run on 2 emulated nodes with the fault KIND at RANK after step $FAULT_STEP (default 300, ~3 s in; or
 # $FAULT_AFTER_S seconds in); returns when the monitor reached a
@@ -96,14 +110,10 @@ monitored_fault() {
   local name=$1 kind=$2 rank=$3
   shift 3
   local d=$WORK/$name
-  mkdir -p "$d"
-  "$LOOM_BIN/loom" monitor --job "m$name$$" --token "tok$$" --port 0 --port-file "$d/port" --verdict-dir "$d/v" \
-    --exit-on-verdict >"$d/monitor.log" 2>&1 &
-  local mon=$!
-  for _ in $(seq 1 100); do [ -s "$d/port" ] && break; sleep 0.1; done
-  [ -s "$d/port" ] || fail "$name: the monitor did not start: $(cat "$d/monitor.log")"
+  start_monitor "$d" "m$name$$" "tok$$" --exit-on-verdict
+  local mon=$MON_PID
   timeout 150 $LOOM_MPIRUN -np 4 "$LOOM_BIN/gpt-train" "${SMALL[@]}" --steps 100000 --tp 2 --ranks-per-node 2 \
-    --log-level warn --snapshot-job "s$name$$" --monitor "127.0.0.1:$(cat "$d/port")" --monitor-job "m$name$$" \
+    --log-level warn --snapshot-job "s$name$$" --monitor "127.0.0.1:$MON_PORT" --monitor-job "m$name$$" \
     --monitor-token "tok$$" --fault-kind "$kind" --fault-rank "$rank" --fault-step "${FAULT_STEP:-300}" --fault-after-s "${FAULT_AFTER_S:-0}" "$@" >"$d/run.log" 2>&1 &
   local job=$!
   ( sleep 120; kill "$mon" 2>/dev/null ) &

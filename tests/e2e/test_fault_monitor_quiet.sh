@@ -4,15 +4,12 @@
 # (BYE from every rank), and the monitor saw all four ranks finish.
 source "$(dirname "$0")/lib.sh"
 d=$WORK/quiet
-mkdir -p "$d"
-"$LOOM_BIN/loom" monitor --job quiet$$ --token tok$$ --port 0 --port-file "$d/port" --verdict-dir "$d/v" \
-  >"$d/monitor.log" 2>&1 &
-mon=$!
+start_monitor "$d" quiet$$ tok$$
+mon=$MON_PID
 # (set -e holds inside the trap too: nothing left to kill must not fail the test)
 trap 'pkill -KILL -f -- "--monitor-job quiet$$" 2>/dev/null || true; kill $mon 2>/dev/null || true
 [ -n "${KEEP_WORK:-}" ] || rm -rf "$WORK"' EXIT
-for _ in $(seq 1 100); do [ -s "$d/port" ] && break; sleep 0.1; done
-port=$(cat "$d/port")
+port=$MON_PORT
 # The run is stopped after 120 s; what counts is the monitor's state just before that.
 start=$(date +%s)
 mpi 4 "$LOOM_BIN/gpt-train" "${SMALL[@]}" --steps 1000000 --tp 2 --ranks-per-node 2 --snapshot-job quiet$$ \
