@@ -6,7 +6,9 @@ Protocol
 Job: the SMALL model of tests/e2e/lib.sh (dim 64, 2 layers, seq 32, batch 8; in-memory snapshots every step,
 nothing persisted), 4 ranks, TP 2 x DP 2 on 2 emulated nodes (--ranks-per-node 2), one mpirun at a time; every
 run has its own --snapshot-job (a reused one would resume from old snapshots) and its own monitor job id and
-token. Environment: OMPI_MCA_btl_vader_single_copy_mechanism=none, LOOM_PERSIST_EVERY=0, LOOM_LOG_LEVEL=warn.
+token. Environment: OMPI_MCA_btl_vader_single_copy_mechanism=none, LOOM_PERSIST_EVERY=0, LOOM_LOG_LEVEL=warn,
+LOOM_THREADS=1 (one CPU thread per rank: what the 2-core VM gives them anyway; on a larger host the tiny model
+gains nothing from more), LOOM_DEVICE=cpu (--device).
 
 0. Isolation: the bench runs private copies of build/bin/{loom,gpt-train} (a rebuild of the checkout during the
    bench cannot mix versions). Before every run it waits (up to --quiet-wait s) until other work uses < 0.5 of
@@ -47,7 +49,8 @@ token. Environment: OMPI_MCA_btl_vader_single_copy_mechanism=none, LOOM_PERSIST_
    the trace shipping, plus the monitor process itself on the same 2 cores.
 
 Usage: python3 bench/monitor_bench.py [--trials N] [--fault-free N] [--quick] [--seed S]
-                                      [--out bench/results/monitor_cpu.json]
+                                      [--out bench/results/monitor_cpu.json] [--only-overhead | --skip-overhead]
+                                      [--bin DIR]
 Standard library only. Progress goes to stdout, one line per trial, and a table at the end.
 """
 import argparse
@@ -81,6 +84,16 @@ INJECT_WINDOW_S = (3.0, 8.0)
 SLOW_AFTER_S = (30.0, 38.0)  # slow: after the monitor's baseline windows (start-up + 4 × 5 s)
 MIN_SLOWDOWN = 0.10
 SKIP = 50  # warm-up steps excluded from step-time figures
+
+
+PROTOCOL = __doc__.split("Protocol\n--------\n", 1)[1].split("\nUsage:")[0].strip()
+
+
+def write_json(path, result):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(result, f, indent=2)
+        f.write("\n")
 
 
 def log(msg):
@@ -157,8 +170,11 @@ class Runner:
         self.count = 0
         self.env = dict(os.environ)
         self.env.update({"OMPI_MCA_btl_vader_single_copy_mechanism": "none", "LOOM_PERSIST_EVERY": "0",
-                         "LOOM_LOG_LEVEL": "warn", "LOOM_CACHE_DIR": os.path.join(work, "cache")})
+                         "LOOM_LOG_LEVEL": "warn", "LOOM_CACHE_DIR": os.path.join(work, "cache"),
+                         "LOOM_THREADS": "1"})
         self.mpirun = ["mpirun", "--oversubscribe", "--allow-run-as-root"]
+        if "LD_LIBRARY_PATH" in self.env:  # the GPU machine's runtime libraries (.device/env.sh)
+            self.mpirun += ["-x", "LD_LIBRARY_PATH"]
         self.quiet_wait_s = 0.0
         self.active_monitors, self.active_jobs = [], []  # what cleanup() stops when the bench is interrupted
 
@@ -542,6 +558,32 @@ def overhead_run(rn, steps, monitor):
     return rec
 
 
+def overhead_phase(a, rn):
+    log(f"overhead: {a.overhead_rounds} rounds of {a.overhead_steps} steps, monitor on/off alternating")
+    runs = []
+    for rnd in range(a.overhead_rounds):
+        for mon in (True, False):
+            r = overhead_run(rn, a.overhead_steps, mon)
+            r["round"] = rnd
+            runs.append(r)
+            log(f"  round {rnd + 1} monitor {'on ' if mon else 'off'}: median step "
+                f"{r['median_step_time_s'] * 1e3:.3f} ms, time per step {r['time_per_step_s'] * 1e3:.3f} ms"
+                f"  [other work seen {r['other_work_seen'] * 100:.0f} %]")
+    on = [r for r in runs if r["monitor"]]
+    off = [r for r in runs if not r["monitor"]]
+    med_on = statistics.median(r["median_step_time_s"] for r in on)
+    med_off = statistics.median(r["median_step_time_s"] for r in off)
+    tps_on = statistics.median(r["time_per_step_s"] for r in on)
+    tps_off = statistics.median(r["time_per_step_s"] for r in off)
+    paired = [a_["median_step_time_s"] / b_["median_step_time_s"] - 1 for a_, b_ in zip(on, off)]
+    overhead = {"steps": a.overhead_steps, "rounds": a.overhead_rounds, "skip_steps": SKIP,
+                "median_step_time_on_s": med_on, "median_step_time_off_s": med_off,
+                "overhead": med_on / med_off - 1, "paired_overheads": paired,
+                "time_per_step_on_s": tps_on, "time_per_step_off_s": tps_off,
+                "overhead_time_per_step": tps_on / tps_off - 1, "runs": runs}
+    return overhead
+
+
 # ---- summary ----------------------------------------------------------------------------------------------------
 
 def summarise(trials, fault_free):
@@ -622,6 +664,9 @@ def main():
     ap.add_argument("--overhead-rounds", type=int, default=5)
     ap.add_argument("--overhead-steps", type=int, default=3000)
     ap.add_argument("--skip-overhead", action="store_true")
+    ap.add_argument("--only-overhead", action="store_true", help="step 5 only (no calibration, no trials)")
+    ap.add_argument("--device", choices=["cpu"], default="cpu",
+                    help="where the ranks train (LOOM_DEVICE; CPU ranks: 4 ranks do not fit one GPU's NCCL)")
     ap.add_argument("--quiet-wait", type=float, default=120.0,
                     help="before each run, wait up to this long for other work to use < 0.5 cores (recorded)")
     ap.add_argument("--keep", action="store_true", help="keep every trial's folder (failed ones are always kept)")
@@ -647,6 +692,7 @@ def main():
     except (OSError, subprocess.SubprocessError):
         a.git = None
     rn = Runner(bindir, work, a.keep)
+    rn.env["LOOM_DEVICE"] = a.device
     rn.quiet_wait_s = a.quiet_wait
 
     def on_term(signum, frame):
@@ -667,6 +713,20 @@ def bench(a, rn, work):
     started = time.time()
     mach = machine()
     log(f"monitor bench: {mach['cpu']}, {mach['cores']} cores; work folder {work}; load {loadavg()}")
+    if a.only_overhead:
+        overhead = overhead_phase(a, rn)
+        result = {"benchmark": "monitor", "device": a.device, "machine": mach,
+                  "command": "python3 " + " ".join([os.path.relpath(__file__, ROOT)] + sys.argv[1:]),
+                  "protocol": "step 5 of: " + PROTOCOL, "git_head": a.git, "binaries": a.binaries,
+                  "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "duration_s": round(time.time() - started, 1),
+                  "model": " ".join(SMALL + LAYOUT) + " (4 ranks, 2 emulated nodes)",
+                  "overhead": overhead["overhead"], "overhead_detail": overhead,
+                  "goals": {"overhead_lt_1pct": overhead["overhead"] < 0.01}}
+        write_json(a.out, result)
+        log(f"overhead: median step on {overhead['median_step_time_on_s'] * 1e3:.3f} ms, off "
+            f"{overhead['median_step_time_off_s'] * 1e3:.3f} ms -> {overhead['overhead'] * 100:+.2f} % "
+            f"(time per step: {overhead['overhead_time_per_step'] * 100:+.2f} %); wrote {a.out}")
+        return
 
     log("calibration: step rate (monitored, fault-free)")
     rate = calibrate_rate(rn, a.calib_steps)
@@ -732,30 +792,7 @@ def bench(a, rn, work):
                 res = f"{'ok' if r['correct'] else 'WRONG'} {vs} after {r['latency_s']:.2f} s"
         log(f"[{i + 1}/{len(order)}] {what_s}: {res}  [{time.time() - t0:.0f} s; other work seen {r['other_work_seen'] * 100:.0f} %]")
 
-    overhead = None
-    if not a.skip_overhead:
-        log(f"overhead: {a.overhead_rounds} rounds of {a.overhead_steps} steps, monitor on/off alternating")
-        runs = []
-        for rnd in range(a.overhead_rounds):
-            for mon in (True, False):
-                r = overhead_run(rn, a.overhead_steps, mon)
-                r["round"] = rnd
-                runs.append(r)
-                log(f"  round {rnd + 1} monitor {'on ' if mon else 'off'}: median step "
-                    f"{r['median_step_time_s'] * 1e3:.3f} ms, time per step {r['time_per_step_s'] * 1e3:.3f} ms"
-                    f"  [other work seen {r['other_work_seen'] * 100:.0f} %]")
-        on = [r for r in runs if r["monitor"]]
-        off = [r for r in runs if not r["monitor"]]
-        med_on = statistics.median(r["median_step_time_s"] for r in on)
-        med_off = statistics.median(r["median_step_time_s"] for r in off)
-        tps_on = statistics.median(r["time_per_step_s"] for r in on)
-        tps_off = statistics.median(r["time_per_step_s"] for r in off)
-        paired = [a_["median_step_time_s"] / b_["median_step_time_s"] - 1 for a_, b_ in zip(on, off)]
-        overhead = {"steps": a.overhead_steps, "rounds": a.overhead_rounds, "skip_steps": SKIP,
-                    "median_step_time_on_s": med_on, "median_step_time_off_s": med_off,
-                    "overhead": med_on / med_off - 1, "paired_overheads": paired,
-                    "time_per_step_on_s": tps_on, "time_per_step_off_s": tps_off,
-                    "overhead_time_per_step": tps_on / tps_off - 1, "runs": runs}
+    overhead = None if a.skip_overhead else overhead_phase(a, rn)
 
     summ = summarise(trials, fault_free)
     total = time.time() - started
@@ -770,10 +807,10 @@ def bench(a, rn, work):
     }
     result = {
         "benchmark": "monitor",
-        "device": "cpu",
+        "device": a.device,
         "machine": mach,
         "command": "python3 " + " ".join([os.path.relpath(__file__, ROOT)] + sys.argv[1:]),
-        "protocol": __doc__.split("Protocol\n--------\n", 1)[1].split("\nUsage:")[0].strip(),
+        "protocol": PROTOCOL,
         "seed": a.seed,
         "binaries": a.binaries,
         "git_head": a.git,
@@ -793,10 +830,7 @@ def bench(a, rn, work):
         "fault_free": fault_free,
         "work_folder": work,
     }
-    os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
-    with open(a.out, "w") as f:
-        json.dump(result, f, indent=2)
-        f.write("\n")
+    write_json(a.out, result)
 
     log("")
     log(f"{'kind':<10} {'injected':>8} {'verdicts':>8} {'correct':>7} {'recall':>6} {'p50 s':>7} {'p90 s':>7} {'max s':>7}")

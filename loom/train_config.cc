@@ -66,7 +66,7 @@ void TrainConfig::declare(Config& cfg) {
   cfg.add("fault.fault_slowdown", &fault_slowdown, "slow: extra time per step as a fraction of the step time");
   cfg.add("fault.fault_plan", &fault_plan, "several faults 'kind:rank:step[:epoch];...'; overrides fault_kind/rank/step/epoch");
   cfg.add_choice("runtime.device", &device, {"auto", "cpu", "cuda"}, "where to train");
-  cfg.add("runtime.threads", &threads, "CPU threads per rank; 0 = cores / ranks on the node");
+  cfg.add("runtime.threads", &threads, "CPU threads per rank; 0 = the host's cores / the ranks on the host");
   cfg.allow_env("LOOM_FORTUNES_DIR");  // read by core/data.cc: where the fortunes corpus lives
   cfg.allow_env("LOOM_MPIRUN");        // read by `loom run` (and the tests): the mpirun command line
   cfg.add_choice("runtime.log_level", &log_level, {"debug", "info", "warn", "error"}, "log level");

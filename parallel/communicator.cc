@@ -90,6 +90,32 @@ bool Communicator::fused_allreduce_add_rmsnorm(const Tensor& partial, const Tens
   return true;
 }
 
+bool Communicator::fused_rmsnorm_backward(const Tensor& dnormed, const Tensor& x, const Tensor& weight,
+                                          const Tensor& rstd, const Tensor& dx, bool accumulate, const Tensor& dw) {
+  if (size_ == 1 || dnormed.ndim() != 2 || !has_fused_backward_path(dnormed)) return false;
+  const char* call = "fused_rmsnorm_backward";
+  check_tensor(dnormed, call, "dnormed", true);
+  for (const Tensor* t : {&x, &dx}) {
+    check_tensor(*t, call, "x/dx", true);
+    check_dtype(*t, dnormed.dtype(), call, "x/dx");
+    LOOM_CHECK(t->shape() == dnormed.shape(), kShape,
+               call << " on '" << name_ << "': shapes " << t->shape().str() << " and " << dnormed.shape().str() << " differ");
+  }
+  check_tensor(weight, call, "weight", true);
+  check_tensor(dw, call, "dw", true);
+  check_tensor(rstd, call, "rstd", false);
+  check_dtype(weight, dnormed.dtype(), call, "weight");
+  LOOM_CHECK(weight.numel() == dnormed.size(1) && dw.numel() == dnormed.size(1) &&
+                 rstd.numel() == dnormed.size(0) && rstd.dtype() == DType::kF32 &&
+                 (dw.dtype() == DType::kF32 || dw.dtype() == DType::kBF16),
+             kShape, call << " on '" << name_ << "': weight and dw (f32 or bf16) must be [" << dnormed.size(1)
+                          << "] and rstd f32 [" << dnormed.size(0) << "]");
+  uint64_t seq = trace_.begin(CollectiveOp::kAllReduce, group_id_, -1, dnormed.nbytes());
+  do_fused_rmsnorm_backward(dnormed, x, weight, rstd, dx, accumulate, dw);
+  trace_.end(seq);
+  return true;
+}
+
 void Communicator::reduce_scatter(const Tensor& out, const Tensor& in, ReduceOp op) {
   const char* call = "reduce_scatter";
   check_tensor(out, call, "out", true);

@@ -68,6 +68,13 @@ class Communicator {
   // same on every rank. Collective when it returns true. Traced as an all-reduce of partial.
   bool fused_allreduce_add_rmsnorm(const Tensor& partial, const Tensor& residual, const Tensor& weight, float eps,
                                    const Tensor& residual_out, const Tensor& normed, const Tensor& rstd);
+  // Its backward as one device call: dn = the sum over ranks of dnormed (this rank's partial gradient of
+  // normed), then dx (+)= rmsnorm_backward(dn, x, weight, rstd) and dw += the weight's gradient (f32 or bf16
+  // [d]); x is the forward's residual_out, rstd its. False, having done nothing, where there is no such path
+  // (the caller all-reduces dnormed and runs the backend's RMSNorm backward); the same answer on every rank.
+  // Traced as an all-reduce of dnormed.
+  bool fused_rmsnorm_backward(const Tensor& dnormed, const Tensor& x, const Tensor& weight, const Tensor& rstd,
+                              const Tensor& dx, bool accumulate, const Tensor& dw);
 
   const TraceRing& trace() const { return trace_; }
 
@@ -90,6 +97,10 @@ class Communicator {
   virtual void do_fused_allreduce_add_rmsnorm(const Tensor& /*partial*/, const Tensor& /*residual*/,
                                               const Tensor& /*weight*/, float /*eps*/, const Tensor& /*residual_out*/,
                                               const Tensor& /*normed*/, const Tensor& /*rstd*/) {}
+  virtual bool has_fused_backward_path(const Tensor& /*dnormed*/) const { return false; }
+  virtual void do_fused_rmsnorm_backward(const Tensor& /*dnormed*/, const Tensor& /*x*/, const Tensor& /*weight*/,
+                                         const Tensor& /*rstd*/, const Tensor& /*dx*/, bool /*accumulate*/,
+                                         const Tensor& /*dw*/) {}
 
  private:
   void check_tensor(const Tensor& t, const char* call, const char* arg, bool reduction) const;

@@ -40,12 +40,16 @@ NormedResidual fused_allreduce_add_rmsnorm(Ctx& c, const Tensor& partial, const 
     if (auto dn = t.grad(normed)) {
       // The consumers' partial input gradients, summed over TP once; then the RMSNorm backward, added to
       // whatever the residual stream's later users sent back (the slot of res_out, accumulated into).
-      if (comm) tp->all_reduce(*dn, ReduceOp::kSum);
+      // One device call where the communicator has one (CUDA IPC on the GPUs of a node).
       auto dr = t.target(res_out);
       auto dw_t = t.target(weight);
       Tensor dw = dw_t ? dw_t->grad : arena->allocate(weight.shape(), DType::kF32);
       if (!dw_t || !dw_t->accumulate) b->fill(dw, 0.0f);
-      b->rmsnorm_backward(dr->grad.flatten_2d(), dr->accumulate, dw, dn->flatten_2d(), r2, weight, rstd);
+      if (!comm || !tp->fused_rmsnorm_backward(dn->flatten_2d(), r2, weight, rstd, dr->grad.flatten_2d(),
+                                               dr->accumulate, dw)) {
+        if (comm) tp->all_reduce(*dn, ReduceOp::kSum);
+        b->rmsnorm_backward(dr->grad.flatten_2d(), dr->accumulate, dw, dn->flatten_2d(), r2, weight, rstd);
+      }
     }
     auto g = t.grad(res_out);
     if (!g) return;

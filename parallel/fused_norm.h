@@ -17,8 +17,9 @@
 //
 // Where the communicator offers a one-kernel path (Communicator::fused_allreduce_add_rmsnorm: NCCL groups of one
 // node with parallel.fused_kernel, the CUDA IPC two-shot/one-shot kernels of docs/fused_norm.md), the forward
-// is that kernel; otherwise it composes the communicator's all-reduce (MPI or NCCL) with the backend's add and
-// RMSNorm kernels: the reference (the CPU path, bit-for-bit the unfused ops). The backward is the same either way.
+// is that kernel, and the backward its mirror kernel (Communicator::fused_rmsnorm_backward); otherwise each
+// composes the communicator's all-reduce (MPI or NCCL) with the backend's add and RMSNorm kernels: the
+// reference (the CPU path, bit-for-bit the unfused ops).
 #pragma once
 
 #include "core/context.h"

@@ -19,6 +19,7 @@ struct Views {  // the kernel's copy of the group, by value
   uint32_t* flags[kFusedMaxRanks];
   const volatile uint32_t* abort;
   uint32_t* error;
+  uint32_t* counter;  // [last epoch, blocks finished]; null: the epoch is the launch argument
 };
 
 __device__ __forceinline__ uint64_t global_ns() {
@@ -35,6 +36,26 @@ __device__ __forceinline__ uint32_t load_acquire_sys(const uint32_t* p) {
 
 __device__ __forceinline__ void store_release_sys(uint32_t* p, uint32_t v) {
   asm volatile("st.release.sys.global.u32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
+}
+
+// The call's epoch, the same in every block: the launch argument, or one more than the group's device counter
+// (graph replays: the argument frozen into a graph would repeat).
+__device__ __forceinline__ uint32_t begin_call(const Views& v, uint32_t epoch) {
+  __shared__ uint32_t e;
+  if (threadIdx.x == 0) e = v.counter != nullptr ? *reinterpret_cast<volatile uint32_t*>(v.counter) + 1u : epoch;
+  __syncthreads();
+  return e;
+}
+
+// Every block, on every exit: the last block to finish stores the call's epoch in the device counter (every
+// block has read the counter before it counts itself finished; the next call starts after this kernel ends).
+__device__ __forceinline__ void end_call(const Views& v, uint32_t epoch) {
+  if (v.counter == nullptr) return;
+  __syncthreads();
+  if (threadIdx.x == 0 && atomicAdd(v.counter + 1, 1u) == gridDim.x - 1) {
+    v.counter[1] = 0;
+    v.counter[0] = epoch;
+  }
 }
 
 // Loads that bypass L1 (a buffer a peer rewrote since this SM last read it must not come from a stale L1 line).
@@ -157,55 +178,228 @@ __device__ float row_rstd(const BFloat16* res, int64_t row, int64_t d, float eps
 
 // Staging layout per rank (bf16 elements; cap = the capacity of the staging buffer / 4, the same for every call
 // whatever its shape, so the parity rule holds when shapes change between calls):
-// [in 0][in 1][out residual][out normed].
-__global__ void __launch_bounds__(kThreads)
-    fused_two_shot(Views v, const BFloat16* partial, const BFloat16* residual, const BFloat16* w,
-                   BFloat16* residual_out, BFloat16* normed, float* rstd, int64_t rows, int64_t d, int64_t cap,
-                   float eps, uint32_t epoch, uint64_t timeout_ns) {
-  __shared__ float shared[32];
-  const int64_t in_off = (epoch & 1u) * cap;  // the same parity rule as one-shot, so the two can alternate
-  const uint64_t deadline = global_ns() + timeout_ns;
-  stage_input(v, partial, in_off, rows, d);
+// [in 0][in 1][out 0][out 1]. Forward: out 0 = new residual rows, out 1 = normalised rows. Backward: out 0 = the
+// input-gradient rows, out 1 = the summed gradient of the normalised rows.
+struct Region {
+  int64_t cap;
+  __device__ int64_t in(uint32_t epoch) const { return (epoch & 1u) * cap; }  // the same parity rule everywhere
+  __device__ int64_t out(int k) const { return (2 + k) * cap; }
+};
+
+// Destinations of this rank's token slice in two-shot: out region k of every rank, this rank's own first (the
+// second pass of a row re-reads dst[0], its own stores).
+__device__ __forceinline__ void slice_destinations(const Views& v, const Region& reg, int k, BFloat16** dst) {
+  for (int q = 0; q < v.ranks; ++q) dst[q] = v.stage[(v.rank + q) % v.ranks] + reg.out(k);
+}
+
+// This rank's token slice in two-shot: rows [rank * rows / W, (rank + 1) * rows / W).
+__device__ __forceinline__ int64_t slice_begin(const Views& v, int64_t rows) {
+  return rows * v.rank / v.ranks;
+}
+__device__ __forceinline__ int64_t slice_end(const Views& v, int64_t rows) {
+  return rows * (v.rank + 1) / v.ranks;
+}
+
+struct ForwardArgs {
+  const BFloat16 *partial, *residual, *w;
+  BFloat16 *residual_out, *normed;
+  float* rstd;
+  int64_t rows, d;
+  float eps;
+};
+
+__device__ void forward_two_shot(const Views& v, const ForwardArgs& a, const Region& reg, uint32_t epoch,
+                                 uint64_t deadline, float* shared) {
+  const int64_t in_off = reg.in(epoch);
+  stage_input(v, a.partial, in_off, a.rows, a.d);
   if (!block_barrier(v, 0, epoch, deadline)) return;
-  // This rank's token slice: rows [rank * rows / W, (rank + 1) * rows / W).
-  const int64_t begin = rows * v.rank / v.ranks, end = rows * (v.rank + 1) / v.ranks;
   BFloat16* res_dst[kFusedMaxRanks];
   BFloat16* norm_dst[kFusedMaxRanks];
-  for (int q = 0; q < v.ranks; ++q) {  // own buffers first: the second pass re-reads res_dst[0]
-    const int p = (v.rank + q) % v.ranks;
-    res_dst[q] = v.stage[p] + 2 * cap;
-    norm_dst[q] = v.stage[p] + 3 * cap;
-  }
-  for (int64_t row = first_row(begin); row < end; row += gridDim.x)
-    reduce_norm_row(v, in_off, row, d, residual, w, eps, res_dst, norm_dst, v.ranks, nullptr, shared);
+  slice_destinations(v, reg, 0, res_dst);
+  slice_destinations(v, reg, 1, norm_dst);
+  for (int64_t row = first_row(slice_begin(v, a.rows)); row < slice_end(v, a.rows); row += gridDim.x)
+    reduce_norm_row(v, in_off, row, a.d, a.residual, a.w, a.eps, res_dst, norm_dst, v.ranks, nullptr, shared);
   if (!block_barrier(v, 1, epoch, deadline)) return;
-  const BFloat16* my_res = v.stage[v.rank] + 2 * cap;
-  const BFloat16* my_norm = v.stage[v.rank] + 3 * cap;
-  for (int64_t row = first_row(0); row < rows; row += gridDim.x) {
+  const BFloat16* my_res = v.stage[v.rank] + reg.out(0);
+  const BFloat16* my_norm = v.stage[v.rank] + reg.out(1);
+  const int64_t d = a.d;
+  for (int64_t row = first_row(0); row < a.rows; row += gridDim.x) {
     for (int64_t p = threadIdx.x; p < d / kPack; p += blockDim.x) {
-      copy_pack(residual_out + row * d + p * kPack, my_res + row * d + p * kPack);
-      copy_pack(normed + row * d + p * kPack, my_norm + row * d + p * kPack);
+      copy_pack(a.residual_out + row * d + p * kPack, my_res + row * d + p * kPack);
+      copy_pack(a.normed + row * d + p * kPack, my_norm + row * d + p * kPack);
     }
-    if (rstd != nullptr) {
-      const float rs = row_rstd(residual_out, row, d, eps, shared);  // this thread's own stores
-      if (threadIdx.x == 0) rstd[row] = rs;
+    if (a.rstd != nullptr) {
+      const float rs = row_rstd(a.residual_out, row, d, a.eps, shared);  // this thread's own stores
+      if (threadIdx.x == 0) a.rstd[row] = rs;
     }
   }
 }
 
-__global__ void __launch_bounds__(kThreads)
-    fused_one_shot(Views v, const BFloat16* partial, const BFloat16* residual, const BFloat16* w,
-                   BFloat16* residual_out, BFloat16* normed, float* rstd, int64_t rows, int64_t d, int64_t cap,
-                   float eps, uint32_t epoch, uint64_t timeout_ns) {
-  __shared__ float shared[32];
-  const int64_t in_off = (epoch & 1u) * cap;
-  const uint64_t deadline = global_ns() + timeout_ns;
-  stage_input(v, partial, in_off, rows, d);
+__device__ void forward_one_shot(const Views& v, const ForwardArgs& a, const Region& reg, uint32_t epoch,
+                                 uint64_t deadline, float* shared) {
+  const int64_t in_off = reg.in(epoch);
+  stage_input(v, a.partial, in_off, a.rows, a.d);
   if (!block_barrier(v, 0, epoch, deadline)) return;
-  BFloat16* res_dst[1] = {residual_out};
-  BFloat16* norm_dst[1] = {normed};
-  for (int64_t row = first_row(0); row < rows; row += gridDim.x)
-    reduce_norm_row(v, in_off, row, d, residual, w, eps, res_dst, norm_dst, 1, rstd, shared);
+  BFloat16* res_dst[1] = {a.residual_out};
+  BFloat16* norm_dst[1] = {a.normed};
+  for (int64_t row = first_row(0); row < a.rows; row += gridDim.x)
+    reduce_norm_row(v, in_off, row, a.d, a.residual, a.w, a.eps, res_dst, norm_dst, 1, a.rstd, shared);
+}
+
+__global__ void __launch_bounds__(kThreads)
+    fused_forward(Views v, ForwardArgs a, int64_t cap, bool two_shot, uint32_t epoch_arg, uint64_t timeout_ns) {
+  __shared__ float shared[32];
+  const uint32_t epoch = begin_call(v, epoch_arg);
+  const uint64_t deadline = global_ns() + timeout_ns;
+  if (two_shot) forward_two_shot(v, a, Region{cap}, epoch, deadline, shared);
+  else forward_one_shot(v, a, Region{cap}, epoch, deadline, shared);
+  end_call(v, epoch);
+}
+
+// ---- backward ---------------------------------------------------------------------------------------------
+//
+// dn = bf16(sum over ranks of the partial gradients of the normalised rows, in rank order) — what a bf16
+// all-reduce gives — then, with xhat = x * rstd and mean = mean_d(w * dn * xhat):
+//   g  = bf16(rstd * (w * dn - xhat * mean))         the RMSNorm backward
+//   dx = g, or bf16(dx + g) when accumulating          (+ the residual stream's gradient)
+//   dw_partials[block, :] = sum over the block's rows of dn * xhat     (rows dealt by row % blocks, as ever)
+// and a second small kernel adds the column sums of dw_partials (in block order) to dw. Both algorithms compute
+// dn, g, the dw partial sums and dx with the same arithmetic in the same order: bit-identical to each other and
+// on every rank.
+
+struct BackwardArgs {
+  const BFloat16 *dn, *x, *w;
+  const float* rstd;
+  BFloat16* dx;
+  bool accumulate;
+  float* dw_partials;
+  int64_t rows, d;
+};
+
+// One row, pass 1: dn summed from every rank's input buffer, rounded, written to dn_dst[0..n); the row's mean.
+// Pass 2: dn re-read from dn_dst[0] (this thread's own stores), g written to g_dst[0..n) (+ the old value of
+// g_dst[0] when accumulating); dw_acc (shared, d floats) += dn * xhat when given.
+__device__ void backward_row(const Views& v, int64_t in_off, int64_t row, const BackwardArgs& a,
+                             BFloat16* const* dn_dst, BFloat16* const* g_dst, int n_dst, bool accumulate,
+                             float* dw_acc, float* shared) {
+  const int64_t d = a.d, packs = d / kPack, base = row * d;
+  const float rs = a.rstd[row];
+  float dot = 0.0f;
+  for (int64_t p = threadIdx.x; p < packs; p += blockDim.x) {
+    float acc[kPack], y[kPack], xv[kPack], wv[kPack];
+    load_pack_cg(v.stage[0] + in_off + base + p * kPack, acc);
+    for (int q = 1; q < v.ranks; ++q) {
+      load_pack_cg(v.stage[q] + in_off + base + p * kPack, y);
+#pragma unroll
+      for (int k = 0; k < kPack; ++k) acc[k] += y[k];
+    }
+    load_pack<kPack>(a.x + base + p * kPack, xv);
+    load_pack<kPack>(a.w + p * kPack, wv);
+    uint4 out;
+    BFloat16* o = reinterpret_cast<BFloat16*>(&out);
+#pragma unroll
+    for (int k = 0; k < kPack; ++k) {
+      o[k] = __float2bfloat16_rn(acc[k]);
+      dot += (wv[k] * __bfloat162float(o[k])) * (xv[k] * rs);
+    }
+    for (int i = 0; i < n_dst; ++i) *reinterpret_cast<uint4*>(dn_dst[i] + base + p * kPack) = out;
+  }
+  const float mean = block_sum(dot, shared) / static_cast<float>(d);
+  for (int64_t p = threadIdx.x; p < packs; p += blockDim.x) {
+    float dn[kPack], xv[kPack], wv[kPack], g[kPack];
+    load_pack<kPack>(dn_dst[0] + base + p * kPack, dn);
+    load_pack<kPack>(a.x + base + p * kPack, xv);
+    load_pack<kPack>(a.w + p * kPack, wv);
+#pragma unroll
+    for (int k = 0; k < kPack; ++k) {
+      const float xhat = xv[k] * rs;
+      g[k] = __bfloat162float(__float2bfloat16_rn(rs * (wv[k] * dn[k] - xhat * mean)));
+      if (dw_acc != nullptr) dw_acc[p * kPack + k] += dn[k] * xhat;
+    }
+    if (accumulate) {
+      float old[kPack];
+      load_pack<kPack>(g_dst[0] + base + p * kPack, old);
+#pragma unroll
+      for (int k = 0; k < kPack; ++k) g[k] += old[k];
+    }
+    uint4 out;
+    BFloat16* o = reinterpret_cast<BFloat16*>(&out);
+#pragma unroll
+    for (int k = 0; k < kPack; ++k) o[k] = __float2bfloat16_rn(g[k]);
+    for (int i = 0; i < n_dst; ++i) *reinterpret_cast<uint4*>(g_dst[i] + base + p * kPack) = out;
+  }
+}
+
+__device__ void backward_two_shot(const Views& v, const BackwardArgs& a, const Region& reg, uint32_t epoch,
+                                  uint64_t deadline, float* dw_acc, float* shared) {
+  const int64_t in_off = reg.in(epoch), d = a.d;
+  stage_input(v, a.dn, in_off, a.rows, d);
+  if (!block_barrier(v, 0, epoch, deadline)) return;
+  BFloat16* g_dst[kFusedMaxRanks];
+  BFloat16* dn_dst[kFusedMaxRanks];
+  slice_destinations(v, reg, 0, g_dst);
+  slice_destinations(v, reg, 1, dn_dst);
+  for (int64_t row = first_row(slice_begin(v, a.rows)); row < slice_end(v, a.rows); row += gridDim.x)
+    backward_row(v, in_off, row, a, dn_dst, g_dst, v.ranks, false, nullptr, shared);
+  if (!block_barrier(v, 1, epoch, deadline)) return;
+  // Copy out every row (dealt as in one-shot), and the dw sums from the summed dn, in one-shot's order.
+  const BFloat16* my_g = v.stage[v.rank] + reg.out(0);
+  const BFloat16* my_dn = v.stage[v.rank] + reg.out(1);
+  for (int64_t row = first_row(0); row < a.rows; row += gridDim.x) {
+    const float rs = a.rstd[row];
+    for (int64_t p = threadIdx.x; p < d / kPack; p += blockDim.x) {
+      const int64_t at = row * d + p * kPack;
+      float g[kPack], dn[kPack], xv[kPack];
+      load_pack_cg(my_g + at, g);
+      load_pack_cg(my_dn + at, dn);
+      load_pack<kPack>(a.x + at, xv);
+#pragma unroll
+      for (int k = 0; k < kPack; ++k) dw_acc[p * kPack + k] += dn[k] * (xv[k] * rs);
+      if (a.accumulate) {
+        float old[kPack];
+        load_pack<kPack>(a.dx + at, old);
+#pragma unroll
+        for (int k = 0; k < kPack; ++k) g[k] += old[k];
+      }
+      store_pack<kPack>(a.dx + at, g);
+    }
+  }
+}
+
+__device__ void backward_one_shot(const Views& v, const BackwardArgs& a, const Region& reg, uint32_t epoch,
+                                  uint64_t deadline, float* dw_acc, float* shared) {
+  const int64_t in_off = reg.in(epoch);
+  stage_input(v, a.dn, in_off, a.rows, a.d);
+  if (!block_barrier(v, 0, epoch, deadline)) return;
+  BFloat16* dn_dst[1] = {v.stage[v.rank] + reg.out(1)};  // local: only this rank reads it
+  BFloat16* g_dst[1] = {a.dx};
+  for (int64_t row = first_row(0); row < a.rows; row += gridDim.x)
+    backward_row(v, in_off, row, a, dn_dst, g_dst, 1, a.accumulate, dw_acc, shared);
+}
+
+__global__ void __launch_bounds__(kThreads)
+    fused_backward(Views v, BackwardArgs a, int64_t cap, bool two_shot, uint32_t epoch_arg, uint64_t timeout_ns) {
+  extern __shared__ float dw_acc[];  // d floats: this block's dw sums (each column touched by one thread only)
+  __shared__ float shared[32];
+  for (int64_t c = threadIdx.x; c < a.d; c += blockDim.x) dw_acc[c] = 0.0f;
+  const uint32_t epoch = begin_call(v, epoch_arg);  // its __syncthreads orders the zeroing too
+  const uint64_t deadline = global_ns() + timeout_ns;
+  if (two_shot) backward_two_shot(v, a, Region{cap}, epoch, deadline, dw_acc, shared);
+  else backward_one_shot(v, a, Region{cap}, epoch, deadline, dw_acc, shared);
+  __syncthreads();
+  float* out = a.dw_partials + static_cast<int64_t>(blockIdx.x) * a.d;
+  for (int64_t c = threadIdx.x; c < a.d; c += blockDim.x) out[c] = dw_acc[c];
+  end_call(v, epoch);
+}
+
+// dw[c] += the sum of partials[b, c] over b = 0..blocks-1, in that order.
+template <class T>
+__global__ void dw_column_sum(T* dw, const float* partials, int blocks, int64_t d) {
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (c >= d) return;
+  float s = 0.0f;
+  for (int b = 0; b < blocks; ++b) s += partials[static_cast<int64_t>(b) * d + c];
+  dw[c] = from_float<T>(to_float(dw[c]) + s);
 }
 
 __global__ void spin(uint64_t ns) {
@@ -221,8 +415,10 @@ __global__ void spin(uint64_t ns) {
 void load_kernels_once() {
   static const bool loaded = [] {
     cudaFuncAttributes attr;
-    LOOM_CUDA_CHECK(cudaFuncGetAttributes(&attr, fused_two_shot));
-    LOOM_CUDA_CHECK(cudaFuncGetAttributes(&attr, fused_one_shot));
+    LOOM_CUDA_CHECK(cudaFuncGetAttributes(&attr, fused_forward));
+    LOOM_CUDA_CHECK(cudaFuncGetAttributes(&attr, fused_backward));
+    LOOM_CUDA_CHECK(cudaFuncGetAttributes(&attr, dw_column_sum<float>));
+    LOOM_CUDA_CHECK(cudaFuncGetAttributes(&attr, dw_column_sum<BFloat16>));
     LOOM_CUDA_CHECK(cudaFuncGetAttributes(&attr, spin));
     return true;
   }();
@@ -254,23 +450,23 @@ const char* fused_error_kind(uint32_t error) {
   return "unknown failure";
 }
 
-void launch_fused_allreduce_add_rmsnorm(const FusedNormGroup& g, const FusedNormArgs& a, cudaStream_t stream) {
-  const char* op = "fused_allreduce_add_rmsnorm";
+namespace {
+
+// The checks every launch makes, and the kernel's copy of the group.
+Views group_views(const FusedNormGroup& g, const char* op, int64_t rows, int64_t d, int blocks,
+                  std::initializer_list<const void*> tensors) {
   LOOM_CHECK(g.ranks >= 1 && g.ranks <= kFusedMaxRanks && g.rank >= 0 && g.rank < g.ranks, kComm,
              op << ": group of " << g.ranks << " ranks (rank " << g.rank << "); 1.." << kFusedMaxRanks << " supported");
-  LOOM_CHECK(a.d > 0 && a.d % kPack == 0, kShape, op << ": hidden size " << a.d << " must be a positive multiple of " << kPack);
-  LOOM_CHECK(a.rows >= 0, kShape, op << ": negative row count");
-  LOOM_CHECK(a.blocks >= 1 && a.blocks <= kFusedMaxBlocks, kConfig,
-             op << ": blocks " << a.blocks << " out of 1.." << kFusedMaxBlocks);
-  LOOM_CHECK(a.rows * a.d <= fused_stage_capacity(g.stage_bytes), kShape,
-             op << ": " << a.rows << " x " << a.d << " needs " << fused_stage_bytes(a.rows, a.d)
+  LOOM_CHECK(d > 0 && d % kPack == 0, kShape, op << ": hidden size " << d << " must be a positive multiple of " << kPack);
+  LOOM_CHECK(rows >= 0, kShape, op << ": negative row count");
+  LOOM_CHECK(blocks >= 1 && blocks <= kFusedMaxBlocks, kConfig,
+             op << ": blocks " << blocks << " out of 1.." << kFusedMaxBlocks);
+  LOOM_CHECK(rows * d <= fused_stage_capacity(g.stage_bytes), kShape,
+             op << ": " << rows << " x " << d << " needs " << fused_stage_bytes(rows, d)
                 << " staging bytes per rank, the group has " << g.stage_bytes);
   LOOM_CHECK(g.abort != nullptr && g.error != nullptr, kComm, op << ": group without abort/error words");
-  for (const void* p : {a.partial, a.residual, a.weight, static_cast<const void*>(a.residual_out),
-                        static_cast<const void*>(a.normed)})
+  for (const void* p : tensors)
     LOOM_CHECK(reinterpret_cast<uintptr_t>(p) % 16 == 0, kShape, op << ": tensors must be 16-byte aligned");
-  if (a.rows == 0) return;
-  load_kernels_once();
   Views v{};
   v.ranks = g.ranks;
   v.rank = g.rank;
@@ -281,20 +477,56 @@ void launch_fused_allreduce_add_rmsnorm(const FusedNormGroup& g, const FusedNorm
   }
   v.abort = g.abort;
   v.error = g.error;
-  const auto timeout_ns = static_cast<uint64_t>(a.timeout_s * 1e9);
-  auto* partial = static_cast<const BFloat16*>(a.partial);
-  auto* residual = static_cast<const BFloat16*>(a.residual);
-  auto* w = static_cast<const BFloat16*>(a.weight);
-  auto* res_out = static_cast<BFloat16*>(a.residual_out);
-  auto* normed = static_cast<BFloat16*>(a.normed);
-  const int64_t cap = fused_stage_capacity(g.stage_bytes);
-  if (a.algo == FusedAlgo::kTwoShot)
-    fused_two_shot<<<a.blocks, kThreads, 0, stream>>>(v, partial, residual, w, res_out, normed, a.rstd, a.rows, a.d,
-                                                       cap, a.eps, a.epoch, timeout_ns);
-  else
-    fused_one_shot<<<a.blocks, kThreads, 0, stream>>>(v, partial, residual, w, res_out, normed, a.rstd, a.rows, a.d,
-                                                       cap, a.eps, a.epoch, timeout_ns);
+  v.counter = g.epoch_counter;
+  return v;
+}
+
+uint64_t timeout_ns(double s) {
+  return static_cast<uint64_t>(s * 1e9);
+}
+
+}  // namespace
+
+void launch_fused_allreduce_add_rmsnorm(const FusedNormGroup& g, const FusedNormArgs& a, cudaStream_t stream) {
+  const char* op = "fused_allreduce_add_rmsnorm";
+  const Views v = group_views(g, op, a.rows, a.d, a.blocks,
+                              {a.partial, a.residual, a.weight, static_cast<const void*>(a.residual_out),
+                               static_cast<const void*>(a.normed)});
+  if (a.rows == 0) return;
+  load_kernels_once();
+  ForwardArgs fa{static_cast<const BFloat16*>(a.partial), static_cast<const BFloat16*>(a.residual),
+                 static_cast<const BFloat16*>(a.weight),  static_cast<BFloat16*>(a.residual_out),
+                 static_cast<BFloat16*>(a.normed),        a.rstd,
+                 a.rows,                                  a.d,
+                 a.eps};
+  fused_forward<<<a.blocks, kThreads, 0, stream>>>(v, fa, fused_stage_capacity(g.stage_bytes),
+                                                   a.algo == FusedAlgo::kTwoShot, a.epoch, timeout_ns(a.timeout_s));
   LOOM_CUDA_CHECK_LAUNCH(op);
+}
+
+void launch_fused_rmsnorm_backward(const FusedNormGroup& g, const FusedNormBackwardArgs& a, cudaStream_t stream) {
+  const char* op = "fused_allreduce_rmsnorm_backward";
+  const Views v = group_views(g, op, a.rows, a.d, a.blocks,
+                              {a.dnormed, a.x, a.weight, static_cast<const void*>(a.dx)});
+  LOOM_CHECK(a.d <= kFusedBackwardMaxD, kShape,
+             op << ": hidden size " << a.d << " above " << kFusedBackwardMaxD << " (the dw sums of a block live in shared memory)");
+  LOOM_CHECK(a.rstd != nullptr && a.dw != nullptr && a.dw_partials != nullptr, kShape,
+             op << ": rstd, dw and dw_partials are required");
+  if (a.rows == 0) return;  // dw += an empty sum; no call, so no epoch either (every rank alike)
+  load_kernels_once();
+  BackwardArgs ba{static_cast<const BFloat16*>(a.dnormed), static_cast<const BFloat16*>(a.x),
+                  static_cast<const BFloat16*>(a.weight), a.rstd, static_cast<BFloat16*>(a.dx), a.accumulate,
+                  a.dw_partials, a.rows, a.d};
+  const size_t shared_bytes = static_cast<size_t>(a.d) * sizeof(float);
+  fused_backward<<<a.blocks, kThreads, shared_bytes, stream>>>(
+      v, ba, fused_stage_capacity(g.stage_bytes), a.algo == FusedAlgo::kTwoShot, a.epoch, timeout_ns(a.timeout_s));
+  LOOM_CUDA_CHECK_LAUNCH(op);
+  const unsigned col_blocks = static_cast<unsigned>((a.d + kThreads - 1) / kThreads);
+  if (a.dw_bf16)
+    dw_column_sum<BFloat16><<<col_blocks, kThreads, 0, stream>>>(static_cast<BFloat16*>(a.dw), a.dw_partials, a.blocks, a.d);
+  else
+    dw_column_sum<float><<<col_blocks, kThreads, 0, stream>>>(static_cast<float*>(a.dw), a.dw_partials, a.blocks, a.d);
+  LOOM_CUDA_CHECK_LAUNCH("dw_column_sum");
 }
 
 }  // namespace loom::cuda

@@ -20,9 +20,20 @@
 // system scope and stores the epoch with release semantics into every peer's flag slot; wait: one thread loads
 // with acquire semantics at system scope, then __syncthreads. Every spin is bounded by the abort word (host
 // memory the launcher can set) and a deadline on the global timer; a failed wait records (kind, peer) in the
-// error word and the kernel returns, so a dead or hung peer gives an error, not a hang. Nothing is allocated or
-// synchronised inside launch(), so it can be captured in a CUDA graph (the epoch is then a kernel argument
-// frozen into the graph: replaying needs a fresh epoch per replay, which the caller's graph update provides).
+// error word and the kernel returns, so a dead or hung peer gives an error, not a hang.
+//
+// Epochs: a launch argument (the caller's call counter), or, when the group has a device epoch counter, read
+// from it by every block at the start (last epoch + 1) and stored back by the last block to finish. Nothing is
+// allocated or synchronised inside the launches, so with the counter they can be captured in a CUDA graph and
+// replayed any number of times, interleaved with eager calls (an epoch frozen into a graph would repeat).
+//
+// Backward (launch_fused_rmsnorm_backward): the mirror image, on the same buffers, flags and epochs (forward and
+// backward calls may follow each other in any order). The partial gradients of the normalised rows are summed
+// in rank order (what an all-reduce gives), pushed through the RMSNorm backward and added to the residual
+// stream's gradient; two-shot reduces a token slice per rank and writes both the input-gradient rows and the
+// summed gradient to every peer, one-shot reduces every row on every rank. The weight's gradient is summed per
+// block over the block's rows from the summed gradient, then over blocks by a second small kernel: the same
+// order in both algorithms, so dx and dw are bit-identical across algorithms and ranks.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -48,6 +59,9 @@ struct FusedNormGroup {
   int64_t stage_bytes = 0;            // of each staging buffer
   const volatile uint32_t* abort = nullptr;  // mapped host word: non-zero stops every wait
   uint32_t* error = nullptr;          // this rank's device error word (first failure wins)
+  // Optional: 2 device words of this rank, zeroed with the flags ([last epoch, blocks finished]); when set, the
+  // kernels take their epoch from it and ignore the argument (CUDA-graph replays).
+  uint32_t* epoch_counter = nullptr;
 };
 
 enum class FusedAlgo { kOneShot, kTwoShot };
@@ -67,6 +81,26 @@ struct FusedNormArgs {
   FusedAlgo algo = FusedAlgo::kTwoShot;
 };
 
+// The backward: dx (+)= the RMSNorm backward of the summed dnormed; dw += the weight's gradient.
+constexpr int64_t kFusedBackwardMaxD = 11264;  // a block's dw sums live in shared memory (44 KiB)
+
+struct FusedNormBackwardArgs {
+  const void* dnormed = nullptr;  // bf16 [rows, d]: this rank's partial gradient of the normalised rows
+  const void* x = nullptr;        // bf16 [rows, d]: the forward's residual_out (the same on every rank)
+  const void* weight = nullptr;   // bf16 [d]
+  const float* rstd = nullptr;    // f32 [rows]: the forward's
+  void* dx = nullptr;             // bf16 [rows, d]
+  bool accumulate = false;        // dx = bf16(dx + g) instead of dx = g (g rounded to bf16 first)
+  void* dw = nullptr;             // [d], f32 (or bf16 with dw_bf16): always accumulated into
+  bool dw_bf16 = false;
+  float* dw_partials = nullptr;   // f32 [blocks, d] scratch of this rank
+  int64_t rows = 0, d = 0;
+  uint32_t epoch = 0;
+  int blocks = 16;
+  double timeout_s = 10.0;
+  FusedAlgo algo = FusedAlgo::kTwoShot;
+};
+
 // Staging bytes each rank needs for `rows` x `d` bf16 (two input buffers and two output buffers).
 int64_t fused_stage_bytes(int64_t rows, int64_t d);
 // The largest rows x d a staging buffer of `stage_bytes` takes. The buffer's regions are laid out by this
@@ -76,6 +110,8 @@ int64_t fused_stage_capacity(int64_t stage_bytes);
 // Enqueues the kernel on `stream`. Throws (kShape/kComm) on arguments that cannot work; a failure during the
 // kernel shows in *g.error after the stream is synchronised (fused_error_message() explains it).
 void launch_fused_allreduce_add_rmsnorm(const FusedNormGroup& g, const FusedNormArgs& a, cudaStream_t stream);
+// The backward: two kernels on `stream` (the fused one, then dw's column sums); errors as above.
+void launch_fused_rmsnorm_backward(const FusedNormGroup& g, const FusedNormBackwardArgs& a, cudaStream_t stream);
 
 // Occupies `stream` for about `ns` nanoseconds (one thread spinning on the global timer): a late rank in the
 // tests and benchmarks.

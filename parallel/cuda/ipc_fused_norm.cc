@@ -1,7 +1,9 @@
 #include "parallel/cuda/ipc_fused_norm.h"
 
 #include <algorithm>
+#include <chrono>
 #include <cstring>
+#include <thread>
 
 #include "core/cuda/cuda_check.h"
 #include "core/error.h"
@@ -10,6 +12,9 @@ namespace loom::cuda {
 namespace {
 
 constexpr int64_t kFlagBytes = kFusedFlagWords * static_cast<int64_t>(sizeof(uint32_t));
+constexpr int64_t kHeaderBytes = kFlagBytes + 256;  // the flags, then the epoch counter (2 words), padded
+// Destruction waits this long for the peers before freeing the buffer they may still read.
+constexpr double kDestroyWaitS = 10.0;
 constexpr int kReasonChars = 256;
 
 // This rank's facts that decide whether the group can map each other's memory.
@@ -105,7 +110,24 @@ IpcFusedNorm::IpcFusedNorm(MPI_Comm comm, cudaStream_t stream, int64_t stage_byt
 
 IpcFusedNorm::~IpcFusedNorm() {
   cudaStreamSynchronize(stream_);  // every wait is bounded: this returns
+  // Meet the peers (bounded) before freeing: after a one-shot call a late peer may still read this buffer, and
+  // each peer synchronised its stream before coming. Briefly after abort() (the job is going down).
+  const bool aborted = *reinterpret_cast<volatile uint32_t*>(abort_host_) != 0;
+  int met = 0;
+  MPI_Request req;
+  if (MPI_Ibarrier(comm_, &req) == MPI_SUCCESS) {
+    const double deadline = MPI_Wtime() + (aborted ? 1.0 : kDestroyWaitS);
+    while (MPI_Test(&req, &met, MPI_STATUS_IGNORE) == MPI_SUCCESS && !met && MPI_Wtime() < deadline)
+      std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+  if (!met) {
+    // A peer is gone or late: leave the buffer mapped (a live peer may still read it) and the communicator,
+    // whose barrier is still pending; the process is on its way out.
+    cudaGetLastError();
+    return;
+  }
   unmap();
+  if (dw_partials_ != nullptr) cudaFree(dw_partials_);
   cudaFree(error_dev_);
   cudaFreeHost(error_host_);
   cudaFreeHost(abort_host_);
@@ -115,9 +137,9 @@ IpcFusedNorm::~IpcFusedNorm() {
 
 void IpcFusedNorm::map(int64_t stage_bytes) {
   stage_bytes_ = stage_bytes;
-  LOOM_CUDA_CHECK(cudaMalloc(&mine_, static_cast<size_t>(kFlagBytes + stage_bytes)));
-  LOOM_CUDA_CHECK(cudaMemset(mine_, 0, static_cast<size_t>(kFlagBytes)));
-  LOOM_CUDA_CHECK(cudaDeviceSynchronize());  // the zeroed flags are visible before any peer can see them
+  LOOM_CUDA_CHECK(cudaMalloc(&mine_, static_cast<size_t>(kHeaderBytes + stage_bytes)));
+  LOOM_CUDA_CHECK(cudaMemset(mine_, 0, static_cast<size_t>(kHeaderBytes)));
+  LOOM_CUDA_CHECK(cudaDeviceSynchronize());  // the zeroed flags and counter are visible before any peer sees them
   cudaIpcMemHandle_t h;
   LOOM_CUDA_CHECK(cudaIpcGetMemHandle(&h, mine_));
   std::vector<cudaIpcMemHandle_t> all(static_cast<size_t>(size_));
@@ -174,17 +196,35 @@ void IpcFusedNorm::abort() {
   *reinterpret_cast<volatile uint32_t*>(abort_host_) = 1;
 }
 
-void IpcFusedNorm::run(FusedNormArgs a) {
+FusedNormGroup IpcFusedNorm::prepare(int64_t rows, int64_t d, bool backward) {
   check();
   LOOM_CHECK(*reinterpret_cast<volatile uint32_t*>(abort_host_) == 0, kComm,
              "fused all-reduce + RMSNorm on '" << name_ << "': the group was aborted");
-  if (a.rows * a.d > fused_stage_capacity(stage_bytes_)) {
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  LOOM_CUDA_CHECK(cudaStreamIsCapturing(stream_, &capture));
+  if (rows * d > fused_stage_capacity(stage_bytes_)) {
+    LOOM_CHECK(capture == cudaStreamCaptureStatusNone, kComm,
+               "fused all-reduce + RMSNorm on '" << name_ << "': a " << rows << " x " << d
+                                                 << " call needs larger buffers, which cannot grow during a CUDA-graph "
+                                                    "capture; call reserve() before capturing");
     // Collective growth (every rank has the same shape): no kernel of the group may still use the old buffers.
     LOOM_CUDA_CHECK(cudaStreamSynchronize(stream_));
     check();
     LOOM_MPI_CHECK(MPI_Barrier(comm_));
     unmap();
-    map(std::max(fused_stage_bytes(a.rows, a.d), 2 * stage_bytes_));
+    map(std::max(fused_stage_bytes(rows, d), 2 * stage_bytes_));
+  }
+  if (backward && d > dw_partials_d_ && d <= kFusedBackwardMaxD) {
+    // The backward's scratch (local): sized for the widest call and any block count.
+    LOOM_CHECK(capture == cudaStreamCaptureStatusNone, kComm,
+               "fused RMSNorm backward on '" << name_ << "': width " << d << " needs more scratch, which cannot grow "
+                                             << "during a CUDA-graph capture; call reserve() before capturing");
+    LOOM_CUDA_CHECK(cudaStreamSynchronize(stream_));
+    if (dw_partials_ != nullptr) cudaFree(dw_partials_);
+    dw_partials_ = nullptr;
+    LOOM_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&dw_partials_),
+                               static_cast<size_t>(kFusedMaxBlocks * d) * sizeof(float)));
+    dw_partials_d_ = d;
   }
   FusedNormGroup g;
   g.ranks = size_;
@@ -192,15 +232,67 @@ void IpcFusedNorm::run(FusedNormArgs a) {
   for (int p = 0; p < size_; ++p) {
     auto* base = static_cast<char*>(peers_[static_cast<size_t>(p)]);
     g.flags[p] = reinterpret_cast<uint32_t*>(base);
-    g.stage[p] = base + kFlagBytes;
+    g.stage[p] = base + kHeaderBytes;
   }
   g.stage_bytes = stage_bytes_;
   g.abort = abort_dev_;
   g.error = error_dev_;
-  a.epoch = ++epoch_;
+  g.epoch_counter = reinterpret_cast<uint32_t*>(static_cast<char*>(mine_) + kFlagBytes);
+  return g;
+}
+
+void IpcFusedNorm::reserve(int64_t rows, int64_t d, bool backward) {
+  prepare(rows, d, backward);
+}
+
+void IpcFusedNorm::run(FusedNormArgs a) {
+  const FusedNormGroup g = prepare(a.rows, a.d, false);
   a.timeout_s = timeout_s_;
   launch_fused_allreduce_add_rmsnorm(g, a, stream_);
+  ++calls_;
   LOOM_CUDA_CHECK(cudaMemcpyAsync(error_host_, error_dev_, sizeof(uint32_t), cudaMemcpyDeviceToHost, stream_));
+}
+
+void IpcFusedNorm::run_backward(FusedNormBackwardArgs a) {
+  const FusedNormGroup g = prepare(a.rows, a.d, true);
+  a.timeout_s = timeout_s_;
+  a.dw_partials = dw_partials_;
+  launch_fused_rmsnorm_backward(g, a, stream_);
+  ++calls_;
+  LOOM_CUDA_CHECK(cudaMemcpyAsync(error_host_, error_dev_, sizeof(uint32_t), cudaMemcpyDeviceToHost, stream_));
+}
+
+void IpcFusedNorm::run(const Tensor& partial, const Tensor& residual, const Tensor& weight, float eps,
+                       const Tensor& residual_out, const Tensor& normed, const Tensor& rstd, FusedAlgo algo) {
+  FusedNormArgs a;
+  a.partial = partial.data();
+  a.residual = residual.data();
+  a.weight = weight.data();
+  a.residual_out = residual_out.data();
+  a.normed = normed.data();
+  a.rstd = static_cast<float*>(rstd.data());
+  a.rows = partial.size(0);
+  a.d = partial.size(1);
+  a.eps = eps;
+  a.algo = algo;
+  run(a);
+}
+
+void IpcFusedNorm::run_backward(const Tensor& dnormed, const Tensor& x, const Tensor& weight, const Tensor& rstd,
+                                const Tensor& dx, bool accumulate, const Tensor& dw, FusedAlgo algo) {
+  FusedNormBackwardArgs a;
+  a.dnormed = dnormed.data();
+  a.x = x.data();
+  a.weight = weight.data();
+  a.rstd = static_cast<const float*>(rstd.data());
+  a.dx = dx.data();
+  a.accumulate = accumulate;
+  a.dw = dw.data();
+  a.dw_bf16 = dw.dtype() == DType::kBF16;
+  a.rows = dnormed.size(0);
+  a.d = dnormed.size(1);
+  a.algo = algo;
+  run_backward(a);
 }
 
 }  // namespace loom::cuda

@@ -14,6 +14,10 @@ constexpr double kFusedTimeoutS = 30.0;
 // (ranks, bytes) table needs the 2-GPU machine (docs/fused_norm.md).
 constexpr int64_t kOneShotMaxBytes = 512 << 10;
 
+cuda::FusedAlgo fused_algo(const Tensor& t) {
+  return t.nbytes() <= kOneShotMaxBytes ? cuda::FusedAlgo::kOneShot : cuda::FusedAlgo::kTwoShot;
+}
+
 ncclDataType_t nccl_type(DType t) {
   switch (t) {
     case DType::kF32: return ncclFloat32;
@@ -87,18 +91,17 @@ bool NcclCommunicator::has_fused_path(const Tensor& partial) const {
 void NcclCommunicator::do_fused_allreduce_add_rmsnorm(const Tensor& partial, const Tensor& residual,
                                                       const Tensor& weight, float eps, const Tensor& residual_out,
                                                       const Tensor& normed, const Tensor& rstd) {
-  cuda::FusedNormArgs a;
-  a.partial = partial.data();
-  a.residual = residual.data();
-  a.weight = weight.data();
-  a.residual_out = residual_out.data();
-  a.normed = normed.data();
-  a.rstd = static_cast<float*>(rstd.data());
-  a.rows = partial.size(0);
-  a.d = partial.size(1);
-  a.eps = eps;
-  a.algo = partial.nbytes() <= kOneShotMaxBytes ? cuda::FusedAlgo::kOneShot : cuda::FusedAlgo::kTwoShot;
-  fused_->run(a);
+  fused_->run(partial, residual, weight, eps, residual_out, normed, rstd, fused_algo(partial));
+}
+
+bool NcclCommunicator::has_fused_backward_path(const Tensor& dnormed) const {
+  return has_fused_path(dnormed) && dnormed.size(1) <= cuda::kFusedBackwardMaxD;
+}
+
+void NcclCommunicator::do_fused_rmsnorm_backward(const Tensor& dnormed, const Tensor& x, const Tensor& weight,
+                                                 const Tensor& rstd, const Tensor& dx, bool accumulate,
+                                                 const Tensor& dw) {
+  fused_->run_backward(dnormed, x, weight, rstd, dx, accumulate, dw, fused_algo(dnormed));
 }
 
 void NcclCommunicator::abort() {

@@ -10,7 +10,8 @@
 // destroyed, so a dead peer cannot hang the teardown. NVLink multicast (NVLS) is never requested.
 //
 // With fused_kernel, a group whose ranks are on one node (CUDA IPC reachable: cuda::IpcFusedNorm) also offers
-// the fused all-reduce + residual add + RMSNorm as one kernel (Communicator::fused_allreduce_add_rmsnorm) for
+// the fused all-reduce + residual add + RMSNorm as one kernel (Communicator::fused_allreduce_add_rmsnorm), and
+// its backward as one (fused_rmsnorm_backward, width <= cuda::kFusedBackwardMaxD), for
 // bf16 rows whose width is a multiple of 8; otherwise, or when the group cannot map its peers' memory (the
 // reason is logged once), the fused op composes NCCL's all-reduce with the norm kernels.
 #pragma once
@@ -65,6 +66,9 @@ class NcclCommunicator final : public Communicator {
   bool has_fused_path(const Tensor& partial) const override;
   void do_fused_allreduce_add_rmsnorm(const Tensor& partial, const Tensor& residual, const Tensor& weight, float eps,
                                       const Tensor& residual_out, const Tensor& normed, const Tensor& rstd) override;
+  bool has_fused_backward_path(const Tensor& dnormed) const override;
+  void do_fused_rmsnorm_backward(const Tensor& dnormed, const Tensor& x, const Tensor& weight, const Tensor& rstd,
+                                 const Tensor& dx, bool accumulate, const Tensor& dw) override;
 
  private:
   ncclComm_t comm_ = nullptr;

@@ -9,6 +9,14 @@
 //   - 2000 calls of changing row counts with random per-rank delays, checked every 100 calls.
 //   - A rank that misses a call: the others fail within the deadline, naming it, and only after it.
 //   - abort() stops a waiting rank at once.
+//   - The backward through the group (both algorithms, accumulating into dx): against the f64 reference, and
+//     dx and dw bit-identical on every rank and between the algorithms.
+//   - The op (ops::fused_allreduce_add_rmsnorm, forward and backward through the tape on the CUDA backend) with
+//     the kernels equals the op composed of an all-reduce and the backend's norm kernels, within bf16 rounding,
+//     and is bit-identical on every rank (a test communicator offers the kernels as NcclCommunicator does; NCCL
+//     itself refuses two ranks on one GPU).
+//   - A CUDA graph of forward and backward calls on the group's stream, replayed 100 times between eager calls:
+//     correct results, no error.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -30,7 +38,12 @@
 #ifdef LOOM_HAVE_CUDA
 #include <cuda_runtime.h>
 
+#include "core/arena.h"
+#include "core/context.h"
+#include "core/cuda/cuda_backend.h"
+#include "parallel/communicator.h"
 #include "parallel/cuda/ipc_fused_norm.h"
+#include "parallel/fused_norm.h"
 #endif
 
 namespace loom {
@@ -191,7 +204,7 @@ TEST_F(FusedNormIpc, BothAlgorithmsMatchTheReferenceWhileTheBuffersGrowAndAreBit
       }
     }
     EXPECT_GE(growths, 2) << "the cases were meant to grow the staging buffers several times";
-    EXPECT_EQ(group.epoch(), 2u * (sizeof cases / sizeof cases[0]));
+    EXPECT_EQ(group.calls(), 2u * (sizeof cases / sizeof cases[0]));
   }
   cudaStreamDestroy(stream);
 }
@@ -279,6 +292,294 @@ TEST_F(FusedNormIpc, ARankThatMissesACallIsNamedWithinTheDeadlineAndAbortStopsAW
     MPI_Barrier(MPI_COMM_WORLD);
   }
   cudaStreamDestroy(stream);
+}
+
+// One backward call's data on this rank (every rank builds every rank's inputs from the seed).
+struct BackwardCall : test::BackwardInputs {
+  int64_t rows, d;
+  void *dn_dev = nullptr, *x_dev = nullptr, *w_dev = nullptr, *dx_dev = nullptr;
+  float *rstd_dev = nullptr, *dw_dev = nullptr;
+
+  BackwardCall(int ranks, int rank, int64_t rows_, int64_t d_, uint64_t seed)
+      : BackwardInputs(ranks, rows_, d_, seed), rows(rows_), d(d_) {
+    const size_t bytes = static_cast<size_t>(rows * d) * 2;
+    cudaMalloc(&dn_dev, bytes);
+    cudaMalloc(&x_dev, bytes);
+    cudaMalloc(&dx_dev, bytes);
+    cudaMalloc(&w_dev, static_cast<size_t>(d) * 2);
+    cudaMalloc(reinterpret_cast<void**>(&rstd_dev), static_cast<size_t>(rows) * sizeof(float));
+    cudaMalloc(reinterpret_cast<void**>(&dw_dev), static_cast<size_t>(d) * sizeof(float));
+    cudaMemcpy(dn_dev, dn[static_cast<size_t>(rank)].data(), bytes, cudaMemcpyHostToDevice);
+    cudaMemcpy(x_dev, x.data(), bytes, cudaMemcpyHostToDevice);
+    cudaMemcpy(w_dev, weight.data(), static_cast<size_t>(d) * 2, cudaMemcpyHostToDevice);
+    cudaMemcpy(rstd_dev, rstd.data(), rstd.size() * sizeof(float), cudaMemcpyHostToDevice);
+  }
+  ~BackwardCall() {
+    for (void* p : {dn_dev, x_dev, w_dev, dx_dev, static_cast<void*>(rstd_dev), static_cast<void*>(dw_dev)})
+      cudaFree(p);
+  }
+  void reset() const {  // dx = dx_old, dw = 0
+    cudaMemcpy(dx_dev, dx_old.data(), dx_old.size() * 2, cudaMemcpyHostToDevice);
+    cudaMemset(dw_dev, 0, static_cast<size_t>(d) * sizeof(float));
+  }
+  cuda::FusedNormBackwardArgs args(cuda::FusedAlgo algo, bool accumulate) const {
+    cuda::FusedNormBackwardArgs a;
+    a.dnormed = dn_dev;
+    a.x = x_dev;
+    a.weight = w_dev;
+    a.rstd = rstd_dev;
+    a.dx = dx_dev;
+    a.accumulate = accumulate;
+    a.dw = dw_dev;
+    a.rows = rows;
+    a.d = d;
+    a.blocks = 16;
+    a.algo = algo;
+    return a;
+  }
+  std::vector<uint16_t> dx() const {
+    std::vector<uint16_t> out(static_cast<size_t>(rows * d));
+    cudaMemcpy(out.data(), dx_dev, out.size() * 2, cudaMemcpyDeviceToHost);
+    return out;
+  }
+  std::vector<float> dw() const {
+    std::vector<float> out(static_cast<size_t>(d));
+    cudaMemcpy(out.data(), dw_dev, out.size() * sizeof(float), cudaMemcpyDeviceToHost);
+    return out;
+  }
+};
+
+double bf_value(uint16_t b) {
+  return test::bf(b);
+}
+double f32_value(float v) {
+  return v;
+}
+
+TEST_F(FusedNormIpc, TheBackwardMatchesTheReferenceAndGraphReplaysWork) {
+  const int w = test::world_size(), me = test::world_rank();
+  cudaStream_t stream = new_stream();
+  {
+    cuda::IpcFusedNorm group(MPI_COMM_WORLD, stream, cuda::fused_stage_bytes(1, 1024), 20.0, "world");
+    for (int64_t rows : {int64_t{5}, int64_t{700}}) {
+      const int64_t d = 4096;
+      BackwardCall call(w, me, rows, d, 300 + static_cast<uint64_t>(rows));
+      std::vector<uint16_t> want_dn;
+      std::vector<double> want_dx, want_dw;
+      test::fused_norm_backward_reference(call.dn, call.x, call.weight, call.rstd, &call.dx_old, rows, d, &want_dn,
+                                          &want_dx, &want_dw);
+      std::vector<uint16_t> first_dx;
+      std::vector<float> first_dw;
+      for (auto algo : {cuda::FusedAlgo::kTwoShot, cuda::FusedAlgo::kOneShot}) {
+        SCOPED_TRACE(std::string(algo == cuda::FusedAlgo::kTwoShot ? "two-shot, " : "one-shot, ") +
+                     std::to_string(rows) + " x " + std::to_string(d));
+        call.reset();
+        bool threw = false;
+        try {
+          group.run_backward(call.args(algo, true));
+          group.synchronize();
+        } catch (const Error& e) {
+          threw = true;
+          ADD_FAILURE() << e.what();
+        }
+        if (test::count_ranks(threw) > 0) return;
+        const std::vector<uint16_t> dx = call.dx();
+        const std::vector<float> dw = call.dw();
+        EXPECT_LE(test::relative_error(dx, want_dx, bf_value), 1e-2) << "dx, norm-wise relative error";
+        EXPECT_LE(test::relative_error(dw, want_dw, f32_value), 1e-4) << "dw, norm-wise relative error";
+        EXPECT_TRUE(same_everywhere(dx.data(), dx.size() * 2)) << "dx differs between ranks";
+        EXPECT_TRUE(same_everywhere(dw.data(), dw.size() * 4)) << "dw differs between ranks";
+        if (first_dx.empty()) {
+          first_dx = dx;
+          first_dw = dw;
+        } else {
+          EXPECT_TRUE(dx == first_dx && dw == first_dw) << "one-shot and two-shot differ";
+        }
+      }
+    }
+
+    // A graph of a forward and a backward call, replayed between eager forward calls.
+    Call fwd(w, me, 48, 2048, 91);
+    BackwardCall bwd(w, me, 48, 2048, 92);
+    std::vector<uint16_t> want_res;
+    std::vector<float> unused_norm;
+    std::vector<double> unused_rstd, want_dw, want_dx;
+    std::vector<uint16_t> unused_dn;
+    fwd.reference(&want_res, &unused_norm, &unused_rstd);
+    test::fused_norm_backward_reference(bwd.dn, bwd.x, bwd.weight, bwd.rstd, nullptr, 48, 2048, &unused_dn, &want_dx,
+                                        &want_dw);
+    bwd.reset();
+    group.reserve(48, 2048);
+    // Capturing a call that would need larger buffers is refused with a clear error (and nothing is lost).
+    Call big(w, me, 4096, 8192, 93);
+    ASSERT_EQ(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal), cudaSuccess);
+    EXPECT_THROW(group.run(big.args(cuda::FusedAlgo::kTwoShot, 16)), Error);
+    cudaGraph_t graph;
+    ASSERT_EQ(cudaStreamEndCapture(stream, &graph), cudaSuccess);
+    cudaGraphDestroy(graph);
+    ASSERT_EQ(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal), cudaSuccess);
+    group.run(fwd.args(cuda::FusedAlgo::kTwoShot, 8));
+    group.run_backward(bwd.args(cuda::FusedAlgo::kOneShot, false));
+    ASSERT_EQ(cudaStreamEndCapture(stream, &graph), cudaSuccess);
+    cudaGraphExec_t exec;
+    ASSERT_EQ(cudaGraphInstantiate(&exec, graph, 0), cudaSuccess);
+    cudaGraphDestroy(graph);
+    const int replays = 100;
+    std::string failure;
+    try {
+      for (int i = 0; i < replays; ++i) {
+        ASSERT_EQ(cudaGraphLaunch(exec, stream), cudaSuccess);
+        if (i % 10 == 9) group.run(fwd.args(cuda::FusedAlgo::kOneShot, 4));
+      }
+      group.synchronize();
+    } catch (const Error& e) {
+      failure = e.what();
+    }
+    cudaGraphExecDestroy(exec);
+    EXPECT_EQ(failure, "");
+    EXPECT_TRUE(fwd.download(fwd.res_out) == want_res) << "residual after the replays";
+    EXPECT_LE(test::relative_error(bwd.dx(), want_dx, bf_value), 1e-2);
+    std::vector<double> want_total(want_dw.size());
+    for (size_t j = 0; j < want_dw.size(); ++j) want_total[j] = want_dw[j] * replays;
+    const std::vector<float> dw = bwd.dw();
+    EXPECT_LE(test::relative_error(dw, want_total, f32_value), 1e-3);
+    EXPECT_TRUE(same_everywhere(dw.data(), dw.size() * 4)) << "dw differs between ranks";
+  }
+  cudaStreamDestroy(stream);
+}
+
+// The op's communicator for this test: sums through host memory over MPI (the op's reference path), and, when
+// `fused`, offers the one-kernel path through an IpcFusedNorm exactly as NcclCommunicator does (which cannot
+// run here: NCCL refuses two ranks on one GPU).
+class HostSumIpcCommunicator : public Communicator {
+ public:
+  HostSumIpcCommunicator(Backend& be, cudaStream_t stream, bool fused, cuda::FusedAlgo algo)
+      : Communicator("tp", test::world_rank(), test::world_size(), 1), be_(be), algo_(algo) {
+    if (fused) fused_ = std::make_unique<cuda::IpcFusedNorm>(MPI_COMM_WORLD, stream, 0, 20.0, "tp");
+  }
+  Device device() const override { return Device::kCuda; }
+  const char* backend_name() const override { return "host-sum test"; }
+
+ protected:
+  bool supports(DType t, bool) const override { return t == DType::kBF16 || t == DType::kF32; }
+  void do_all_reduce(const Tensor& t, ReduceOp op) override {
+    LOOM_CHECK(op == ReduceOp::kSum, kComm, "test communicator: sums only");
+    std::vector<float> host(static_cast<size_t>(t.numel()));
+    Tensor h(host.data(), t.shape(), DType::kF32, Device::kCpu);
+    be_.copy(h, t);
+    be_.synchronize();
+    MPI_Allreduce(MPI_IN_PLACE, host.data(), static_cast<int>(host.size()), MPI_FLOAT, MPI_SUM, MPI_COMM_WORLD);
+    be_.copy(t, h);
+    be_.synchronize();
+  }
+  void do_reduce_scatter(const Tensor&, const Tensor&, ReduceOp) override { LOOM_THROW(kComm, "not in this test"); }
+  void do_all_gather(const Tensor&, const Tensor&) override { LOOM_THROW(kComm, "not in this test"); }
+  void do_broadcast(const Tensor&, int) override { LOOM_THROW(kComm, "not in this test"); }
+  void do_send(const Tensor&, int) override { LOOM_THROW(kComm, "not in this test"); }
+  void do_recv(const Tensor&, int) override { LOOM_THROW(kComm, "not in this test"); }
+  void do_barrier() override { MPI_Barrier(MPI_COMM_WORLD); }
+  bool has_fused_path(const Tensor& partial) const override { return fused_ != nullptr && partial.dtype() == DType::kBF16; }
+  bool has_fused_backward_path(const Tensor& dn) const override { return has_fused_path(dn); }
+  void do_fused_allreduce_add_rmsnorm(const Tensor& partial, const Tensor& residual, const Tensor& weight, float eps,
+                                      const Tensor& residual_out, const Tensor& normed, const Tensor& rstd) override {
+    fused_->run(partial, residual, weight, eps, residual_out, normed, rstd, algo_);
+    ++fused_calls;
+  }
+  void do_fused_rmsnorm_backward(const Tensor& dn, const Tensor& x, const Tensor& weight, const Tensor& rstd,
+                                 const Tensor& dx, bool accumulate, const Tensor& dw) override {
+    fused_->run_backward(dn, x, weight, rstd, dx, accumulate, dw, algo_);
+    ++fused_calls;
+  }
+
+ public:
+  int fused_calls = 0;
+
+ private:
+  Backend& be_;
+  cuda::FusedAlgo algo_;
+  std::unique_ptr<cuda::IpcFusedNorm> fused_;
+};
+
+struct OpResult {
+  std::vector<float> normed, residual, d_partial, d_residual, d_weight;
+};
+
+// The op's forward and backward on the tape: this rank's partial, the shared residual and weight, seeds for
+// the gradients of normed (this rank's partial) and of the new residual; everything read back as f32.
+OpResult run_op(Backend& be, Communicator& tp, int64_t tokens, int64_t hidden, uint64_t salt) {
+  const int me = test::world_rank();
+  ActivationArena act(be);
+  Tape tape(act, nullptr);
+  Ctx c(be, act, &tape);
+  auto upload = [&](const std::vector<uint16_t>& v, const Shape& s) {
+    std::vector<float> f32(v.size());
+    for (size_t i = 0; i < v.size(); ++i) f32[i] = f(v[i]);
+    Tensor t = act.allocate(s, DType::kBF16);
+    be.copy(t, Tensor(f32.data(), s, DType::kF32, Device::kCpu));
+    be.synchronize();
+    return t;
+  };
+  auto download = [&](const Tensor& t) {
+    std::vector<float> v(static_cast<size_t>(t.numel()));
+    be.copy(Tensor(v.data(), t.shape(), DType::kF32, Device::kCpu), t);
+    be.synchronize();
+    return v;
+  };
+  const Shape td{tokens, hidden};
+  Tensor P = tape.track(upload(random_bf16(tokens * hidden, salt, 10 + static_cast<uint64_t>(me), 0.5f), td));
+  Tensor R = tape.track(upload(random_bf16(tokens * hidden, salt, 1, 1.0f), td));
+  Tensor W = tape.track(upload(random_bf16(hidden, salt, 2, 0.2f, 1.0f), Shape{hidden}));
+  ops::NormedResidual out = ops::fused_allreduce_add_rmsnorm(c, P, R, W, 1e-5f, &tp);
+  Tensor L = tape.track(act.allocate(Shape{1}, DType::kF32));
+  const Tensor dn = upload(random_bf16(tokens * hidden, salt, 20 + static_cast<uint64_t>(me), 0.3f), td);
+  const Tensor dres = upload(random_bf16(tokens * hidden, salt, 3, 0.1f), td);
+  tape.record([&, n = out.normed, res = out.residual](Tape& t) {
+    be.copy(t.target(n)->grad, dn);
+    be.copy(t.target(res)->grad, dres);
+  });
+  tape.backward(L);
+  return OpResult{download(out.normed), download(out.residual), download(*tape.grad(P)), download(*tape.grad(R)),
+                  download(*tape.grad(W))};
+}
+
+double relative_error_f(const std::vector<float>& got, const std::vector<float>& want) {
+  return test::relative_error(got, std::vector<double>(want.begin(), want.end()), f32_value);
+}
+
+TEST_F(FusedNormIpc, TheOpWithTheKernelsEqualsTheOpWithout) {
+  const int me = test::world_rank();
+  int n = 0;
+  cudaGetDeviceCount(&n);
+  std::unique_ptr<Backend> be = make_cuda_backend(me % n);
+  cudaStream_t stream = static_cast<cuda::CudaBackend&>(*be).stream();
+  struct Case {
+    int64_t tokens, hidden;
+    cuda::FusedAlgo algo;
+  };
+  for (const Case& k : {Case{16, 1024, cuda::FusedAlgo::kOneShot}, Case{300, 2048, cuda::FusedAlgo::kTwoShot}}) {
+    SCOPED_TRACE(std::to_string(k.tokens) + " x " + std::to_string(k.hidden));
+    OpResult ref, fused;
+    int fused_calls = 0;
+    {
+      HostSumIpcCommunicator tp(*be, stream, false, k.algo);
+      ref = run_op(*be, tp, k.tokens, k.hidden, 600 + static_cast<uint64_t>(k.tokens));
+    }
+    {
+      HostSumIpcCommunicator tp(*be, stream, true, k.algo);
+      fused = run_op(*be, tp, k.tokens, k.hidden, 600 + static_cast<uint64_t>(k.tokens));
+      fused_calls = tp.fused_calls;
+    }
+    EXPECT_EQ(fused_calls, 2) << "the forward and the backward each took the kernel path";
+    const std::pair<const char*, double> tol[] = {{"normed", 1e-2},   {"residual", 1e-2}, {"d_partial", 2e-2},
+                                                  {"d_residual", 2e-2}, {"d_weight", 1e-2}};
+    const std::vector<float>* got[] = {&fused.normed, &fused.residual, &fused.d_partial, &fused.d_residual,
+                                       &fused.d_weight};
+    const std::vector<float>* want[] = {&ref.normed, &ref.residual, &ref.d_partial, &ref.d_residual, &ref.d_weight};
+    for (int i = 0; i < 5; ++i) {
+      EXPECT_LE(relative_error_f(*got[i], *want[i]), tol[i].second) << tol[i].first << ", fused against unfused";
+      EXPECT_TRUE(same_everywhere(got[i]->data(), got[i]->size() * 4)) << tol[i].first << " differs between ranks";
+    }
+  }
 }
 
 #else
