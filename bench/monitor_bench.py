@@ -51,7 +51,9 @@ gains nothing from more), LOOM_DEVICE=cpu (--device).
 Usage: python3 bench/monitor_bench.py [--trials N] [--fault-free N] [--quick] [--seed S]
                                       [--out bench/results/monitor_cpu.json] [--only-overhead | --skip-overhead]
                                       [--bin DIR]
-Standard library only. Progress goes to stdout, one line per trial, and a table at the end.
+Standard library only. Progress goes to stdout, one line per trial, and a table at the end; after every trial the
+trials so far are written to <out without .json>.partial.json (removed when the full result is written), so an
+interrupted run leaves them with its command.
 """
 import argparse
 import json
@@ -94,6 +96,14 @@ def write_json(path, result):
     with open(path, "w") as f:
         json.dump(result, f, indent=2)
         f.write("\n")
+
+
+def write_partial(a, path, trials, fault_free, calibration):
+    write_json(path, {"benchmark": "monitor", "partial": True, "device": a.device,
+                      "command": "python3 " + " ".join([os.path.relpath(__file__, ROOT)] + sys.argv[1:]),
+                      "git_head": a.git, "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+                      "calibration": {k: v for k, v in calibration.items() if k != "verdicts"},
+                      "trials": trials, "fault_free": fault_free})
 
 
 def log(msg):
@@ -763,11 +773,14 @@ def bench(a, rn, work):
         order.insert(round((i + 1) * len(order) / (a.fault_free + 1)), ("free", None))
 
     trials, fault_free = [], []
+    # Progress after every trial, so an interrupted run leaves its trials with the command that made them.
+    partial_path = os.path.splitext(a.out)[0] + ".partial.json"
     for i, (what, s) in enumerate(order):
         t0 = time.time()
         if what == "free":
             r = fault_free_trial(rn, a.fault_free_s)
             fault_free.append(r)
+            write_partial(a, partial_path, trials, fault_free, {"rate": rate, "slow_link": links})
             log(f"[{i + 1}/{len(order)}] fault-free {r['seconds']:.0f} s, {r['steps']} steps: "
                 f"{'FALSE POSITIVE ' + str(r['verdicts']) if r['verdicts'] else 'no verdict'}"
                 f"{'' if r['job_alive_at_end'] else ' (the job died!)'}  [other work seen {r['other_work_seen'] * 100:.0f} %]")
@@ -791,6 +804,7 @@ def bench(a, rn, work):
             else:
                 res = f"{'ok' if r['correct'] else 'WRONG'} {vs} after {r['latency_s']:.2f} s"
         log(f"[{i + 1}/{len(order)}] {what_s}: {res}  [{time.time() - t0:.0f} s; other work seen {r['other_work_seen'] * 100:.0f} %]")
+        write_partial(a, partial_path, trials, fault_free, {"rate": rate, "slow_link": links})
 
     overhead = None if a.skip_overhead else overhead_phase(a, rn)
 
@@ -831,6 +845,8 @@ def bench(a, rn, work):
         "work_folder": work,
     }
     write_json(a.out, result)
+    if os.path.exists(partial_path):
+        os.remove(partial_path)
 
     log("")
     log(f"{'kind':<10} {'injected':>8} {'verdicts':>8} {'correct':>7} {'recall':>6} {'p50 s':>7} {'p90 s':>7} {'max s':>7}")
