@@ -8,7 +8,7 @@ nothing persisted), 4 ranks, TP 2 x DP 2 on 2 emulated nodes (--ranks-per-node 2
 run has its own --snapshot-job (a reused one would resume from old snapshots) and its own monitor job id and
 token. Environment: OMPI_MCA_btl_vader_single_copy_mechanism=none, LOOM_PERSIST_EVERY=0, LOOM_LOG_LEVEL=warn,
 LOOM_THREADS=1 (one CPU thread per rank: what the 2-core VM gives them anyway; on a larger host the tiny model
-gains nothing from more), LOOM_DEVICE=cpu (--device).
+gains nothing from more), LOOM_DEVICE=cpu (CPU ranks also on a GPU machine: NCCL refuses ranks sharing a GPU).
 
 0. Isolation: the bench runs private copies of build/bin/{loom,gpt-train} (a rebuild of the checkout during the
    bench cannot mix versions). Before every run it waits (up to --quiet-wait s) until other work uses < 0.5 of
@@ -99,7 +99,7 @@ def write_json(path, result):
 
 
 def write_partial(a, path, trials, fault_free, calibration):
-    write_json(path, {"benchmark": "monitor", "partial": True, "device": a.device,
+    write_json(path, {"benchmark": "monitor", "partial": True, "device": "cpu",
                       "command": "python3 " + " ".join([os.path.relpath(__file__, ROOT)] + sys.argv[1:]),
                       "git_head": a.git, "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
                       "calibration": {k: v for k, v in calibration.items() if k != "verdicts"},
@@ -181,7 +181,7 @@ class Runner:
         self.env = dict(os.environ)
         self.env.update({"OMPI_MCA_btl_vader_single_copy_mechanism": "none", "LOOM_PERSIST_EVERY": "0",
                          "LOOM_LOG_LEVEL": "warn", "LOOM_CACHE_DIR": os.path.join(work, "cache"),
-                         "LOOM_THREADS": "1"})
+                         "LOOM_THREADS": "1", "LOOM_DEVICE": "cpu"})
         self.mpirun = ["mpirun", "--oversubscribe", "--allow-run-as-root"]
         if "LD_LIBRARY_PATH" in self.env:  # the GPU machine's runtime libraries (.device/env.sh)
             self.mpirun += ["-x", "LD_LIBRARY_PATH"]
@@ -675,8 +675,6 @@ def main():
     ap.add_argument("--overhead-steps", type=int, default=3000)
     ap.add_argument("--skip-overhead", action="store_true")
     ap.add_argument("--only-overhead", action="store_true", help="step 5 only (no calibration, no trials)")
-    ap.add_argument("--device", choices=["cpu"], default="cpu",
-                    help="where the ranks train (LOOM_DEVICE; CPU ranks: 4 ranks do not fit one GPU's NCCL)")
     ap.add_argument("--quiet-wait", type=float, default=120.0,
                     help="before each run, wait up to this long for other work to use < 0.5 cores (recorded)")
     ap.add_argument("--keep", action="store_true", help="keep every trial's folder (failed ones are always kept)")
@@ -702,7 +700,6 @@ def main():
     except (OSError, subprocess.SubprocessError):
         a.git = None
     rn = Runner(bindir, work, a.keep)
-    rn.env["LOOM_DEVICE"] = a.device
     rn.quiet_wait_s = a.quiet_wait
 
     def on_term(signum, frame):
@@ -725,7 +722,7 @@ def bench(a, rn, work):
     log(f"monitor bench: {mach['cpu']}, {mach['cores']} cores; work folder {work}; load {loadavg()}")
     if a.only_overhead:
         overhead = overhead_phase(a, rn)
-        result = {"benchmark": "monitor", "device": a.device, "machine": mach,
+        result = {"benchmark": "monitor", "device": "cpu", "machine": mach,
                   "command": "python3 " + " ".join([os.path.relpath(__file__, ROOT)] + sys.argv[1:]),
                   "protocol": "step 5 of: " + PROTOCOL, "git_head": a.git, "binaries": a.binaries,
                   "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "duration_s": round(time.time() - started, 1),
@@ -821,7 +818,7 @@ def bench(a, rn, work):
     }
     result = {
         "benchmark": "monitor",
-        "device": a.device,
+        "device": "cpu",
         "machine": mach,
         "command": "python3 " + " ".join([os.path.relpath(__file__, ROOT)] + sys.argv[1:]),
         "protocol": PROTOCOL,

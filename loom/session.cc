@@ -207,16 +207,10 @@ void Session::make_backend() {
   CpuBackendOptions opt;
   int threads = static_cast<int>(train_.threads);
   if (threads == 0) {
-    // The cores of this host shared by the ranks on it: the physical host, not the emulated node
-    // (--ranks-per-node), or emulated nodes of one machine would each take all of its cores.
-    MPI_Comm host = MPI_COMM_NULL;
-    int on_host = 1;
-    if (MPI_Comm_split_type(MPI_COMM_WORLD, MPI_COMM_TYPE_SHARED, 0, MPI_INFO_NULL, &host) == MPI_SUCCESS) {
-      MPI_Comm_size(host, &on_host);
-      MPI_Comm_free(&host);
-    }
+    // The machine's cores shared by the ranks on it (not by those of an emulated node: emulated nodes of one
+    // machine would each take all of its cores).
     int cores = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
-    threads = std::max(1, cores / std::max({1, on_host, groups_->local_size()}));
+    threads = std::max(1, cores / groups_->host_size());
   }
   opt.threads = threads;
   backend_ = make_cpu_backend(opt);

@@ -66,18 +66,21 @@ void Communicator::all_reduce(const Tensor& t, ReduceOp op) {
   trace_.end(seq);
 }
 
+void Communicator::check_like(const Tensor& t, const Tensor& like, const char* call, const char* arg) const {
+  check_tensor(t, call, arg, true);
+  check_dtype(t, like.dtype(), call, arg);
+  LOOM_CHECK(t.shape() == like.shape(), kShape,
+             call << " on '" << name_ << "': shapes " << t.shape().str() << " and " << like.shape().str() << " differ");
+}
+
 bool Communicator::fused_allreduce_add_rmsnorm(const Tensor& partial, const Tensor& residual, const Tensor& weight,
                                               float eps, const Tensor& residual_out, const Tensor& normed,
                                               const Tensor& rstd) {
   if (size_ == 1 || partial.ndim() != 2 || !has_fused_path(partial)) return false;
   const char* call = "fused_allreduce_add_rmsnorm";
   check_tensor(partial, call, "partial", true);
-  for (const Tensor* t : {&residual, &residual_out, &normed}) {
-    check_tensor(*t, call, "residual/residual_out/normed", true);
-    check_dtype(*t, partial.dtype(), call, "residual/residual_out/normed");
-    LOOM_CHECK(t->shape() == partial.shape(), kShape,
-               call << " on '" << name_ << "': shapes " << t->shape().str() << " and " << partial.shape().str() << " differ");
-  }
+  for (const Tensor* t : {&residual, &residual_out, &normed})
+    check_like(*t, partial, call, "residual/residual_out/normed");
   check_tensor(weight, call, "weight", true);
   check_tensor(rstd, call, "rstd", false);
   check_dtype(weight, partial.dtype(), call, "weight");
@@ -95,12 +98,7 @@ bool Communicator::fused_rmsnorm_backward(const Tensor& dnormed, const Tensor& x
   if (size_ == 1 || dnormed.ndim() != 2 || !has_fused_backward_path(dnormed)) return false;
   const char* call = "fused_rmsnorm_backward";
   check_tensor(dnormed, call, "dnormed", true);
-  for (const Tensor* t : {&x, &dx}) {
-    check_tensor(*t, call, "x/dx", true);
-    check_dtype(*t, dnormed.dtype(), call, "x/dx");
-    LOOM_CHECK(t->shape() == dnormed.shape(), kShape,
-               call << " on '" << name_ << "': shapes " << t->shape().str() << " and " << dnormed.shape().str() << " differ");
-  }
+  for (const Tensor* t : {&x, &dx}) check_like(*t, dnormed, call, "x/dx");
   check_tensor(weight, call, "weight", true);
   check_tensor(dw, call, "dw", true);
   check_tensor(rstd, call, "rstd", false);

@@ -104,6 +104,8 @@ class Communicator {
 
  private:
   void check_tensor(const Tensor& t, const char* call, const char* arg, bool reduction) const;
+  // check_tensor (reduction), and of like's dtype and shape.
+  void check_like(const Tensor& t, const Tensor& like, const char* call, const char* arg) const;
   // part must not overlap whole unless it is exactly block rank() of it (the in-place form).
   void check_overlap(const Tensor& part, const char* part_arg, const Tensor& whole, const char* whole_arg,
                      const char* call) const;

@@ -50,13 +50,25 @@ struct NodeLayout {
   MpiComm comm;  // the ranks of this rank's node
   int node_id = 0;
   int num_nodes = 1;
+  int host_size = 1;  // the ranks on this rank's machine (several emulated nodes may share one)
 };
+
+// The number of ranks on this rank's machine.
+int ranks_on_host(MPI_Comm world, int rank) {
+  MPI_Comm c = MPI_COMM_NULL;
+  LOOM_MPI_CHECK(MPI_Comm_split_type(world, MPI_COMM_TYPE_SHARED, rank, MPI_INFO_NULL, &c));
+  MpiComm host(c);
+  int n = 1;
+  LOOM_MPI_CHECK(MPI_Comm_size(c, &n));
+  return n;
+}
 
 NodeLayout emulated_node_layout(MPI_Comm world, int rank, int world_size, int ranks_per_node) {
   NodeLayout n;
   n.node_id = rank / ranks_per_node;
   n.num_nodes = world_size / ranks_per_node;
   n.comm = split(world, n.node_id, rank);
+  n.host_size = ranks_on_host(world, rank);
   return n;
 }
 
@@ -69,6 +81,7 @@ NodeLayout real_node_layout(MPI_Comm world, int rank, int world_size, int tp) {
   n.comm = MpiComm(c);
   int mine[2] = {rank, 0};  // leader, node size
   LOOM_MPI_CHECK(MPI_Comm_size(c, &mine[1]));
+  n.host_size = mine[1];
   LOOM_MPI_CHECK(MPI_Allreduce(MPI_IN_PLACE, &mine[0], 1, MPI_INT, MPI_MIN, c));
   std::vector<int> table(2 * static_cast<size_t>(world_size));  // (leader, node size) of every rank
   LOOM_MPI_CHECK(MPI_Allgather(mine, 2, MPI_INT, table.data(), 2, MPI_INT, world));
@@ -116,6 +129,7 @@ std::unique_ptr<ProcessGroups> ProcessGroups::create(MPI_Comm world, const Paral
                                             : real_node_layout(w, rank, size, cfg.tp);
   g->node_id_ = nodes.node_id;
   g->num_nodes_ = nodes.num_nodes;
+  g->host_size_ = nodes.host_size;
   g->emulated_nodes_ = cfg.ranks_per_node > 0;
 
   // Key = world rank keeps group ranks in world order: tp_rank = r % tp, dp_rank = r / tp.

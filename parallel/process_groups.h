@@ -62,6 +62,7 @@ class ProcessGroups {
   int num_nodes() const { return num_nodes_; }
   int local_rank() const { return node_->rank(); }  // rank within the node
   int local_size() const { return node_->size(); }
+  int host_size() const { return host_size_; }  // ranks on this machine (>= local_size() with emulated nodes)
   bool emulated_nodes() const { return emulated_nodes_; }
 
   // "world 4 = dp 2 x tp 2, 2 nodes (emulated, 2 ranks each)"
@@ -74,6 +75,7 @@ class ProcessGroups {
   std::unique_ptr<Communicator> tp_device_, dp_device_;
   int node_id_ = 0;
   int num_nodes_ = 1;
+  int host_size_ = 1;
   bool emulated_nodes_ = false;
 };
 
