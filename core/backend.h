@@ -8,8 +8,9 @@
 // - A gradient output has an `accumulate` flag: false writes dst = result, true writes dst += result.
 //   Parameter-gradient outputs (dw of RMSNorm, the embedding table gradient) always accumulate and may be f32
 //   or compute_dtype().
-// - On CUDA every kernel is enqueued on the backend's current stream and returns without waiting; on the CPU
-//   it runs to completion on the backend's thread pool.
+// - On CUDA every kernel is enqueued on the backend's current stream (the compute stream, or the side stream
+//   between begin_side() and end_side()) and returns without waiting; on the CPU it runs to completion on the
+//   backend's thread pool.
 // - Shapes are checked by the ops layer (core/ops.cc) before a kernel is called; kernels may assume them.
 #pragma once
 
@@ -153,12 +154,49 @@ class Backend {
   virtual void pin_host_memory(void* ptr, size_t bytes) {}
   virtual void unpin_host_memory(void* ptr) {}
 
+  // ---- the side stream (token-split overlap, docs/fused_norm.md) ----------------------------------------
+  // Work enqueued between begin_side() and end_side() runs on a second, high-priority stream that first waits
+  // for everything enqueued before begin_side(); the compute stream does not wait for it until join_side().
+  // end_side() returns a ticket, the side stream's position: join_side(ticket) makes work enqueued from now on
+  // wait for the side work up to that ticket (tickets grow; 0 is nothing), join_all_side() for all of it.
+  // Regions do not nest. The CPU backend runs everything in order on its thread: these do nothing there and
+  // tickets are 0. A communicator on a device enqueues on the current stream, and joins all side work before
+  // a collective on the compute stream, so the collectives of a group keep one order on every rank.
+  virtual void begin_side() {}
+  virtual uint64_t end_side() { return 0; }
+  virtual void join_side(uint64_t /*ticket*/) {}
+  void join_all_side() { join_side(~uint64_t{0}); }
+  virtual bool on_side() const { return false; }
+
   // ---- helpers built on the above -----------------------------------------------------------------
   // Copies to / from host memory; blocks until done.
   void download(const Tensor& src, void* host);
   void upload(const Tensor& dst, const void* host);
   // Reads a one-element f32 tensor (synchronizes).
   float read_scalar(const Tensor& t);
+};
+
+// A side region for a scope: begin_side() when made (if `active`), end_side() by close() — which returns the
+// ticket — or, when an exception leaves the scope first, by the destructor.
+class SideScope {
+ public:
+  explicit SideScope(Backend& backend, bool active = true) : backend_(backend), open_(active) {
+    if (open_) backend_.begin_side();
+  }
+  ~SideScope() {
+    if (open_) backend_.end_side();
+  }
+  SideScope(const SideScope&) = delete;
+  SideScope& operator=(const SideScope&) = delete;
+  uint64_t close() {
+    if (!open_) return 0;
+    open_ = false;
+    return backend_.end_side();
+  }
+
+ private:
+  Backend& backend_;
+  bool open_;
 };
 
 struct CpuBackendOptions {

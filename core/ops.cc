@@ -101,6 +101,45 @@ Tensor add(Ctx& c, const Tensor& a, const Tensor& b) {
   return y;
 }
 
+Tensor concat_rows(Ctx& c, const std::vector<Tensor>& parts) {
+  LOOM_CHECK(!parts.empty(), kShape, "concat_rows: no parts");
+  const Tensor& first = parts.front();
+  LOOM_CHECK(first.ndim() >= 1, kShape, "concat_rows: part 0 must have at least one dimension");
+  auto beyond_rows = [](const Tensor& t) {
+    Shape s = t.shape();
+    s[0] = 0;
+    return s;
+  };
+  Shape shape = beyond_rows(first);
+  bool grad = false;
+  for (size_t i = 0; i < parts.size(); ++i) {
+    const Tensor& p = parts[i];
+    LOOM_CHECK(p.ndim() == first.ndim() && p.dtype() == first.dtype() && beyond_rows(p) == beyond_rows(first), kShape,
+               "concat_rows: part " << i << " is " << p.describe() << ", part 0 " << first.describe()
+                                    << " (they may differ in dimension 0 only)");
+    shape[0] += p.size(0);
+    grad = grad || c.needs_grad({p});
+  }
+  Tensor y = c.output(shape, first.dtype(), grad);
+  for (int64_t row = 0; const Tensor& p : parts) {
+    c.backend().copy(y.rows(row, row + p.size(0)), p.detach());
+    row += p.size(0);
+  }
+  if (grad) {
+    Backend* be = &c.backend();
+    c.tape()->record([=](Tape& t) {
+      auto dy = t.grad(y);
+      if (!dy) return;
+      for (int64_t row = 0; const Tensor& p : parts) {
+        const Tensor rows = dy->rows(row, row + p.size(0));
+        with_target(t, p, [&](Tensor dp, bool acc) { be->axpy(dp, rows, 1.0f, acc); });
+        row += p.size(0);
+      }
+    });
+  }
+  return y;
+}
+
 Tensor scale(Ctx& c, const Tensor& x, float alpha) {
   check_compute(c, x, "scale", "x");
   bool grad = c.needs_grad({x});

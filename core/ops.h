@@ -31,6 +31,9 @@ Tensor linear(Ctx& c, const Tensor& x, const Tensor& w);
 Tensor add(Ctx& c, const Tensor& a, const Tensor& b);
 // alpha * x
 Tensor scale(Ctx& c, const Tensor& x, float alpha);
+// The parts stacked along dimension 0 (the same trailing dimensions and dtype): the batch halves of the
+// token-split overlap put back together.
+Tensor concat_rows(Ctx& c, const std::vector<Tensor>& parts);
 // RMSNorm over the last dimension with weight w [D].
 Tensor rmsnorm(Ctx& c, const Tensor& x, const Tensor& w, float eps);
 // table [V_local, D] holding rows vocab_start.., tokens i32 [...] -> [..., D]

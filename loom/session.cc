@@ -38,9 +38,9 @@ Session::Session(int& argc, char**& argv) {
 }
 
 Session::~Session() {
-  // Communicators must be freed before MPI_Finalize.
-  backend_.reset();
+  // Communicators must be freed before MPI_Finalize, and before the backend whose streams they use.
   groups_.reset();
+  backend_.reset();
   int finalized = 0;
   MPI_Finalized(&finalized);
   if (owns_mpi_ && !finalized) MPI_Finalize();
@@ -221,11 +221,12 @@ void Session::make_backend() {
 void Session::make_device_communicators() {
   if (backend_->device() != Device::kCuda || world_size_ == 1) return;
 #ifdef LOOM_HAVE_NCCL
-  cudaStream_t stream = static_cast<cuda::CudaBackend&>(*backend_).stream();
+  auto* cuda_backend = &static_cast<cuda::CudaBackend&>(*backend_);
   const bool fused_kernel = train_.fused_kernel;
-  groups_->use_device_communicators([stream, fused_kernel](MpiCommunicator& group, const std::string& name, uint32_t id) {
-    return std::make_unique<NcclCommunicator>(group.comm(), name, id, stream, fused_kernel && name == "tp");
-  });
+  groups_->use_device_communicators(
+      [cuda_backend, fused_kernel](MpiCommunicator& group, const std::string& name, uint32_t id) {
+        return std::make_unique<NcclCommunicator>(group.comm(), name, id, *cuda_backend, fused_kernel && name == "tp");
+      });
 #else
   LOOM_THROW(kConfig, "this build of Loom has no NCCL, so it cannot train on several GPUs (rebuild with NCCL found)");
 #endif

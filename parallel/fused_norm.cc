@@ -5,7 +5,7 @@
 namespace loom::ops {
 
 NormedResidual fused_allreduce_add_rmsnorm(Ctx& c, const Tensor& partial, const Tensor& residual, const Tensor& weight,
-                                           float eps, Communicator* tp) {
+                                           float eps, Communicator* tp, bool side) {
   const char* op = "fused_allreduce_add_rmsnorm";
   LOOM_CHECK(partial.ndim() >= 1, kShape, op << ": partial must have at least one dimension");
   LOOM_CHECK(residual.shape() == partial.shape(), kShape,
@@ -23,6 +23,7 @@ NormedResidual fused_allreduce_add_rmsnorm(Ctx& c, const Tensor& partial, const 
   Backend& be = c.backend();
   Tensor r2 = out.residual.flatten_2d();
   Tensor rstd = c.scratch(Shape{r2.size(0)}, DType::kF32);
+  SideScope on_side(be, side);
   // The communicator's one-kernel path where it has one (CUDA IPC on the GPUs of a node), else the reference.
   if (!comm || !tp->fused_allreduce_add_rmsnorm(partial.detach().flatten_2d(), residual.detach().flatten_2d(), weight,
                                                 eps, r2, out.normed.flatten_2d(), rstd)) {
@@ -31,12 +32,13 @@ NormedResidual fused_allreduce_add_rmsnorm(Ctx& c, const Tensor& partial, const 
     be.add(out.residual, residual, sum);
     be.rmsnorm_forward(out.normed.flatten_2d(), rstd, r2, weight, eps);
   }
+  out.ready = on_side.close();
   if (!grad) return out;
 
   Backend* b = &be;
   ActivationArena* arena = &c.arena();
   const Tensor normed = out.normed, res_out = out.residual;
-  c.tape()->record([=](Tape& t) {
+  auto backward = [=](Tape& t) {
     if (auto dn = t.grad(normed)) {
       // The consumers' partial input gradients, summed over TP once; then the RMSNorm backward, added to
       // whatever the residual stream's later users sent back (the slot of res_out, accumulated into).
@@ -55,7 +57,12 @@ NormedResidual fused_allreduce_add_rmsnorm(Ctx& c, const Tensor& partial, const 
     if (!g) return;
     if (auto tgt = t.target(residual)) b->axpy(tgt->grad, *g, 1.0f, tgt->accumulate);
     if (auto tgt = t.target(partial)) b->axpy(tgt->grad, *g, 1.0f, tgt->accumulate);
-  });
+  };
+  if (side) {
+    c.tape()->record_side(backward);
+  } else {
+    c.tape()->record(backward);
+  }
   return out;
 }
 

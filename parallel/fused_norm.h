@@ -22,19 +22,24 @@
 // reference (the CPU path, bit-for-bit the unfused ops).
 #pragma once
 
+#include <cstdint>
+
 #include "core/context.h"
 #include "parallel/communicator.h"
 
 namespace loom::ops {
 
 struct NormedResidual {
-  Tensor normed;    // [..., D], the next sub-layer's input
-  Tensor residual;  // [..., D], the residual stream after this sub-layer
+  Tensor normed;       // [..., D], the next sub-layer's input
+  Tensor residual;     // [..., D], the residual stream after this sub-layer
+  uint64_t ready = 0;  // with `side`: the side work that writes them (Backend::join_side before reading)
 };
 
 // partial and residual [..., D] of the compute dtype, weight [D]. partial's storage is reused for the reduced
 // sum (nothing reads a row-parallel partial product afterwards). tp null or of size 1: no communication.
+// side: run the forward, and later its backward (Tape::record_side), on the backend's side stream; the caller
+// joins `ready` before it reads the outputs on the compute stream (the token-split overlap).
 NormedResidual fused_allreduce_add_rmsnorm(Ctx& c, const Tensor& partial, const Tensor& residual, const Tensor& weight,
-                                           float eps, Communicator* tp);
+                                           float eps, Communicator* tp, bool side = false);
 
 }  // namespace loom::ops

@@ -46,14 +46,19 @@ CudaBackend::CudaBackend(int device) : device_(device) {
   cudaDeviceProp prop{};
   LOOM_CUDA_CHECK(cudaGetDeviceProperties(&prop, device));
   num_sms_ = prop.multiProcessorCount;
-  LOOM_CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
-  // Lowest priority: staging copies yield to compute whenever both want the copy engines' scheduler.
+  LOOM_CUDA_CHECK(cudaStreamCreateWithFlags(&main_stream_, cudaStreamNonBlocking));
+  stream_ = main_stream_;
+  // Lowest priority: staging copies yield to compute whenever both want the copy engines' scheduler. Highest:
+  // the side stream's communication gets SMs as soon as blocks of the compute stream retire.
   int least = 0, greatest = 0;
   LOOM_CUDA_CHECK(cudaDeviceGetStreamPriorityRange(&least, &greatest));
   LOOM_CUDA_CHECK(cudaStreamCreateWithPriority(&copy_stream_, cudaStreamNonBlocking, least));
+  LOOM_CUDA_CHECK(cudaStreamCreateWithPriority(&side_stream_, cudaStreamNonBlocking, greatest));
+  LOOM_CUDA_CHECK(cudaEventCreateWithFlags(&fork_, cudaEventDisableTiming));
+  for (cudaEvent_t& e : side_events_) LOOM_CUDA_CHECK(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
   LOOM_CUBLAS_CHECK(cublasLtCreate(&lt_));
   workspace_bytes_ = size_t{32} << 20;
-  LOOM_CUDA_CHECK(cudaMalloc(&workspace_, workspace_bytes_));
+  LOOM_CUDA_CHECK(cudaMalloc(&lanes_[0].workspace, workspace_bytes_));
   name_ = "cuda:" + std::to_string(device) + " (" + prop.name + ", " + std::to_string(num_sms_) + " SMs, " +
           std::to_string(prop.totalGlobalMem >> 30) + " GiB, bf16 compute)";
 }
@@ -72,14 +77,19 @@ struct CudaBackend::GemmPlan {
 
 CudaBackend::~CudaBackend() {
   cudaSetDevice(device_);
-  if (stream_) cudaStreamSynchronize(stream_);
+  for (cudaStream_t s : {main_stream_, side_stream_, copy_stream_})
+    if (s) cudaStreamSynchronize(s);
   for (auto& [key, plan] : gemm_plans_) delete plan;
   if (lt_) cublasLtDestroy(lt_);
-  if (workspace_) cudaFree(workspace_);
-  if (scratch_) cudaFree(scratch_);
-  if (copy_stream_) cudaStreamSynchronize(copy_stream_);
-  if (copy_stream_) cudaStreamDestroy(copy_stream_);
-  if (stream_) cudaStreamDestroy(stream_);
+  for (Lane& l : lanes_) {
+    if (l.workspace) cudaFree(l.workspace);
+    if (l.scratch) cudaFree(l.scratch);
+  }
+  for (cudaEvent_t e : side_events_)
+    if (e) cudaEventDestroy(e);
+  if (fork_) cudaEventDestroy(fork_);
+  for (cudaStream_t s : {main_stream_, side_stream_, copy_stream_})
+    if (s) cudaStreamDestroy(s);
 }
 
 // ---- staging copies to host memory ---------------------------------------------------------------------
@@ -103,6 +113,8 @@ class CudaHostCopy final : public Backend::HostCopy {
 
 std::unique_ptr<Backend::HostCopy> CudaBackend::copy_to_host_async(void* host_dst, const Tensor& src) {
   const void* p = device_ptr(src, "copy_to_host_async", "src");
+  LOOM_CHECK(!on_side(), kInternal, "copy_to_host_async inside a side region");
+  join_all_side();
   cudaEvent_t ready = nullptr, done = nullptr;
   LOOM_CUDA_CHECK(cudaEventCreateWithFlags(&ready, cudaEventDisableTiming));
   LOOM_CUDA_CHECK(cudaEventCreateWithFlags(&done, cudaEventDisableTiming));
@@ -117,7 +129,7 @@ std::unique_ptr<Backend::HostCopy> CudaBackend::copy_to_host_async(void* host_ds
   }
   LOOM_CUDA_CHECK(cudaEventRecord(done, copy_stream_));
   LOOM_CUDA_CHECK(cudaEventDestroy(ready));
-  return std::make_unique<CudaHostCopy>(stream_, done);
+  return std::make_unique<CudaHostCopy>(main_stream_, done);
 }
 
 void CudaBackend::pin_host_memory(void* ptr, size_t bytes) {
@@ -145,18 +157,53 @@ void CudaBackend::deallocate(void* ptr) {
 }
 
 void* CudaBackend::scratch(size_t bytes) {
-  if (bytes > scratch_bytes_) {
+  Lane& l = lane();
+  if (bytes > l.scratch_bytes) {
     LOOM_CUDA_CHECK(cudaStreamSynchronize(stream_));  // the old block may still be in use by queued kernels
-    if (scratch_) LOOM_CUDA_CHECK(cudaFree(scratch_));
-    scratch_ = nullptr;
-    scratch_bytes_ = 0;
-    scratch_ = allocate(bytes);
-    scratch_bytes_ = bytes;
+    if (l.scratch) LOOM_CUDA_CHECK(cudaFree(l.scratch));
+    l.scratch = nullptr;
+    l.scratch_bytes = 0;
+    l.scratch = allocate(bytes);
+    l.scratch_bytes = bytes;
   }
-  return scratch_;
+  return l.scratch;
 }
 
-void CudaBackend::synchronize() { LOOM_CUDA_CHECK(cudaStreamSynchronize(stream_)); }
+void CudaBackend::synchronize() {
+  if (!on_side()) join_all_side();
+  LOOM_CUDA_CHECK(cudaStreamSynchronize(side_stream_));
+  LOOM_CUDA_CHECK(cudaStreamSynchronize(main_stream_));
+}
+
+// ---- the side stream -----------------------------------------------------------------------------------
+
+void CudaBackend::begin_side() {
+  LOOM_CHECK(!on_side(), kInternal, "begin_side: side regions do not nest");
+  LOOM_CUDA_CHECK(cudaEventRecord(fork_, main_stream_));
+  LOOM_CUDA_CHECK(cudaStreamWaitEvent(side_stream_, fork_, 0));
+  stream_ = side_stream_;
+}
+
+uint64_t CudaBackend::end_side() {
+  LOOM_CHECK(on_side(), kInternal, "end_side without begin_side");
+  const uint64_t ticket = ++side_issued_;
+  stream_ = main_stream_;
+  LOOM_CUDA_CHECK(cudaEventRecord(side_events_[ticket % kSideEvents], side_stream_));
+  return ticket;
+}
+
+void CudaBackend::join_side(uint64_t ticket) {
+  LOOM_CHECK(!on_side(), kInternal, "join_side inside a side region");
+  ticket = std::min(ticket, side_issued_);
+  if (ticket <= side_joined_) return;
+  LOOM_CUDA_CHECK(cudaStreamWaitEvent(main_stream_, side_events_[ticket % kSideEvents], 0));
+  side_joined_ = ticket;
+}
+
+cudaStream_t CudaBackend::collective_stream() {
+  if (!on_side()) join_all_side();
+  return stream_;
+}
 
 void CudaBackend::copy(const Tensor& dst, const Tensor& src) {
   LOOM_CHECK(dst.numel() == src.numel(), kShape,
@@ -291,10 +338,12 @@ void CudaBackend::matmul(const Tensor& c, const Tensor& a, bool trans_a, const T
     LOOM_CHECK(reinterpret_cast<uintptr_t>(t->data()) % 16 == 0, kShape,
                "matmul: operands must start on 16-byte boundaries (got " << t->data() << ")");
   GemmPlan& plan = gemm_plan(GemmKey{m, n, k, trans_a, trans_b, c.dtype()});
+  void*& workspace = lane().workspace;
+  if (workspace == nullptr) workspace = allocate(workspace_bytes_);  // the side stream's, on its first product
   void* pc = device_mut_ptr(c, "matmul", "c");
   LOOM_CUBLAS_CHECK(cublasLtMatmul(lt_, plan.desc, &alpha, device_ptr(b, "matmul", "b"), plan.a,
                                    device_ptr(a, "matmul", "a"), plan.b, &beta, pc, plan.c, pc, plan.c, &plan.algo,
-                                   workspace_, workspace_bytes_, stream_));
+                                   workspace, workspace_bytes_, stream_));
 }
 
 }  // namespace loom::cuda

@@ -75,7 +75,18 @@ class CudaBackend final : public Backend {
   void pin_host_memory(void* ptr, size_t bytes) override;
   void unpin_host_memory(void* ptr) override;
 
+  void begin_side() override;
+  uint64_t end_side() override;
+  void join_side(uint64_t ticket) override;
+  bool on_side() const override { return stream_ == side_stream_; }
+
+  // The current stream: the compute stream, or the side stream inside a side region.
   cudaStream_t stream() const { return stream_; }
+  cudaStream_t compute_stream() const { return main_stream_; }
+  // The stream a collective is enqueued on: the current one; on the compute stream after it has joined all side
+  // work (so a group's collectives run in the order they were enqueued on every rank).
+  cudaStream_t collective_stream();
+  uint64_t side_regions() const { return side_issued_; }  // end_side() calls so far
   int device_index() const { return device_; }
   int num_sms() const { return num_sms_; }
   // Device scratch of at least `bytes`, valid until the next scratch() call; grows (with a synchronize) only
@@ -97,16 +108,31 @@ class CudaBackend final : public Backend {
   struct GemmPlan;
   GemmPlan& gemm_plan(const GemmKey& key);
 
+  // Per stream (compute, side): kernels of the two streams may run at once, so they never share scratch.
+  struct Lane {
+    void* workspace = nullptr;  // cuBLASLt's
+    void* scratch = nullptr;
+    size_t scratch_bytes = 0;
+  };
+  Lane& lane() { return lanes_[on_side() ? 1 : 0]; }
+
   int device_;
   int num_sms_ = 0;
   std::string name_;
-  cudaStream_t stream_ = nullptr;
+  cudaStream_t stream_ = nullptr;       // the current stream: main_stream_ or side_stream_
+  cudaStream_t main_stream_ = nullptr;  // the compute stream
+  cudaStream_t side_stream_ = nullptr;  // high priority, inside begin_side() .. end_side()
   cudaStream_t copy_stream_ = nullptr;  // device-to-host staging, beside the compute stream
+  cudaEvent_t fork_ = nullptr;          // recorded on the compute stream by begin_side()
+  // Ticket t's event is side_events_[t % kSideEvents]. A slot recorded again later marks a later position of
+  // the same in-order stream, so waiting on it for an older ticket is only more conservative.
+  static constexpr size_t kSideEvents = 64;
+  cudaEvent_t side_events_[kSideEvents] = {};
+  uint64_t side_issued_ = 0;  // tickets handed out
+  uint64_t side_joined_ = 0;  // the compute stream already waits for the side stream up to this ticket
   cublasLtHandle_t lt_ = nullptr;
-  void* workspace_ = nullptr;
   size_t workspace_bytes_ = 0;
-  void* scratch_ = nullptr;
-  size_t scratch_bytes_ = 0;
+  Lane lanes_[2];
   std::mutex gemm_mutex_;
   std::unordered_map<GemmKey, GemmPlan*, GemmKeyHash> gemm_plans_;
 };

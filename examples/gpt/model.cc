@@ -25,6 +25,10 @@ void GptConfig::declare(loom::Config& cfg) {
   cfg.add("model.fused_norm", &fused_norm,
           "fuse each row-parallel all-reduce with the residual add and the next RMSNorm into one op (one "
           "all-reduce in the backward for q, k and v instead of three; docs/fused_norm.md)");
+  cfg.add("model.overlap", &overlap,
+          "token-split overlap (needs model.fused_norm): run each micro-batch through the blocks as two halves, "
+          "one half's fused all-reduce + norm on a high-priority stream while the other half computes (GPUs; "
+          "on the CPU the same order without concurrency; docs/fused_norm.md)");
   // tiny trains in a few minutes on 2 CPU cores; the last is the reference model of the GPU benchmarks.
   cfg.add_preset("tiny",
                  {{"model.dim", "128"},
@@ -93,6 +97,9 @@ void GptConfig::validate(int64_t tp) const {
   LOOM_CHECK(vocab_size % tp == 0, kConfig,
              "--tp " << tp << " does not divide model.vocab_size " << vocab_size << " (the vocabulary is split)");
   LOOM_CHECK(ffn_hidden % tp == 0, kConfig, "--tp " << tp << " does not divide model.ffn_hidden " << ffn_hidden);
+  LOOM_CHECK(!overlap || fused_norm, kConfig,
+             "model.overlap splits the fused all-reduce + norm between two halves of the batch: it needs "
+             "model.fused_norm (set --fused-norm true or --overlap false)");
   LOOM_CHECK(norm_eps > 0 && rope_base > 0 && init_std > 0, kConfig,
              "model.norm_eps, model.rope_base and model.init_std must be positive");
 }
@@ -165,11 +172,20 @@ Tensor Block::operator()(Ctx& c, const Tensor& x) const {
   return loom::ops::add(c, h, mlp_(c, mlp_norm_(c, h)));
 }
 
+loom::ops::NormedResidual Block::attention_part(Ctx& c, const Tensor& x, const Tensor& n, bool side) const {
+  return loom::ops::fused_allreduce_add_rmsnorm(c, attn_.partial(c, n), x, mlp_norm_.weight().value(), mlp_norm_.eps(),
+                                                tp_.comm, side);
+}
+
+loom::ops::NormedResidual Block::mlp_part(Ctx& c, const Tensor& h, const Tensor& m, const loom::RMSNorm& next_norm,
+                                          bool side) const {
+  return loom::ops::fused_allreduce_add_rmsnorm(c, mlp_.partial(c, m), h, next_norm.weight().value(), next_norm.eps(),
+                                                tp_.comm, side);
+}
+
 loom::ops::NormedResidual Block::fused(Ctx& c, const Tensor& x, const Tensor& n, const loom::RMSNorm& next_norm) const {
-  auto h = loom::ops::fused_allreduce_add_rmsnorm(c, attn_.partial(c, n), x, mlp_norm_.weight().value(),
-                                                  mlp_norm_.eps(), tp_.comm);
-  return loom::ops::fused_allreduce_add_rmsnorm(c, mlp_.partial(c, h.normed), h.residual, next_norm.weight().value(),
-                                                next_norm.eps(), tp_.comm);
+  auto h = attention_part(c, x, n);
+  return mlp_part(c, h.residual, h.normed, next_norm);
 }
 
 Gpt::Gpt(const GptConfig& cfg, loom::TpGroup tp)
@@ -193,17 +209,50 @@ Tensor Gpt::logits(Ctx& c, const Tensor& tokens) const {
     // its consumers' partial gradients. Every later norm is fused with the all-reduce before it.
     const Block& first = blocks_.at<Block>(0);
     Tensor n = loom::ops::copy_to_tp(c, first.attn_norm()(c, x), tp_.comm);
-    for (size_t i = 0; i < blocks_.size(); ++i) {
-      const loom::RMSNorm& next = i + 1 < blocks_.size() ? blocks_.at<Block>(i + 1).attn_norm() : norm_;
-      auto out = blocks_.at<Block>(i).fused(c, x, n, next);
-      x = out.residual;
-      n = out.normed;
-    }
+    n = cfg_.overlap && x.size(0) >= 2 ? overlapped_blocks(c, x, n) : fused_blocks(c, x, n);
     return lm_head_.local(c, n).flatten_2d();  // [B*T, V/tp]
   }
   for (size_t i = 0; i < blocks_.size(); ++i) x = blocks_.at<Block>(i)(c, x);
   Tensor h = norm_(c, x);
   return lm_head_(c, h).flatten_2d();  // [B*T, V/tp]
+}
+
+const loom::RMSNorm& Gpt::norm_after(size_t block) const {
+  return block + 1 < blocks_.size() ? blocks_.at<Block>(block + 1).attn_norm() : norm_;
+}
+
+Tensor Gpt::fused_blocks(Ctx& c, const Tensor& x0, const Tensor& n0) const {
+  Tensor x = x0, n = n0;
+  for (size_t i = 0; i < blocks_.size(); ++i) {
+    auto out = blocks_.at<Block>(i).fused(c, x, n, norm_after(i));
+    x = out.residual;
+    n = out.normed;
+  }
+  return n;
+}
+
+// Half k's sub-layer compute is enqueued on the compute stream right after half 1-k's communication went to
+// the side stream, so the two overlap; before it, the compute stream joins half k's own last communication.
+// The tape's lanes make the backward interleave the same way (core/tape.h).
+Tensor Gpt::overlapped_blocks(Ctx& c, const Tensor& x, const Tensor& n) const {
+  const int64_t rows = x.size(0), mid = (rows + 1) / 2;
+  loom::ops::NormedResidual half[2] = {{n.rows(0, mid), x.rows(0, mid)}, {n.rows(mid, rows), x.rows(mid, rows)}};
+  loom::Backend& be = c.backend();
+  loom::Tape* tape = c.tape();
+  for (size_t i = 0; i < blocks_.size(); ++i) {
+    const Block& block = blocks_.at<Block>(i);
+    for (int part = 0; part < 2; ++part) {
+      for (int k = 0; k < 2; ++k) {
+        if (tape) tape->set_lane(k + 1);
+        be.join_side(half[k].ready);
+        half[k] = part == 0 ? block.attention_part(c, half[k].residual, half[k].normed, true)
+                            : block.mlp_part(c, half[k].residual, half[k].normed, norm_after(i), true);
+      }
+    }
+  }
+  if (tape) tape->set_lane(0);
+  for (const auto& h : half) be.join_side(h.ready);
+  return loom::ops::concat_rows(c, {half[0].normed, half[1].normed});
 }
 
 Tensor Gpt::loss(Ctx& c, const Tensor& tokens, const Tensor& targets) {

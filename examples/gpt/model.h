@@ -33,6 +33,10 @@ struct GptConfig {
   // Fuse the TP all-reduce of each row-parallel output with the residual add and the next RMSNorm
   // (parallel/fused_norm.h). Same parameters and results either way (within rounding of the backward).
   bool fused_norm = true;
+  // Token-split overlap (with fused_norm): each micro-batch runs through the blocks as two halves (by
+  // sequences), and each half's fused all-reduce + norm goes to the backend's side stream while the other half
+  // computes (docs/fused_norm.md). Same parameters; results equal within rounding.
+  bool overlap = false;
 
   // model.* keys and the presets (which also set train.* keys).
   void declare(loom::Config& cfg);
@@ -84,6 +88,12 @@ class Block : public loom::Module {
   // attn_norm or the final norm.
   loom::ops::NormedResidual fused(loom::Ctx& c, const loom::Tensor& x, const loom::Tensor& n,
                                   const loom::RMSNorm& next_norm) const;
+  // The two halves of fused(): attention (returns the stream after it and mlp_norm of that), then the MLP.
+  // side: their communication on the side stream (the caller joins `ready` before using the outputs).
+  loom::ops::NormedResidual attention_part(loom::Ctx& c, const loom::Tensor& x, const loom::Tensor& n,
+                                           bool side = false) const;
+  loom::ops::NormedResidual mlp_part(loom::Ctx& c, const loom::Tensor& h, const loom::Tensor& m,
+                                     const loom::RMSNorm& next_norm, bool side = false) const;
   const loom::RMSNorm& attn_norm() const { return attn_norm_; }
 
  private:
@@ -106,6 +116,13 @@ class Gpt : public loom::LanguageModel {
   const GptConfig& config() const { return cfg_; }
 
  private:
+  // The fused blocks from the first normed input n = attn_norm_0(x): returns the final norm of the stream.
+  loom::Tensor fused_blocks(loom::Ctx& c, const loom::Tensor& x, const loom::Tensor& n) const;
+  // The same as two halves of the batch (rows of x and n) in lanes 1 and 2, their communication on the side
+  // stream: the token-split overlap.
+  loom::Tensor overlapped_blocks(loom::Ctx& c, const loom::Tensor& x, const loom::Tensor& n) const;
+  const loom::RMSNorm& norm_after(size_t block) const;
+
   GptConfig cfg_;
   loom::TpGroup tp_;
   loom::VocabParallelEmbedding& tok_emb_;

@@ -60,6 +60,9 @@ class IpcFusedNorm {
            const Tensor& normed, const Tensor& rstd, FusedAlgo algo);
   void run_backward(const Tensor& dnormed, const Tensor& x, const Tensor& weight, const Tensor& rstd, const Tensor& dx,
                     bool accumulate, const Tensor& dw, FusedAlgo algo);
+  // Calls from now on are enqueued on `stream` (a backend's side stream, say). The caller orders it after the
+  // streams of earlier calls: a growth and synchronize() wait for the current stream only.
+  void set_stream(cudaStream_t stream) { stream_ = stream; }
   // Grows the buffers (collectively) to take rows x d calls now.
   void reserve(int64_t rows, int64_t d, bool backward = true);
   // Throws kComm naming the peer when a completed call failed. Does not wait.

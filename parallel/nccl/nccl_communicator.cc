@@ -1,5 +1,6 @@
 #include "parallel/nccl/nccl_communicator.h"
 
+#include "core/cuda/cuda_backend.h"
 #include "core/cuda/cuda_check.h"
 #include "core/log.h"
 #include "parallel/cuda/ipc_fused_norm.h"
@@ -50,9 +51,9 @@ int mpi_size(MPI_Comm c) {
 
 }  // namespace
 
-NcclCommunicator::NcclCommunicator(MPI_Comm comm, std::string name, uint32_t group_id, cudaStream_t stream,
+NcclCommunicator::NcclCommunicator(MPI_Comm comm, std::string name, uint32_t group_id, cuda::CudaBackend& backend,
                                    bool fused_kernel)
-    : Communicator(std::move(name), mpi_rank(comm), mpi_size(comm), group_id), stream_(stream) {
+    : Communicator(std::move(name), mpi_rank(comm), mpi_size(comm), group_id), backend_(backend) {
   ncclUniqueId id{};
   if (rank() == 0) LOOM_NCCL_CHECK(this, ncclGetUniqueId(&id));
   LOOM_MPI_CHECK(MPI_Bcast(&id, sizeof(id), MPI_BYTE, 0, comm));
@@ -63,7 +64,7 @@ NcclCommunicator::NcclCommunicator(MPI_Comm comm, std::string name, uint32_t gro
   if (fused_kernel && size() > 1) {
     const std::string why = cuda::IpcFusedNorm::unavailable_reason(comm);
     if (why.empty()) {
-      fused_ = std::make_unique<cuda::IpcFusedNorm>(comm, stream, 0, kFusedTimeoutS, this->name());
+      fused_ = std::make_unique<cuda::IpcFusedNorm>(comm, stream(), 0, kFusedTimeoutS, this->name());
       if (rank() == 0) LOOM_INFO("group '" << this->name() << "': fused all-reduce + RMSNorm kernel over CUDA IPC");
     } else if (rank() == 0) {
       LOOM_WARN("group '" << this->name() << "': no fused all-reduce + RMSNorm kernel (" << why
@@ -77,7 +78,10 @@ NcclCommunicator::~NcclCommunicator() {
     if (broken_) {
       ncclCommAbort(comm_);
     } else {
-      cudaStreamSynchronize(stream_);
+      try {
+        backend_.synchronize();
+      } catch (const Error&) {  // the stream's error was reported where it happened
+      }
       ncclCommDestroy(comm_);
     }
   }
@@ -91,6 +95,7 @@ bool NcclCommunicator::has_fused_path(const Tensor& partial) const {
 void NcclCommunicator::do_fused_allreduce_add_rmsnorm(const Tensor& partial, const Tensor& residual,
                                                       const Tensor& weight, float eps, const Tensor& residual_out,
                                                       const Tensor& normed, const Tensor& rstd) {
+  fused_->set_stream(stream());
   fused_->run(partial, residual, weight, eps, residual_out, normed, rstd, fused_algo(partial));
 }
 
@@ -101,6 +106,7 @@ bool NcclCommunicator::has_fused_backward_path(const Tensor& dnormed) const {
 void NcclCommunicator::do_fused_rmsnorm_backward(const Tensor& dnormed, const Tensor& x, const Tensor& weight,
                                                  const Tensor& rstd, const Tensor& dx, bool accumulate,
                                                  const Tensor& dw) {
+  fused_->set_stream(stream());
   fused_->run_backward(dnormed, x, weight, rstd, dx, accumulate, dw, fused_algo(dnormed));
 }
 
@@ -111,43 +117,45 @@ void NcclCommunicator::abort() {
   broken_ = true;
 }
 
+cudaStream_t NcclCommunicator::stream() { return backend_.collective_stream(); }
+
 bool NcclCommunicator::supports(DType dtype, bool reduction) const {
   return !reduction || dtype != DType::kU16;
 }
 
 void NcclCommunicator::do_all_reduce(const Tensor& t, ReduceOp op) {
   LOOM_NCCL_CHECK(this, ncclAllReduce(t.data(), t.data(), static_cast<size_t>(t.numel()), nccl_type(t.dtype()),
-                                      nccl_op(op), comm_, stream_));
+                                      nccl_op(op), comm_, stream()));
 }
 
 void NcclCommunicator::do_reduce_scatter(const Tensor& out, const Tensor& in, ReduceOp op) {
   LOOM_NCCL_CHECK(this, ncclReduceScatter(in.data(), out.data(), static_cast<size_t>(out.numel()),
-                                          nccl_type(out.dtype()), nccl_op(op), comm_, stream_));
+                                          nccl_type(out.dtype()), nccl_op(op), comm_, stream()));
 }
 
 void NcclCommunicator::do_all_gather(const Tensor& out, const Tensor& in) {
   LOOM_NCCL_CHECK(this, ncclAllGather(in.data(), out.data(), static_cast<size_t>(in.numel()), nccl_type(in.dtype()),
-                                      comm_, stream_));
+                                      comm_, stream()));
 }
 
 void NcclCommunicator::do_broadcast(const Tensor& t, int root) {
   LOOM_NCCL_CHECK(this, ncclBroadcast(t.data(), t.data(), static_cast<size_t>(t.numel()), nccl_type(t.dtype()), root,
-                                      comm_, stream_));
+                                      comm_, stream()));
 }
 
 void NcclCommunicator::do_send(const Tensor& t, int peer) {
   LOOM_NCCL_CHECK(this,
-                  ncclSend(t.data(), static_cast<size_t>(t.numel()), nccl_type(t.dtype()), peer, comm_, stream_));
+                  ncclSend(t.data(), static_cast<size_t>(t.numel()), nccl_type(t.dtype()), peer, comm_, stream()));
 }
 
 void NcclCommunicator::do_recv(const Tensor& t, int peer) {
   LOOM_NCCL_CHECK(this,
-                  ncclRecv(t.data(), static_cast<size_t>(t.numel()), nccl_type(t.dtype()), peer, comm_, stream_));
+                  ncclRecv(t.data(), static_cast<size_t>(t.numel()), nccl_type(t.dtype()), peer, comm_, stream()));
 }
 
 void NcclCommunicator::do_barrier() {
-  LOOM_NCCL_CHECK(this, ncclAllReduce(barrier_buf_, barrier_buf_, 1, ncclFloat32, ncclSum, comm_, stream_));
-  LOOM_CUDA_CHECK(cudaStreamSynchronize(stream_));
+  LOOM_NCCL_CHECK(this, ncclAllReduce(barrier_buf_, barrier_buf_, 1, ncclFloat32, ncclSum, comm_, stream()));
+  LOOM_CUDA_CHECK(cudaStreamSynchronize(stream()));
 }
 
 }  // namespace loom

@@ -1,9 +1,12 @@
 // NcclCommunicator: the Communicator (parallel/communicator.h) for device memory, over NCCL.
 //
-// Stream contract: every call is enqueued on the stream given at construction (the CUDA backend's compute
-// stream) and returns without waiting, so collectives are ordered with the kernels that produce and consume
-// their tensors and the host never blocks — except barrier(), which waits for the stream. The trace records of
-// this communicator therefore time the enqueue, not the transfer (event-based timing belongs to the monitor).
+// Stream contract: every call is enqueued on the CUDA backend's current stream (its compute stream, or its side
+// stream inside a side region: Backend::begin_side) and returns without waiting, so collectives are ordered
+// with the kernels that produce and consume their tensors and the host never blocks — except barrier(), which
+// waits for the stream. A call on the compute stream first joins all side work (CudaBackend::collective_stream),
+// so the group's collectives run in the order they were enqueued, the same on every rank, whichever stream
+// they are on. The trace records of this communicator therefore time the enqueue, not the transfer
+// (event-based timing belongs to the monitor).
 //
 // Creation is collective over the group's MPI communicator: rank 0 makes the NCCL unique id and broadcasts it
 // over MPI. A failed NCCL call marks the communicator broken; it is then aborted (ncclCommAbort) rather than
@@ -38,18 +41,19 @@
 namespace loom {
 
 namespace cuda {
+class CudaBackend;
 class IpcFusedNorm;
 }
 
 class NcclCommunicator final : public Communicator {
  public:
   // Collective over `comm` (every rank of it calls this with the same name/group id).
-  NcclCommunicator(MPI_Comm comm, std::string name, uint32_t group_id, cudaStream_t stream, bool fused_kernel = false);
+  NcclCommunicator(MPI_Comm comm, std::string name, uint32_t group_id, cuda::CudaBackend& backend,
+                   bool fused_kernel = false);
   ~NcclCommunicator() override;
 
   Device device() const override { return Device::kCuda; }
   const char* backend_name() const override { return "NCCL"; }
-  cudaStream_t stream() const { return stream_; }
   // Aborts the NCCL communicator (idempotent): in-flight collectives are cancelled and peers see an error.
   void abort();
   void mark_broken() { broken_ = true; }
@@ -71,8 +75,10 @@ class NcclCommunicator final : public Communicator {
                                  const Tensor& dx, bool accumulate, const Tensor& dw) override;
 
  private:
+  cudaStream_t stream();  // where the next call goes (CudaBackend::collective_stream)
+
   ncclComm_t comm_ = nullptr;
-  cudaStream_t stream_;
+  cuda::CudaBackend& backend_;
   void* barrier_buf_ = nullptr;
   bool broken_ = false;
   std::unique_ptr<cuda::IpcFusedNorm> fused_;  // null: no one-kernel fused path

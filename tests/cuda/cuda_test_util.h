@@ -5,6 +5,8 @@
 // touches CUDA before a test starts.
 #pragma once
 
+#include <gtest/gtest.h>
+
 #include <memory>
 #include <string>
 
@@ -34,5 +36,17 @@ inline std::unique_ptr<Backend> make_test_cuda_backend() {
   return nullptr;
 #endif
 }
+
+// A fixture with the CUDA backend on GPU 0 in gpu_, skipping with the reason where there is none.
+class CudaTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    const std::string reason = cuda_skip_reason();
+    if (!reason.empty()) GTEST_SKIP() << reason;
+    gpu_ = make_test_cuda_backend();
+    ASSERT_NE(gpu_, nullptr);
+  }
+  std::unique_ptr<Backend> gpu_;
+};
 
 }  // namespace loom::test

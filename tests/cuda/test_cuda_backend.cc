@@ -187,14 +187,8 @@ struct Arg {
   const Tensor& operator[](Side s) const { return s == Side::kCpu ? cpu : gpu; }
 };
 
-class CudaBackend : public ::testing::Test {
+class CudaBackend : public test::CudaTest {
  protected:
-  void SetUp() override {
-    const std::string reason = test::cuda_skip_reason();
-    if (!reason.empty()) GTEST_SKIP() << reason;
-    gpu_ = test::make_test_cuda_backend();
-    ASSERT_NE(gpu_, nullptr);
-  }
 
   // `v` rounded to `dtype`, on both sides.
   Arg values(const Shape& shape, DType dtype, std::vector<float> v) {
@@ -307,7 +301,6 @@ class CudaBackend : public ::testing::Test {
   }
 
   std::unique_ptr<Backend> cpu_ = make_cpu_backend(CpuBackendOptions{0});
-  std::unique_ptr<Backend> gpu_;
 };
 
 // ---- identity and memory -----------------------------------------------------------------------------------

@@ -117,16 +117,7 @@ RunResult train(Backend& be, const gpt::GptConfig& cfg, const Batches& data) {
   return r;
 }
 
-class CudaTraining : public ::testing::Test {
- protected:
-  void SetUp() override {
-    const std::string reason = test::cuda_skip_reason();
-    if (!reason.empty()) GTEST_SKIP() << reason;
-    gpu_ = test::make_test_cuda_backend();
-    ASSERT_NE(gpu_, nullptr);
-  }
-  std::unique_ptr<Backend> gpu_;
-};
+using CudaTraining = test::CudaTest;
 
 TEST_F(CudaTraining, TinyGptTenStepsMatchesCpu) {
   const gpt::GptConfig cfg = tiny_config();
@@ -177,6 +168,43 @@ TEST_F(CudaTraining, TinyGptTrainingIsDeterministic) {
     if (std::memcmp(&a.final_master[i], &b.final_master[i], sizeof(float)) != 0 && differ++ == 0) first = i;
   EXPECT_EQ(differ, 0u) << differ << " of " << a.final_master.size() << " final master weights differ; first at ["
                         << first << "]: " << a.final_master[first] << " vs " << b.final_master[first];
+}
+
+// The token-split overlap (model.overlap): the batch through the blocks as two halves, each half's fused
+// all-reduce + norm on the side stream (here without a group: the add and the norm), the backward interleaved by
+// the tape's lanes. Same weights at step 0: the loss within 1e-3 and the gradient norm within 1e-2 (the halves'
+// products are rounded to bf16 like the whole batch's; only the weight gradients add up in two parts); every
+// step within the CPU test's bounds; bit-identical when run twice (two streams, no race); and the side stream
+// was used for every fused call forward and backward.
+TEST_F(CudaTraining, TokenSplitOverlapTrainsLikeTheWholeBatchDeterministically) {
+  gpt::GptConfig cfg = tiny_config();
+  const Batches data = make_batches(cfg);
+  const RunResult whole = train(*gpu_, cfg, data);
+  cfg.overlap = true;
+#ifdef LOOM_HAVE_CUDA
+  auto& backend = static_cast<cuda::CudaBackend&>(*gpu_);
+  const uint64_t regions_before = backend.side_regions();
+#endif
+  const RunResult a = train(*gpu_, cfg, data);
+#ifdef LOOM_HAVE_CUDA
+  // 2 fused ops per block and half, forward and backward.
+  EXPECT_EQ(backend.side_regions() - regions_before, static_cast<uint64_t>(kSteps * cfg.n_layers * 2 * 2 * 2));
+#endif
+  const RunResult b = train(*gpu_, cfg, data);
+  EXPECT_LE(std::fabs(a.losses[0] - whole.losses[0]), 1e-3 * whole.losses[0])
+      << "step 0 loss: overlap " << a.losses[0] << ", whole batch " << whole.losses[0];
+  EXPECT_LE(std::fabs(a.grad_norms[0] - whole.grad_norms[0]), 1e-2 * whole.grad_norms[0])
+      << "step 0 gradient norm: overlap " << a.grad_norms[0] << ", whole batch " << whole.grad_norms[0];
+  for (int64_t s = 0; s < kSteps; ++s) {
+    const size_t i = static_cast<size_t>(s);
+    EXPECT_LE(std::fabs(a.losses[i] - whole.losses[i]), 2e-2 * whole.losses[i]) << "loss at step " << s;
+    EXPECT_LE(std::fabs(a.grad_norms[i] - whole.grad_norms[i]), 5e-2 * whole.grad_norms[i])
+        << "gradient norm at step " << s;
+    EXPECT_EQ(std::memcmp(&a.losses[i], &b.losses[i], sizeof(float)), 0)
+        << "loss at step " << s << " differs between two overlapped runs: " << a.losses[i] << " vs " << b.losses[i];
+  }
+  EXPECT_EQ(std::memcmp(a.final_master.data(), b.final_master.data(), a.final_master.size() * sizeof(float)), 0)
+      << "the final weights of two overlapped runs differ";
 }
 
 }  // namespace

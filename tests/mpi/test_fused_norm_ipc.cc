@@ -482,11 +482,13 @@ class HostSumIpcCommunicator : public Communicator {
   bool has_fused_backward_path(const Tensor& dn) const override { return has_fused_path(dn); }
   void do_fused_allreduce_add_rmsnorm(const Tensor& partial, const Tensor& residual, const Tensor& weight, float eps,
                                       const Tensor& residual_out, const Tensor& normed, const Tensor& rstd) override {
+    fused_->set_stream(static_cast<cuda::CudaBackend&>(be_).collective_stream());
     fused_->run(partial, residual, weight, eps, residual_out, normed, rstd, algo_);
     ++fused_calls;
   }
   void do_fused_rmsnorm_backward(const Tensor& dn, const Tensor& x, const Tensor& weight, const Tensor& rstd,
                                  const Tensor& dx, bool accumulate, const Tensor& dw) override {
+    fused_->set_stream(static_cast<cuda::CudaBackend&>(be_).collective_stream());
     fused_->run_backward(dn, x, weight, rstd, dx, accumulate, dw, algo_);
     ++fused_calls;
   }
@@ -505,8 +507,9 @@ struct OpResult {
 };
 
 // The op's forward and backward on the tape: this rank's partial, the shared residual and weight, seeds for
-// the gradients of normed (this rank's partial) and of the new residual; everything read back as f32.
-OpResult run_op(Backend& be, Communicator& tp, int64_t tokens, int64_t hidden, uint64_t salt) {
+// the gradients of normed (this rank's partial) and of the new residual; everything read back as f32. side: the
+// op on the backend's side stream (forward and backward), as the token-split overlap runs it.
+OpResult run_op(Backend& be, Communicator& tp, int64_t tokens, int64_t hidden, uint64_t salt, bool side = false) {
   const int me = test::world_rank();
   ActivationArena act(be);
   Tape tape(act, nullptr);
@@ -529,7 +532,9 @@ OpResult run_op(Backend& be, Communicator& tp, int64_t tokens, int64_t hidden, u
   Tensor P = tape.track(upload(random_bf16(tokens * hidden, salt, 10 + static_cast<uint64_t>(me), 0.5f), td));
   Tensor R = tape.track(upload(random_bf16(tokens * hidden, salt, 1, 1.0f), td));
   Tensor W = tape.track(upload(random_bf16(hidden, salt, 2, 0.2f, 1.0f), Shape{hidden}));
-  ops::NormedResidual out = ops::fused_allreduce_add_rmsnorm(c, P, R, W, 1e-5f, &tp);
+  ops::NormedResidual out = ops::fused_allreduce_add_rmsnorm(c, P, R, W, 1e-5f, &tp, side);
+  EXPECT_EQ(out.ready > 0, side);
+  be.join_side(out.ready);
   Tensor L = tape.track(act.allocate(Shape{1}, DType::kF32));
   const Tensor dn = upload(random_bf16(tokens * hidden, salt, 20 + static_cast<uint64_t>(me), 0.3f), td);
   const Tensor dres = upload(random_bf16(tokens * hidden, salt, 3, 0.1f), td);
@@ -558,8 +563,8 @@ TEST_F(FusedNormIpc, TheOpWithTheKernelsEqualsTheOpWithout) {
   };
   for (const Case& k : {Case{16, 1024, cuda::FusedAlgo::kOneShot}, Case{300, 2048, cuda::FusedAlgo::kTwoShot}}) {
     SCOPED_TRACE(std::to_string(k.tokens) + " x " + std::to_string(k.hidden));
-    OpResult ref, fused;
-    int fused_calls = 0;
+    OpResult ref, fused, on_side;
+    int fused_calls = 0, side_calls = 0;
     {
       HostSumIpcCommunicator tp(*be, stream, false, k.algo);
       ref = run_op(*be, tp, k.tokens, k.hidden, 600 + static_cast<uint64_t>(k.tokens));
@@ -568,8 +573,11 @@ TEST_F(FusedNormIpc, TheOpWithTheKernelsEqualsTheOpWithout) {
       HostSumIpcCommunicator tp(*be, stream, true, k.algo);
       fused = run_op(*be, tp, k.tokens, k.hidden, 600 + static_cast<uint64_t>(k.tokens));
       fused_calls = tp.fused_calls;
+      on_side = run_op(*be, tp, k.tokens, k.hidden, 600 + static_cast<uint64_t>(k.tokens), true);
+      side_calls = tp.fused_calls - fused_calls;
     }
     EXPECT_EQ(fused_calls, 2) << "the forward and the backward each took the kernel path";
+    EXPECT_EQ(side_calls, 2) << "on the side stream too";
     const std::pair<const char*, double> tol[] = {{"normed", 1e-2},   {"residual", 1e-2}, {"d_partial", 2e-2},
                                                   {"d_residual", 2e-2}, {"d_weight", 1e-2}};
     const std::vector<float>* got[] = {&fused.normed, &fused.residual, &fused.d_partial, &fused.d_residual,
@@ -579,6 +587,10 @@ TEST_F(FusedNormIpc, TheOpWithTheKernelsEqualsTheOpWithout) {
       EXPECT_LE(relative_error_f(*got[i], *want[i]), tol[i].second) << tol[i].first << ", fused against unfused";
       EXPECT_TRUE(same_everywhere(got[i]->data(), got[i]->size() * 4)) << tol[i].first << " differs between ranks";
     }
+    // The same kernels on the same data: the side stream changes where they run, not a bit of what they compute.
+    const std::vector<float>* side[] = {&on_side.normed, &on_side.residual, &on_side.d_partial, &on_side.d_residual,
+                                        &on_side.d_weight};
+    for (int i = 0; i < 5; ++i) EXPECT_TRUE(*side[i] == *got[i]) << tol[i].first << ": side stream against compute stream";
   }
 }
 

@@ -1,7 +1,8 @@
 // Tensor x data parallelism computes exactly the single-rank training run: on 4 ranks, the layouts TP=1 x DP=4,
 // TP=2 x DP=2 and TP=4 x DP=1 give the same losses over 10 steps and the same gradients (every parameter shard,
 // after the data-parallel all-reduce) as one rank training on the whole global batch, with the fused
-// all-reduce + residual + RMSNorm (model.fused_norm, the default) and without it. The multi-rank runs go
+// all-reduce + residual + RMSNorm (model.fused_norm, the default), without it, and with it and the token-split
+// overlap (model.overlap: the batch in two halves, the backward interleaved by the tape's lanes). The multi-rank runs go
 // through Session and Trainer exactly as gpt-train does; the reference is computed on each rank by hand.
 #include <gtest/gtest.h>
 
@@ -21,11 +22,14 @@ namespace {
 constexpr int kSteps = 10;
 
 // Arguments of the runs: a small model that every layout can split (4 heads, vocab 256, ffn 128).
-std::vector<std::string> run_args(int tp, bool fused) {
+enum class Mode { kUnfused, kFused, kOverlap };
+
+std::vector<std::string> run_args(int tp, Mode mode) {
   return {"test", "--dim", "64", "--n-layers", "2", "--n-heads", "4", "--ffn-hidden", "128", "--seq-len", "32",
           "--vocab-size", "256", "--batch-size", "8", "--steps", std::to_string(kSteps), "--lr", "3e-3",
           "--warmup-steps", "3", "--tp", std::to_string(tp), "--device", "cpu", "--threads", "1",
-          "--log-level", "warn", "--eval-batches", "0", "--fused-norm", fused ? "true" : "false"};
+          "--log-level", "warn", "--eval-batches", "0", "--fused-norm", mode != Mode::kUnfused ? "true" : "false",
+          "--overlap", mode == Mode::kOverlap ? "true" : "false"};
 }
 
 struct Reference {
@@ -71,12 +75,12 @@ Reference single_rank_reference(const TrainConfig& t, const gpt::GptConfig& mc, 
   return ref;
 }
 
-class TpEquivalence : public ::testing::TestWithParam<std::tuple<int, bool>> {};  // (TP size, fused norm)
+class TpEquivalence : public ::testing::TestWithParam<std::tuple<int, Mode>> {};  // (TP size, mode)
 
 TEST_P(TpEquivalence, LossesAndGradientsMatchOneRank) {
-  const auto [tp, fused] = GetParam();
+  const auto [tp, mode] = GetParam();
   ASSERT_EQ(test::world_size(), 4) << "this test is written for 4 ranks";
-  std::vector<std::string> args = run_args(tp, fused);
+  std::vector<std::string> args = run_args(tp, mode);
   std::vector<char*> argv;
   for (auto& a : args) argv.push_back(a.data());
   int argc = static_cast<int>(argv.size());
@@ -89,7 +93,8 @@ TEST_P(TpEquivalence, LossesAndGradientsMatchOneRank) {
   TrainConfig train;
   ASSERT_TRUE(session.start(cfg, train, argc, argvp, [&](const TrainConfig& t) { mc.validate(t.tp); }));
   ASSERT_EQ(session.groups().tp_size(), tp);
-  ASSERT_EQ(mc.fused_norm, fused) << "--fused-norm did not reach the model config";
+  ASSERT_EQ(mc.fused_norm, mode != Mode::kUnfused) << "--fused-norm did not reach the model config";
+  ASSERT_EQ(mc.overlap, mode == Mode::kOverlap) << "--overlap did not reach the model config";
   gpt::Gpt model(mc, session.tp());
   Trainer trainer(session, model);
   const std::string data = default_corpus_path(default_cache_dir());
@@ -121,11 +126,15 @@ TEST_P(TpEquivalence, LossesAndGradientsMatchOneRank) {
   }
 }
 
-INSTANTIATE_TEST_SUITE_P(Layouts, TpEquivalence, ::testing::Combine(::testing::Values(1, 2, 4), ::testing::Bool()),
-                         [](const ::testing::TestParamInfo<std::tuple<int, bool>>& i) {
-                           return "tp" + std::to_string(std::get<0>(i.param)) +
-                                  (std::get<1>(i.param) ? "_fused" : "_unfused");
-                         });
+std::string layout_name(const ::testing::TestParamInfo<std::tuple<int, Mode>>& i) {
+  static const char* const kModes[] = {"_unfused", "_fused", "_overlap"};
+  return "tp" + std::to_string(std::get<0>(i.param)) + kModes[static_cast<int>(std::get<1>(i.param))];
+}
+
+INSTANTIATE_TEST_SUITE_P(Layouts, TpEquivalence,
+                         ::testing::Combine(::testing::Values(1, 2, 4),
+                                            ::testing::Values(Mode::kUnfused, Mode::kFused, Mode::kOverlap)),
+                         layout_name);
 
 }  // namespace
 }  // namespace loom
