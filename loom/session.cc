@@ -223,9 +223,11 @@ void Session::make_device_communicators() {
 #ifdef LOOM_HAVE_NCCL
   auto* cuda_backend = &static_cast<cuda::CudaBackend&>(*backend_);
   const bool fused_kernel = train_.fused_kernel;
+  const FusedTuning tuning = FusedTuning::load(fused_kernel ? train_.fused_tuning : std::string());
   groups_->use_device_communicators(
-      [cuda_backend, fused_kernel](MpiCommunicator& group, const std::string& name, uint32_t id) {
-        return std::make_unique<NcclCommunicator>(group.comm(), name, id, *cuda_backend, fused_kernel && name == "tp");
+      [cuda_backend, fused_kernel, tuning](MpiCommunicator& group, const std::string& name, uint32_t id) {
+        return std::make_unique<NcclCommunicator>(group.comm(), name, id, *cuda_backend, fused_kernel && name == "tp",
+                                                  tuning);
       });
 #else
   LOOM_THROW(kConfig, "this build of Loom has no NCCL, so it cannot train on several GPUs (rebuild with NCCL found)");

@@ -34,6 +34,9 @@ void TrainConfig::declare(Config& cfg) {
   cfg.add("parallel.fused_kernel", &fused_kernel,
           "on GPUs, run the TP fused all-reduce + residual add + RMSNorm as one kernel over CUDA IPC when the TP "
           "group is on one node (experimental, off: NCCL all-reduce + norm kernels; docs/fused_norm.md)");
+  cfg.add("parallel.fused_tuning", &fused_tuning,
+          "the fused kernel's one-shot/two-shot table written by bench/fused_norm_bench --tuning-out; empty = "
+          "one-shot up to 512 KiB per call");
   cfg.add("snapshot.snapshot_every", &snapshot_every, "in-memory snapshot after every N-th step; 0 disables");
   cfg.add("snapshot.snapshot_job", &snapshot_job, "job id of the snapshot daemons; empty = derived from config and folder");
   cfg.add("snapshot.snapshot_budget_mb", &snapshot_budget_mb,

@@ -10,7 +10,7 @@ shared=${LOOM_SHARED_DIR:-../shared}
 rm -rf .device/prefix .device/tests
 cmake --install "$build" --prefix .device/prefix --strip >/dev/null
 mkdir -p .device/tests
-for t in loom_cuda_tests loom_unit_tests test_communicator test_tp_equivalence test_fused_norm_ipc attention_bench op_split ec_bench; do
+for t in loom_cuda_tests loom_unit_tests test_communicator test_tp_equivalence test_fused_norm_ipc attention_bench op_split ec_bench fused_norm_bench; do
   if [ -x "$build/bin/$t" ]; then
     cp "$build/bin/$t" .device/tests/
     strip .device/tests/$t

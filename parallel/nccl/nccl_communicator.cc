@@ -11,14 +11,6 @@ namespace {
 
 // The fused kernel's waits give up after this long (a dead or hung peer becomes an error, not a hang).
 constexpr double kFusedTimeoutS = 30.0;
-// One-shot (every rank reduces every row) up to this size of partial, two-shot above. Not tuned yet: the
-// (ranks, bytes) table needs the 2-GPU machine (docs/fused_norm.md).
-constexpr int64_t kOneShotMaxBytes = 512 << 10;
-
-cuda::FusedAlgo fused_algo(const Tensor& t) {
-  return t.nbytes() <= kOneShotMaxBytes ? cuda::FusedAlgo::kOneShot : cuda::FusedAlgo::kTwoShot;
-}
-
 ncclDataType_t nccl_type(DType t) {
   switch (t) {
     case DType::kF32: return ncclFloat32;
@@ -52,8 +44,10 @@ int mpi_size(MPI_Comm c) {
 }  // namespace
 
 NcclCommunicator::NcclCommunicator(MPI_Comm comm, std::string name, uint32_t group_id, cuda::CudaBackend& backend,
-                                   bool fused_kernel)
-    : Communicator(std::move(name), mpi_rank(comm), mpi_size(comm), group_id), backend_(backend) {
+                                   bool fused_kernel, FusedTuning tuning)
+    : Communicator(std::move(name), mpi_rank(comm), mpi_size(comm), group_id),
+      backend_(backend),
+      tuning_(std::move(tuning)) {
   ncclUniqueId id{};
   if (rank() == 0) LOOM_NCCL_CHECK(this, ncclGetUniqueId(&id));
   LOOM_MPI_CHECK(MPI_Bcast(&id, sizeof(id), MPI_BYTE, 0, comm));
@@ -118,6 +112,12 @@ void NcclCommunicator::abort() {
 }
 
 cudaStream_t NcclCommunicator::stream() { return backend_.collective_stream(); }
+
+// One-shot (every rank reduces every row) up to the table's size of partial, two-shot above.
+cuda::FusedAlgo NcclCommunicator::fused_algo(const Tensor& t) const {
+  return tuning_.one_shot(size(), static_cast<int64_t>(t.nbytes())) ? cuda::FusedAlgo::kOneShot
+                                                                     : cuda::FusedAlgo::kTwoShot;
+}
 
 bool NcclCommunicator::supports(DType dtype, bool reduction) const {
   return !reduction || dtype != DType::kU16;

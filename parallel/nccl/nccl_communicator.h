@@ -27,6 +27,7 @@
 #include <string>
 
 #include "parallel/communicator.h"
+#include "parallel/fused_tuning.h"
 
 #define LOOM_NCCL_CHECK(comm_obj, expr)                                                              \
   do {                                                                                               \
@@ -43,13 +44,15 @@ namespace loom {
 namespace cuda {
 class CudaBackend;
 class IpcFusedNorm;
+enum class FusedAlgo;
 }
 
 class NcclCommunicator final : public Communicator {
  public:
   // Collective over `comm` (every rank of it calls this with the same name/group id).
+  // tuning: the fused kernel's one-shot/two-shot table (parallel/fused_tuning.h).
   NcclCommunicator(MPI_Comm comm, std::string name, uint32_t group_id, cuda::CudaBackend& backend,
-                   bool fused_kernel = false);
+                   bool fused_kernel = false, FusedTuning tuning = FusedTuning());
   ~NcclCommunicator() override;
 
   Device device() const override { return Device::kCuda; }
@@ -76,12 +79,14 @@ class NcclCommunicator final : public Communicator {
 
  private:
   cudaStream_t stream();  // where the next call goes (CudaBackend::collective_stream)
+  cuda::FusedAlgo fused_algo(const Tensor& t) const;
 
   ncclComm_t comm_ = nullptr;
   cuda::CudaBackend& backend_;
   void* barrier_buf_ = nullptr;
   bool broken_ = false;
   std::unique_ptr<cuda::IpcFusedNorm> fused_;  // null: no one-kernel fused path
+  FusedTuning tuning_;
 };
 
 }  // namespace loom
