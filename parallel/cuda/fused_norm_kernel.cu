@@ -66,10 +66,6 @@ __device__ __forceinline__ void load_pack_cg(const BFloat16* p, float (&out)[kPa
   for (int k = 0; k < kPack; ++k) out[k] = __bfloat162float(h[k]);
 }
 
-__device__ __forceinline__ void copy_pack(BFloat16* dst, const BFloat16* src) {
-  *reinterpret_cast<uint4*>(dst) = __ldcg(reinterpret_cast<const uint4*>(src));
-}
-
 // Barrier `which` of block blockIdx.x: tell every peer this block arrived at `epoch`, then wait until each
 // peer's block did. False (after recording why) when the abort word is set, another block of this rank already
 // failed, or the deadline passes. Called by every thread of the block; returns the same to all.
@@ -107,73 +103,149 @@ __device__ __forceinline__ int64_t first_row(int64_t begin) {
   return begin + ((b - begin % g) % g + g) % g;
 }
 
-// Copies this block's rows of the partial into this rank's input buffer `in_off` (bf16 elements).
-__device__ void stage_input(const Views& v, const BFloat16* partial, int64_t in_off, int64_t rows, int64_t d) {
-  BFloat16* in = v.stage[v.rank] + in_off;
-  for (int64_t row = first_row(0); row < rows; row += gridDim.x)
-    for (int64_t p = threadIdx.x; p < d / kPack; p += blockDim.x)
-      *reinterpret_cast<uint4*>(in + row * d + p * kPack) =
-          *reinterpret_cast<const uint4*>(partial + row * d + p * kPack);
+constexpr int kWarps = kThreads / 32;
+constexpr int kUnroll = 4;  // 16-byte accesses a thread has in flight per stream of data
+
+// Copies rows [first_row(0) + k * gridDim.x] (this block's rows) of src to dst, as one flat range of packs with
+// kUnroll loads in flight per thread. Loads bypass L1 (src may be a buffer a peer rewrote).
+__device__ void copy_block_rows(BFloat16* dst, const BFloat16* src, int64_t rows, int64_t d) {
+  const int64_t first = first_row(0);
+  if (first >= rows) return;
+  const int64_t packs = d / kPack, blocks = gridDim.x;
+  const int64_t total = (rows - first + blocks - 1) / blocks * packs;
+  for (int64_t i0 = threadIdx.x; i0 < total; i0 += static_cast<int64_t>(blockDim.x) * kUnroll) {
+    uint4 raw[kUnroll];
+    int64_t at[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t i = i0 + static_cast<int64_t>(u) * blockDim.x;
+      at[u] = i < total ? ((first + (i / packs) * blocks) * d + (i % packs) * kPack) : -1;
+      if (at[u] >= 0) raw[u] = __ldcg(reinterpret_cast<const uint4*>(src + at[u]));
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u)
+      if (at[u] >= 0) *reinterpret_cast<uint4*>(dst + at[u]) = raw[u];
+  }
 }
 
-// One row: r = bf16(sum over ranks 0..W-1 of in_p[row] + residual[row]) written to res_dst[0..n_dst) (the same
-// row offset in each), then y = bf16(r * rstd * w) written to norm_dst[...]. rstd as the backend's RMSNorm:
-// 1 / sqrt(mean(r^2) + eps) in double, rounded once. res_dst[0] is re-read for the second pass.
+// Copies this block's rows of the partial into this rank's input buffer `in_off` (bf16 elements).
+__device__ void stage_input(const Views& v, const BFloat16* partial, int64_t in_off, int64_t rows, int64_t d) {
+  copy_block_rows(v.stage[v.rank] + in_off, partial, rows, d);
+}
+
+// The forward works a row per warp (rows of a block dealt to its warps in turn): no block-wide barrier per row,
+// kWarps rows in flight per block. Lane l takes packs l, l + 32, ...; its sum of squares adds them in that
+// order, then a fixed shuffle tree sums the lanes and lane 0's total is broadcast. row_rstd repeats exactly
+// this, so a row's rstd has the same bits wherever it is computed.
+__device__ __forceinline__ float warp_total(float x) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) x += __shfl_down_sync(0xffffffffu, x, o);
+  return __shfl_sync(0xffffffffu, x, 0);
+}
+
+__device__ __forceinline__ float rstd_of(float sum_sq, int64_t d, float eps) {
+  return static_cast<float>(1.0 / sqrt(static_cast<double>(sum_sq) / static_cast<double>(d) + static_cast<double>(eps)));
+}
+
+__device__ __forceinline__ void unpack(const uint4& raw, float (&out)[kPack]) {
+  const BFloat16* h = reinterpret_cast<const BFloat16*>(&raw);
+#pragma unroll
+  for (int k = 0; k < kPack; ++k) out[k] = __bfloat162float(h[k]);
+}
+
+// The rows of this block's warp `warp` within [begin, end): the block's rows (first_row(begin) + k * gridDim.x)
+// with k % kWarps == warp.
+__device__ __forceinline__ int64_t warp_first_row(int64_t begin) {
+  return first_row(begin) + static_cast<int64_t>(threadIdx.x / 32) * gridDim.x;
+}
+__device__ __forceinline__ int64_t warp_row_step() { return static_cast<int64_t>(gridDim.x) * kWarps; }
+
+// One row, by one warp: r = bf16(sum over ranks 0..W-1 of in_p[row] + residual[row]) written to
+// res_dst[0..n_dst) (the same row offset in each), then y = bf16(r * rstd * w) written to norm_dst[...]. rstd as
+// the backend's RMSNorm: 1 / sqrt(mean(r^2) + eps) in double, rounded once. res_dst[0] is re-read (this lane's
+// own stores) for the second pass.
 __device__ void reduce_norm_row(const Views& v, int64_t in_off, int64_t row, int64_t d, const BFloat16* residual,
                                 const BFloat16* w, float eps, BFloat16* const* res_dst, BFloat16* const* norm_dst,
-                                int n_dst, float* rstd, float* shared) {
+                                int n_dst, float* rstd) {
+  const int lane = threadIdx.x & 31;
   const int64_t packs = d / kPack, base = row * d;
   float sum_sq = 0.0f;
-  for (int64_t p = threadIdx.x; p < packs; p += blockDim.x) {
-    float acc[kPack], x[kPack];
-    load_pack_cg(v.stage[0] + in_off + base + p * kPack, acc);
+  for (int64_t p0 = lane; p0 < packs; p0 += 32 * kUnroll) {
+    float acc[kUnroll][kPack];
+    uint4 raw[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u)
+      if (p0 + 32 * u < packs) raw[u] = __ldcg(reinterpret_cast<const uint4*>(v.stage[0] + in_off + base + (p0 + 32 * u) * kPack));
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) unpack(raw[u], acc[u]);
     for (int q = 1; q < v.ranks; ++q) {
-      load_pack_cg(v.stage[q] + in_off + base + p * kPack, x);
 #pragma unroll
-      for (int k = 0; k < kPack; ++k) acc[k] += x[k];
-    }
-    load_pack<kPack>(residual + base + p * kPack, x);
-    uint4 out;
-    BFloat16* o = reinterpret_cast<BFloat16*>(&out);
+      for (int u = 0; u < kUnroll; ++u)
+        if (p0 + 32 * u < packs) raw[u] = __ldcg(reinterpret_cast<const uint4*>(v.stage[q] + in_off + base + (p0 + 32 * u) * kPack));
 #pragma unroll
-    for (int k = 0; k < kPack; ++k) {
-      o[k] = __float2bfloat16_rn(acc[k] + x[k]);
-      const float r = __bfloat162float(o[k]);
-      sum_sq += r * r;
+      for (int u = 0; u < kUnroll; ++u) {
+        float x[kPack];
+        unpack(raw[u], x);
+#pragma unroll
+        for (int k = 0; k < kPack; ++k) acc[u][k] += x[k];
+      }
     }
-    for (int i = 0; i < n_dst; ++i) *reinterpret_cast<uint4*>(res_dst[i] + base + p * kPack) = out;
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u)
+      if (p0 + 32 * u < packs) raw[u] = *reinterpret_cast<const uint4*>(residual + base + (p0 + 32 * u) * kPack);
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      if (p0 + 32 * u >= packs) break;
+      float x[kPack];
+      unpack(raw[u], x);
+      uint4 out;
+      BFloat16* o = reinterpret_cast<BFloat16*>(&out);
+#pragma unroll
+      for (int k = 0; k < kPack; ++k) {
+        o[k] = __float2bfloat16_rn(acc[u][k] + x[k]);
+        const float r = __bfloat162float(o[k]);
+        sum_sq += r * r;
+      }
+      for (int i = 0; i < n_dst; ++i) *reinterpret_cast<uint4*>(res_dst[i] + base + (p0 + 32 * u) * kPack) = out;
+    }
   }
-  sum_sq = block_sum(sum_sq, shared);
-  const double mean_sq = static_cast<double>(sum_sq) / static_cast<double>(d);
-  const float rs = static_cast<float>(1.0 / sqrt(mean_sq + static_cast<double>(eps)));
-  if (rstd != nullptr && threadIdx.x == 0) rstd[row] = rs;
-  for (int64_t p = threadIdx.x; p < packs; p += blockDim.x) {
-    float r[kPack], wv[kPack];
-    load_pack<kPack>(res_dst[0] + base + p * kPack, r);  // this thread's own stores
-    load_pack<kPack>(w + p * kPack, wv);
+  const float rs = rstd_of(warp_total(sum_sq), d, eps);
+  if (rstd != nullptr && lane == 0) rstd[row] = rs;
+  for (int64_t p0 = lane; p0 < packs; p0 += 32 * kUnroll) {
+    uint4 rr[kUnroll], ww[kUnroll];
 #pragma unroll
-    for (int k = 0; k < kPack; ++k) r[k] = r[k] * rs * wv[k];
-    uint4 out;
-    BFloat16* o = reinterpret_cast<BFloat16*>(&out);
+    for (int u = 0; u < kUnroll; ++u)
+      if (p0 + 32 * u < packs) {
+        rr[u] = *reinterpret_cast<const uint4*>(res_dst[0] + base + (p0 + 32 * u) * kPack);
+        ww[u] = *reinterpret_cast<const uint4*>(w + (p0 + 32 * u) * kPack);
+      }
 #pragma unroll
-    for (int k = 0; k < kPack; ++k) o[k] = __float2bfloat16_rn(r[k]);
-    for (int i = 0; i < n_dst; ++i) *reinterpret_cast<uint4*>(norm_dst[i] + base + p * kPack) = out;
+    for (int u = 0; u < kUnroll; ++u) {
+      if (p0 + 32 * u >= packs) break;
+      float r[kPack], wv[kPack];
+      unpack(rr[u], r);
+      unpack(ww[u], wv);
+      uint4 out;
+      BFloat16* o = reinterpret_cast<BFloat16*>(&out);
+#pragma unroll
+      for (int k = 0; k < kPack; ++k) o[k] = __float2bfloat16_rn(r[k] * rs * wv[k]);
+      for (int i = 0; i < n_dst; ++i) *reinterpret_cast<uint4*>(norm_dst[i] + base + (p0 + 32 * u) * kPack) = out;
+    }
   }
 }
 
 // The rstd of a row of this rank's residual output, summed exactly as reduce_norm_row sums it (the same
-// thread-to-pack mapping, the same order within a pack, the same block reduction), so every rank gets the
-// owner's value bit for bit.
-__device__ float row_rstd(const BFloat16* res, int64_t row, int64_t d, float eps, float* shared) {
+// lane-to-pack mapping, the same order within a lane, the same shuffle tree), so every rank gets the owner's
+// value bit for bit. By one warp.
+__device__ float row_rstd(const BFloat16* res, int64_t row, int64_t d, float eps) {
   float sum_sq = 0.0f;
-  for (int64_t p = threadIdx.x; p < d / kPack; p += blockDim.x) {
+  for (int64_t p = threadIdx.x & 31; p < d / kPack; p += 32) {
     float r[kPack];
-    load_pack<kPack>(res + row * d + p * kPack, r);
+    unpack(*reinterpret_cast<const uint4*>(res + row * d + p * kPack), r);
 #pragma unroll
     for (int k = 0; k < kPack; ++k) sum_sq += r[k] * r[k];
   }
-  sum_sq = block_sum(sum_sq, shared);
-  return static_cast<float>(1.0 / sqrt(static_cast<double>(sum_sq) / static_cast<double>(d) + static_cast<double>(eps)));
+  return rstd_of(warp_total(sum_sq), d, eps);
 }
 
 // Staging layout per rank (bf16 elements; cap = the capacity of the staging buffer / 4, the same for every call
@@ -209,7 +281,7 @@ struct ForwardArgs {
 };
 
 __device__ void forward_two_shot(const Views& v, const ForwardArgs& a, const Region& reg, uint32_t epoch,
-                                 uint64_t deadline, float* shared) {
+                                 uint64_t deadline) {
   const int64_t in_off = reg.in(epoch);
   stage_input(v, a.partial, in_off, a.rows, a.d);
   if (!block_barrier(v, 0, epoch, deadline)) return;
@@ -217,42 +289,38 @@ __device__ void forward_two_shot(const Views& v, const ForwardArgs& a, const Reg
   BFloat16* norm_dst[kFusedMaxRanks];
   slice_destinations(v, reg, 0, res_dst);
   slice_destinations(v, reg, 1, norm_dst);
-  for (int64_t row = first_row(slice_begin(v, a.rows)); row < slice_end(v, a.rows); row += gridDim.x)
-    reduce_norm_row(v, in_off, row, a.d, a.residual, a.w, a.eps, res_dst, norm_dst, v.ranks, nullptr, shared);
+  const int64_t end = slice_end(v, a.rows);
+  for (int64_t row = warp_first_row(slice_begin(v, a.rows)); row < end; row += warp_row_step())
+    reduce_norm_row(v, in_off, row, a.d, a.residual, a.w, a.eps, res_dst, norm_dst, v.ranks, nullptr);
   if (!block_barrier(v, 1, epoch, deadline)) return;
-  const BFloat16* my_res = v.stage[v.rank] + reg.out(0);
-  const BFloat16* my_norm = v.stage[v.rank] + reg.out(1);
-  const int64_t d = a.d;
-  for (int64_t row = first_row(0); row < a.rows; row += gridDim.x) {
-    for (int64_t p = threadIdx.x; p < d / kPack; p += blockDim.x) {
-      copy_pack(a.residual_out + row * d + p * kPack, my_res + row * d + p * kPack);
-      copy_pack(a.normed + row * d + p * kPack, my_norm + row * d + p * kPack);
-    }
-    if (a.rstd != nullptr) {
-      const float rs = row_rstd(a.residual_out, row, d, a.eps, shared);  // this thread's own stores
-      if (threadIdx.x == 0) a.rstd[row] = rs;
-    }
+  copy_block_rows(a.residual_out, v.stage[v.rank] + reg.out(0), a.rows, a.d);
+  copy_block_rows(a.normed, v.stage[v.rank] + reg.out(1), a.rows, a.d);
+  if (a.rstd == nullptr) return;
+  // From the copied-out rows: each row's copy is done by its block, whose threads must see each other's stores.
+  __syncthreads();
+  for (int64_t row = warp_first_row(0); row < a.rows; row += warp_row_step()) {
+    const float rs = row_rstd(a.residual_out, row, a.d, a.eps);
+    if ((threadIdx.x & 31) == 0) a.rstd[row] = rs;
   }
 }
 
 __device__ void forward_one_shot(const Views& v, const ForwardArgs& a, const Region& reg, uint32_t epoch,
-                                 uint64_t deadline, float* shared) {
+                                 uint64_t deadline) {
   const int64_t in_off = reg.in(epoch);
   stage_input(v, a.partial, in_off, a.rows, a.d);
   if (!block_barrier(v, 0, epoch, deadline)) return;
   BFloat16* res_dst[1] = {a.residual_out};
   BFloat16* norm_dst[1] = {a.normed};
-  for (int64_t row = first_row(0); row < a.rows; row += gridDim.x)
-    reduce_norm_row(v, in_off, row, a.d, a.residual, a.w, a.eps, res_dst, norm_dst, 1, a.rstd, shared);
+  for (int64_t row = warp_first_row(0); row < a.rows; row += warp_row_step())
+    reduce_norm_row(v, in_off, row, a.d, a.residual, a.w, a.eps, res_dst, norm_dst, 1, a.rstd);
 }
 
 __global__ void __launch_bounds__(kThreads)
     fused_forward(Views v, ForwardArgs a, int64_t cap, bool two_shot, uint32_t epoch_arg, uint64_t timeout_ns) {
-  __shared__ float shared[32];
   const uint32_t epoch = begin_call(v, epoch_arg);
   const uint64_t deadline = global_ns() + timeout_ns;
-  if (two_shot) forward_two_shot(v, a, Region{cap}, epoch, deadline, shared);
-  else forward_one_shot(v, a, Region{cap}, epoch, deadline, shared);
+  if (two_shot) forward_two_shot(v, a, Region{cap}, epoch, deadline);
+  else forward_one_shot(v, a, Region{cap}, epoch, deadline);
   end_call(v, epoch);
 }
 
