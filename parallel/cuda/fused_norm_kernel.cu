@@ -19,6 +19,7 @@ struct Views {  // the kernel's copy of the group, by value
   uint32_t* flags[kFusedMaxRanks];
   const volatile uint32_t* abort;
   uint32_t* error;
+  uint32_t* error_host;  // mapped host mirror of the first failure, or null
   uint32_t* counter;  // [last epoch, blocks finished]; null: the epoch is the launch argument
 };
 
@@ -86,7 +87,11 @@ __device__ bool block_barrier(const Views& v, int which, uint32_t epoch, uint64_
         else if (global_ns() > deadline) why = kFusedDeadline;
         else if (*reinterpret_cast<volatile uint32_t*>(v.error) != 0) why = 0xffffffffu;  // a sibling block failed
         if (why != 0) {
-          if (why != 0xffffffffu) atomicCAS(v.error, 0u, (why << 8) | static_cast<uint32_t>(p));
+          const uint32_t code = (why << 8) | static_cast<uint32_t>(p);
+          if (why != 0xffffffffu && atomicCAS(v.error, 0u, code) == 0u && v.error_host != nullptr) {
+            *reinterpret_cast<volatile uint32_t*>(v.error_host) = code;
+            __threadfence_system();
+          }
           ok = 0;
           break;
         }
@@ -545,6 +550,7 @@ Views group_views(const FusedNormGroup& g, const char* op, int64_t rows, int64_t
   }
   v.abort = g.abort;
   v.error = g.error;
+  v.error_host = g.error_host;
   v.counter = g.epoch_counter;
   return v;
 }

@@ -59,6 +59,9 @@ struct FusedNormGroup {
   int64_t stage_bytes = 0;            // of each staging buffer
   const volatile uint32_t* abort = nullptr;  // mapped host word: non-zero stops every wait
   uint32_t* error = nullptr;          // this rank's device error word (first failure wins)
+  // Optional: a mapped host word the first failure is also written to, so the host sees it without a copy per
+  // call (IpcFusedNorm::check).
+  uint32_t* error_host = nullptr;
   // Optional: 2 device words of this rank, zeroed with the flags ([last epoch, blocks finished]); when set, the
   // kernels take their epoch from it and ignore the argument (CUDA-graph replays).
   uint32_t* epoch_counter = nullptr;

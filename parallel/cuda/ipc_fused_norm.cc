@@ -100,8 +100,9 @@ IpcFusedNorm::IpcFusedNorm(MPI_Comm comm, cudaStream_t stream, int64_t stage_byt
              "fused norm group '" << name_ << "' of " << size_ << " ranks; at most " << kFusedMaxRanks);
   LOOM_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&error_dev_), sizeof(uint32_t)));
   LOOM_CUDA_CHECK(cudaMemset(error_dev_, 0, sizeof(uint32_t)));
-  LOOM_CUDA_CHECK(cudaHostAlloc(reinterpret_cast<void**>(&error_host_), sizeof(uint32_t), cudaHostAllocDefault));
+  LOOM_CUDA_CHECK(cudaHostAlloc(reinterpret_cast<void**>(&error_host_), sizeof(uint32_t), cudaHostAllocMapped));
   *error_host_ = 0;
+  LOOM_CUDA_CHECK(cudaHostGetDevicePointer(reinterpret_cast<void**>(&error_host_dev_), error_host_, 0));
   LOOM_CUDA_CHECK(cudaHostAlloc(reinterpret_cast<void**>(&abort_host_), sizeof(uint32_t), cudaHostAllocMapped));
   *abort_host_ = 0;
   LOOM_CUDA_CHECK(cudaHostGetDevicePointer(reinterpret_cast<void**>(&abort_dev_), abort_host_, 0));
@@ -237,6 +238,7 @@ FusedNormGroup IpcFusedNorm::prepare(int64_t rows, int64_t d, bool backward) {
   g.stage_bytes = stage_bytes_;
   g.abort = abort_dev_;
   g.error = error_dev_;
+  g.error_host = error_host_dev_;
   g.epoch_counter = reinterpret_cast<uint32_t*>(static_cast<char*>(mine_) + kFlagBytes);
   return g;
 }
@@ -250,7 +252,6 @@ void IpcFusedNorm::run(FusedNormArgs a) {
   a.timeout_s = timeout_s_;
   launch_fused_allreduce_add_rmsnorm(g, a, stream_);
   ++calls_;
-  LOOM_CUDA_CHECK(cudaMemcpyAsync(error_host_, error_dev_, sizeof(uint32_t), cudaMemcpyDeviceToHost, stream_));
 }
 
 void IpcFusedNorm::run_backward(FusedNormBackwardArgs a) {
@@ -259,7 +260,6 @@ void IpcFusedNorm::run_backward(FusedNormBackwardArgs a) {
   a.dw_partials = dw_partials_;
   launch_fused_rmsnorm_backward(g, a, stream_);
   ++calls_;
-  LOOM_CUDA_CHECK(cudaMemcpyAsync(error_host_, error_dev_, sizeof(uint32_t), cudaMemcpyDeviceToHost, stream_));
 }
 
 void IpcFusedNorm::run(const Tensor& partial, const Tensor& residual, const Tensor& weight, float eps,

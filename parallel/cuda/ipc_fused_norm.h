@@ -14,8 +14,8 @@
 //   - Growth: a call larger than the staging capacity first waits for this rank's stream, meets every peer at
 //     an MPI barrier (so no kernel of the group still reads the old buffers), then reallocates and re-exchanges.
 //   - Errors: a kernel that gave up (a peer missed the deadline, or the abort word) leaves (kind, peer) in its
-//     device error word; after every call the word is copied to pinned host memory on the stream, so run() and
-//     check() see failures of completed calls without waiting. The group is unusable after a failure (peers'
+//     device error word and in a mapped host word (no copy per call), so run() and check() see failures of
+//     completed calls without waiting. The group is unusable after a failure (peers'
 //     flags are mid-call): make a new one.
 //   - abort() sets this rank's abort word (mapped host memory): its waiting kernels return at once.
 //   - Destruction meets the peers at a bounded barrier first (a late peer may still read this rank's buffer
@@ -95,7 +95,8 @@ class IpcFusedNorm {
   int64_t dw_partials_d_ = 0;
   std::vector<void*> peers_;       // rank p's buffer as mapped here (mine_ for this rank)
   uint32_t* error_dev_ = nullptr;  // this rank's error word
-  uint32_t* error_host_ = nullptr; // pinned copy, refreshed after every call
+  uint32_t* error_host_ = nullptr; // mapped host mirror the kernels write a failure to
+  uint32_t* error_host_dev_ = nullptr;
   uint32_t* abort_host_ = nullptr; // mapped abort word
   uint32_t* abort_dev_ = nullptr;
 };
