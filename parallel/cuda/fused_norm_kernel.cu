@@ -35,8 +35,11 @@ __device__ __forceinline__ uint32_t load_acquire_sys(const uint32_t* p) {
   return v;
 }
 
-__device__ __forceinline__ void store_release_sys(uint32_t* p, uint32_t v) {
-  asm volatile("st.release.sys.global.u32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
+// The release pattern of the PTX memory model: one fence.acq_rel at system scope, then relaxed stores at system
+// scope (a flag to each peer), instead of a release store (which carries its own fence) per peer.
+__device__ __forceinline__ void fence_acq_rel_sys() { asm volatile("fence.acq_rel.sys;" ::: "memory"); }
+__device__ __forceinline__ void store_relaxed_sys(uint32_t* p, uint32_t v) {
+  asm volatile("st.relaxed.sys.global.u32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
 }
 
 // The call's epoch, the same in every block: the launch argument, or one more than the group's device counter
@@ -75,9 +78,9 @@ __device__ bool block_barrier(const Views& v, int which, uint32_t epoch, uint64_
   __syncthreads();  // this block's stores of the phase are issued
   if (threadIdx.x == 0) {
     ok = 1;
-    __threadfence_system();
+    fence_acq_rel_sys();  // this block's stores (ordered before by __syncthreads) before the flags
     const int64_t slot = (static_cast<int64_t>(which) * kFusedMaxRanks + v.rank) * kFusedMaxBlocks + blockIdx.x;
-    for (int p = 0; p < v.ranks; ++p) store_release_sys(v.flags[p] + slot, epoch);
+    for (int p = 0; p < v.ranks; ++p) store_relaxed_sys(v.flags[p] + slot, epoch);
     const uint32_t* mine = v.flags[v.rank];
     for (int p = 0; p < v.ranks && ok; ++p) {
       const uint32_t* f = mine + (static_cast<int64_t>(which) * kFusedMaxRanks + p) * kFusedMaxBlocks + blockIdx.x;
@@ -138,14 +141,51 @@ __device__ void stage_input(const Views& v, const BFloat16* partial, int64_t in_
   copy_block_rows(v.stage[v.rank] + in_off, partial, rows, d);
 }
 
-// The forward works a row per warp (rows of a block dealt to its warps in turn): no block-wide barrier per row,
-// kWarps rows in flight per block. Lane l takes packs l, l + 32, ...; its sum of squares adds them in that
-// order, then a fixed shuffle tree sums the lanes and lane 0's total is broadcast. row_rstd repeats exactly
-// this, so a row's rstd has the same bits wherever it is computed.
+// The forward works a row per group of `threads` threads (32, 64, 128 or 256: a warp per row when a block has
+// at least kWarps rows, more threads per row when it has fewer, so one wide row is not walked by one warp);
+// the rows of a block (first_row(begin) + k * gridDim.x) are dealt to its groups in turn. Thread l of a group
+// takes packs l, l + threads, ...; its sum of squares adds them in that order, then a fixed shuffle tree sums
+// each warp and the group adds its warps' totals in warp order. row_rstd repeats exactly this with the same
+// group size (it depends only on the call's rows), so a row's rstd has the same bits wherever it is computed.
 __device__ __forceinline__ float warp_total(float x) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) x += __shfl_down_sync(0xffffffffu, x, o);
   return __shfl_sync(0xffffffffu, x, 0);
+}
+
+__device__ __forceinline__ void named_barrier(int id, int threads) {
+  asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(threads) : "memory");
+}
+
+template <int kRowThreads>
+struct RowGroup {
+  static constexpr int threads = kRowThreads;  // per row
+  int index;                                   // this thread's group in the block
+  int lane;                                    // this thread's index in the group
+  __device__ RowGroup() : index(static_cast<int>(threadIdx.x) / threads), lane(static_cast<int>(threadIdx.x) % threads) {}
+  __device__ int64_t first(int64_t begin) const { return first_row(begin) + static_cast<int64_t>(index) * gridDim.x; }
+  __device__ int64_t step() const { return static_cast<int64_t>(gridDim.x) * (kThreads / threads); }
+  // The sum of x over the group, the same bits in every thread of it. red: kWarps floats of shared memory.
+  __device__ float total(float x, float* red) const {
+    x = warp_total(x);
+    if constexpr (threads == 32) return x;
+    const int warps = threads / 32, first_warp = index * warps;
+    if ((threadIdx.x & 31) == 0) red[threadIdx.x / 32] = x;
+    named_barrier(1 + index, threads);
+    float sum = 0.0f;
+    for (int w = 0; w < warps; ++w) sum += red[first_warp + w];
+    named_barrier(1 + index, threads);  // red is reused by the group's next row
+    return sum;
+  }
+};
+
+// Threads per row for a call of `rows` rows of `d` over `blocks` blocks (host side): the most (up to kThreads)
+// that still give every row of a block its own group, and no more than the row has packs.
+int row_threads(int64_t rows, int blocks, int64_t d) {
+  const int64_t per_block = (rows + blocks - 1) / blocks;
+  int t = 32;
+  while (t < kThreads && per_block * (2 * t) <= kThreads && 2 * t <= d / kPack) t *= 2;
+  return t;
 }
 
 __device__ __forceinline__ float rstd_of(float sum_sq, int64_t d, float eps) {
@@ -158,35 +198,30 @@ __device__ __forceinline__ void unpack(const uint4& raw, float (&out)[kPack]) {
   for (int k = 0; k < kPack; ++k) out[k] = __bfloat162float(h[k]);
 }
 
-// The rows of this block's warp `warp` within [begin, end): the block's rows (first_row(begin) + k * gridDim.x)
-// with k % kWarps == warp.
-__device__ __forceinline__ int64_t warp_first_row(int64_t begin) {
-  return first_row(begin) + static_cast<int64_t>(threadIdx.x / 32) * gridDim.x;
-}
-__device__ __forceinline__ int64_t warp_row_step() { return static_cast<int64_t>(gridDim.x) * kWarps; }
-
-// One row, by one warp: r = bf16(sum over ranks 0..W-1 of in_p[row] + residual[row]) written to
+// One row, by one row group: r = bf16(sum over ranks 0..W-1 of in_p[row] + residual[row]) written to
 // res_dst[0..n_dst) (the same row offset in each), then y = bf16(r * rstd * w) written to norm_dst[...]. rstd as
 // the backend's RMSNorm: 1 / sqrt(mean(r^2) + eps) in double, rounded once. res_dst[0] is re-read (this lane's
 // own stores) for the second pass.
+template <class Group>
 __device__ void reduce_norm_row(const Views& v, int64_t in_off, int64_t row, int64_t d, const BFloat16* residual,
                                 const BFloat16* w, float eps, BFloat16* const* res_dst, BFloat16* const* norm_dst,
-                                int n_dst, float* rstd) {
-  const int lane = threadIdx.x & 31;
+                                int n_dst, float* rstd, const Group& grp, float* red) {
+  constexpr int T = Group::threads;
+  const int lane = grp.lane;
   const int64_t packs = d / kPack, base = row * d;
   float sum_sq = 0.0f;
-  for (int64_t p0 = lane; p0 < packs; p0 += 32 * kUnroll) {
+  for (int64_t p0 = lane; p0 < packs; p0 += static_cast<int64_t>(T) * kUnroll) {
     float acc[kUnroll][kPack];
     uint4 raw[kUnroll];
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u)
-      if (p0 + 32 * u < packs) raw[u] = __ldcg(reinterpret_cast<const uint4*>(v.stage[0] + in_off + base + (p0 + 32 * u) * kPack));
+      if (p0 + T * u < packs) raw[u] = __ldcg(reinterpret_cast<const uint4*>(v.stage[0] + in_off + base + (p0 + T * u) * kPack));
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) unpack(raw[u], acc[u]);
     for (int q = 1; q < v.ranks; ++q) {
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u)
-        if (p0 + 32 * u < packs) raw[u] = __ldcg(reinterpret_cast<const uint4*>(v.stage[q] + in_off + base + (p0 + 32 * u) * kPack));
+        if (p0 + T * u < packs) raw[u] = __ldcg(reinterpret_cast<const uint4*>(v.stage[q] + in_off + base + (p0 + T * u) * kPack));
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) {
         float x[kPack];
@@ -197,10 +232,10 @@ __device__ void reduce_norm_row(const Views& v, int64_t in_off, int64_t row, int
     }
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u)
-      if (p0 + 32 * u < packs) raw[u] = *reinterpret_cast<const uint4*>(residual + base + (p0 + 32 * u) * kPack);
+      if (p0 + T * u < packs) raw[u] = *reinterpret_cast<const uint4*>(residual + base + (p0 + T * u) * kPack);
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
-      if (p0 + 32 * u >= packs) break;
+      if (p0 + T * u >= packs) break;
       float x[kPack];
       unpack(raw[u], x);
       uint4 out;
@@ -211,22 +246,22 @@ __device__ void reduce_norm_row(const Views& v, int64_t in_off, int64_t row, int
         const float r = __bfloat162float(o[k]);
         sum_sq += r * r;
       }
-      for (int i = 0; i < n_dst; ++i) *reinterpret_cast<uint4*>(res_dst[i] + base + (p0 + 32 * u) * kPack) = out;
+      for (int i = 0; i < n_dst; ++i) *reinterpret_cast<uint4*>(res_dst[i] + base + (p0 + T * u) * kPack) = out;
     }
   }
-  const float rs = rstd_of(warp_total(sum_sq), d, eps);
+  const float rs = rstd_of(grp.total(sum_sq, red), d, eps);
   if (rstd != nullptr && lane == 0) rstd[row] = rs;
-  for (int64_t p0 = lane; p0 < packs; p0 += 32 * kUnroll) {
+  for (int64_t p0 = lane; p0 < packs; p0 += static_cast<int64_t>(T) * kUnroll) {
     uint4 rr[kUnroll], ww[kUnroll];
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u)
-      if (p0 + 32 * u < packs) {
-        rr[u] = *reinterpret_cast<const uint4*>(res_dst[0] + base + (p0 + 32 * u) * kPack);
-        ww[u] = *reinterpret_cast<const uint4*>(w + (p0 + 32 * u) * kPack);
+      if (p0 + T * u < packs) {
+        rr[u] = *reinterpret_cast<const uint4*>(res_dst[0] + base + (p0 + T * u) * kPack);
+        ww[u] = *reinterpret_cast<const uint4*>(w + (p0 + T * u) * kPack);
       }
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
-      if (p0 + 32 * u >= packs) break;
+      if (p0 + T * u >= packs) break;
       float r[kPack], wv[kPack];
       unpack(rr[u], r);
       unpack(ww[u], wv);
@@ -234,23 +269,24 @@ __device__ void reduce_norm_row(const Views& v, int64_t in_off, int64_t row, int
       BFloat16* o = reinterpret_cast<BFloat16*>(&out);
 #pragma unroll
       for (int k = 0; k < kPack; ++k) o[k] = __float2bfloat16_rn(r[k] * rs * wv[k]);
-      for (int i = 0; i < n_dst; ++i) *reinterpret_cast<uint4*>(norm_dst[i] + base + (p0 + 32 * u) * kPack) = out;
+      for (int i = 0; i < n_dst; ++i) *reinterpret_cast<uint4*>(norm_dst[i] + base + (p0 + T * u) * kPack) = out;
     }
   }
 }
 
 // The rstd of a row of this rank's residual output, summed exactly as reduce_norm_row sums it (the same
-// lane-to-pack mapping, the same order within a lane, the same shuffle tree), so every rank gets the owner's
-// value bit for bit. By one warp.
-__device__ float row_rstd(const BFloat16* res, int64_t row, int64_t d, float eps) {
+// thread-to-pack mapping, the same order within a thread, the same reduction), so every rank gets the owner's
+// value bit for bit. By one row group.
+template <class Group>
+__device__ float row_rstd(const BFloat16* res, int64_t row, int64_t d, float eps, const Group& grp, float* red) {
   float sum_sq = 0.0f;
-  for (int64_t p = threadIdx.x & 31; p < d / kPack; p += 32) {
+  for (int64_t p = grp.lane; p < d / kPack; p += grp.threads) {
     float r[kPack];
     unpack(*reinterpret_cast<const uint4*>(res + row * d + p * kPack), r);
 #pragma unroll
     for (int k = 0; k < kPack; ++k) sum_sq += r[k] * r[k];
   }
-  return rstd_of(warp_total(sum_sq), d, eps);
+  return rstd_of(grp.total(sum_sq, red), d, eps);
 }
 
 // Staging layout per rank (bf16 elements; cap = the capacity of the staging buffer / 4, the same for every call
@@ -283,11 +319,14 @@ struct ForwardArgs {
   float* rstd;
   int64_t rows, d;
   float eps;
+  int row_threads;  // row_threads(rows, blocks, d)
 };
 
+template <int kRowThreads>
 __device__ void forward_two_shot(const Views& v, const ForwardArgs& a, const Region& reg, uint32_t epoch,
-                                 uint64_t deadline) {
+                                 uint64_t deadline, float* red) {
   const int64_t in_off = reg.in(epoch);
+  const RowGroup<kRowThreads> grp;
   stage_input(v, a.partial, in_off, a.rows, a.d);
   if (!block_barrier(v, 0, epoch, deadline)) return;
   BFloat16* res_dst[kFusedMaxRanks];
@@ -295,37 +334,51 @@ __device__ void forward_two_shot(const Views& v, const ForwardArgs& a, const Reg
   slice_destinations(v, reg, 0, res_dst);
   slice_destinations(v, reg, 1, norm_dst);
   const int64_t end = slice_end(v, a.rows);
-  for (int64_t row = warp_first_row(slice_begin(v, a.rows)); row < end; row += warp_row_step())
-    reduce_norm_row(v, in_off, row, a.d, a.residual, a.w, a.eps, res_dst, norm_dst, v.ranks, nullptr);
+  for (int64_t row = grp.first(slice_begin(v, a.rows)); row < end; row += grp.step())
+    reduce_norm_row(v, in_off, row, a.d, a.residual, a.w, a.eps, res_dst, norm_dst, v.ranks, nullptr, grp, red);
   if (!block_barrier(v, 1, epoch, deadline)) return;
   copy_block_rows(a.residual_out, v.stage[v.rank] + reg.out(0), a.rows, a.d);
   copy_block_rows(a.normed, v.stage[v.rank] + reg.out(1), a.rows, a.d);
   if (a.rstd == nullptr) return;
   // From the copied-out rows: each row's copy is done by its block, whose threads must see each other's stores.
   __syncthreads();
-  for (int64_t row = warp_first_row(0); row < a.rows; row += warp_row_step()) {
-    const float rs = row_rstd(a.residual_out, row, a.d, a.eps);
-    if ((threadIdx.x & 31) == 0) a.rstd[row] = rs;
+  for (int64_t row = grp.first(0); row < a.rows; row += grp.step()) {
+    const float rs = row_rstd(a.residual_out, row, a.d, a.eps, grp, red);
+    if (grp.lane == 0) a.rstd[row] = rs;
   }
 }
 
+template <int kRowThreads>
 __device__ void forward_one_shot(const Views& v, const ForwardArgs& a, const Region& reg, uint32_t epoch,
-                                 uint64_t deadline) {
+                                 uint64_t deadline, float* red) {
   const int64_t in_off = reg.in(epoch);
+  const RowGroup<kRowThreads> grp;
   stage_input(v, a.partial, in_off, a.rows, a.d);
   if (!block_barrier(v, 0, epoch, deadline)) return;
   BFloat16* res_dst[1] = {a.residual_out};
   BFloat16* norm_dst[1] = {a.normed};
-  for (int64_t row = warp_first_row(0); row < a.rows; row += warp_row_step())
-    reduce_norm_row(v, in_off, row, a.d, a.residual, a.w, a.eps, res_dst, norm_dst, 1, a.rstd);
+  for (int64_t row = grp.first(0); row < a.rows; row += grp.step())
+    reduce_norm_row(v, in_off, row, a.d, a.residual, a.w, a.eps, res_dst, norm_dst, 1, a.rstd, grp, red);
 }
 
 __global__ void __launch_bounds__(kThreads)
     fused_forward(Views v, ForwardArgs a, int64_t cap, bool two_shot, uint32_t epoch_arg, uint64_t timeout_ns) {
+  __shared__ float red[kWarps];
   const uint32_t epoch = begin_call(v, epoch_arg);
   const uint64_t deadline = global_ns() + timeout_ns;
-  if (two_shot) forward_two_shot(v, a, Region{cap}, epoch, deadline);
-  else forward_one_shot(v, a, Region{cap}, epoch, deadline);
+  // Threads per row as a compile-time constant (index arithmetic and unrolling); the same branch in every block.
+  switch (a.row_threads) {
+#define LOOM_FORWARD_ROWS(T)                                                 \
+  case T:                                                                    \
+    if (two_shot) forward_two_shot<T>(v, a, Region{cap}, epoch, deadline, red); \
+    else forward_one_shot<T>(v, a, Region{cap}, epoch, deadline, red);         \
+    break;
+    LOOM_FORWARD_ROWS(32)
+    LOOM_FORWARD_ROWS(64)
+    LOOM_FORWARD_ROWS(128)
+    LOOM_FORWARD_ROWS(256)
+#undef LOOM_FORWARD_ROWS
+  }
   end_call(v, epoch);
 }
 
@@ -572,7 +625,7 @@ void launch_fused_allreduce_add_rmsnorm(const FusedNormGroup& g, const FusedNorm
                  static_cast<const BFloat16*>(a.weight),  static_cast<BFloat16*>(a.residual_out),
                  static_cast<BFloat16*>(a.normed),        a.rstd,
                  a.rows,                                  a.d,
-                 a.eps};
+                 a.eps,                                   row_threads(a.rows, a.blocks, a.d)};
   fused_forward<<<a.blocks, kThreads, 0, stream>>>(v, fa, fused_stage_capacity(g.stage_bytes),
                                                    a.algo == FusedAlgo::kTwoShot, a.epoch, timeout_ns(a.timeout_s));
   LOOM_CUDA_CHECK_LAUNCH(op);
