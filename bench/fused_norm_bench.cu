@@ -63,6 +63,7 @@
 #include "core/cuda/cuda_check.h"
 #include "core/error.h"
 #include "parallel/cuda/ipc_fused_norm.h"
+#include "parallel/fused_tuning.h"
 
 namespace {
 
@@ -213,6 +214,8 @@ Options parse(int argc, char** argv) {
              "--blocks must be 1.." << loom::cuda::kFusedMaxBlocks);
   LOOM_CHECK(o.calls >= 1 && o.replays >= 1, kConfig, "--calls and --replays must be positive");
   for (int64_t d : o.hidden) LOOM_CHECK(d % 8 == 0, kConfig, "hidden sizes must be multiples of 8, got " << d);
+  std::sort(o.tokens.begin(), o.tokens.end());  // one_shot_limit scans them from the largest
+  o.tokens.erase(std::unique(o.tokens.begin(), o.tokens.end()), o.tokens.end());
   return o;
 }
 
@@ -457,23 +460,16 @@ int64_t one_shot_limit(const std::vector<Result>& rs, int64_t d, const std::vect
   return any ? limit : -1;
 }
 
+// Replaces this rank count's line of the table at `path` (kept otherwise; a new file if there is none).
 void write_tuning(const std::string& path, int ranks, int64_t limit, const std::string& gpu) {
-  std::vector<std::string> keep;
-  {
-    std::ifstream in(path);
-    std::string line;
-    const std::string mine = "ranks " + std::to_string(ranks) + " ";
-    while (std::getline(in, line))
-      if (!line.empty() && line[0] != '#' && line.rfind(mine, 0) != 0) keep.push_back(line);
-  }
-  keep.push_back("ranks " + std::to_string(ranks) + " one_shot_max_bytes " + std::to_string(limit));
-  std::sort(keep.begin(), keep.end());
+  loom::FusedTuning table;
+  if (std::ifstream(path).good()) table = loom::FusedTuning::load(path);
+  table.set(ranks, limit);
   std::ofstream out(path);
   LOOM_CHECK(out.good(), kIo, "cannot write " << path);
-  out << "# The fused all-reduce + RMSNorm kernels' algorithm table (parallel.fused_tuning): one-shot up to\n"
-      << "# one_shot_max_bytes of partial per call, two-shot above. Written by bench/fused_norm_bench (" << gpu
-      << ").\n";
-  for (const std::string& l : keep) out << l << "\n";
+  table.write(out, "The fused all-reduce + RMSNorm kernels' algorithm table (parallel.fused_tuning): one-shot up to\n"
+                   "one_shot_max_bytes of partial per call, two-shot above. Written by bench/fused_norm_bench (" +
+                       gpu + ").");
 }
 
 }  // namespace

@@ -177,14 +177,19 @@ class Backend {
 };
 
 // A side region for a scope: begin_side() when made (if `active`), end_side() by close() — which returns the
-// ticket — or, when an exception leaves the scope first, by the destructor.
+// ticket — or, when an exception leaves the scope first, by the destructor (which swallows a second error: the
+// first one is on its way).
 class SideScope {
  public:
   explicit SideScope(Backend& backend, bool active = true) : backend_(backend), open_(active) {
     if (open_) backend_.begin_side();
   }
   ~SideScope() {
-    if (open_) backend_.end_side();
+    if (!open_) return;
+    try {
+      backend_.end_side();
+    } catch (...) {
+    }
   }
   SideScope(const SideScope&) = delete;
   SideScope& operator=(const SideScope&) = delete;

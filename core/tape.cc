@@ -118,7 +118,13 @@ void Tape::run(Entry& e) {
   try {
     e.node(*this);
   } catch (...) {
+    // Its work may be enqueued already: the caller may free or reuse the memory once this throws.
     in_side_ = false;
+    try {
+      on_side.close();
+      arena_.backend().join_all_side();
+    } catch (...) {  // the node's error is the one to report
+    }
     throw;
   }
   in_side_ = false;

@@ -43,8 +43,9 @@ class Tape {
   Tensor track(const Tensor& t);
   void record(Node node);
   // A node whose work goes to the backend's side stream: backward() runs it between Backend::begin_side() and
-  // end_side(), and the gradients it writes (through target()) are joined by the next target() or grad() of
-  // them outside a side node, so their readers on the compute stream wait for exactly that work.
+  // end_side(), and the gradients it touches (through target() or grad()) are joined by the next target() or
+  // grad() of them outside a side node, so the compute stream waits for exactly that work before it reads or
+  // overwrites them.
   void record_side(Node node);
   // Nodes recorded from now on belong to `lane` (0: the shared lane, the default).
   void set_lane(int lane);

@@ -223,6 +223,8 @@ void Session::make_device_communicators() {
 #ifdef LOOM_HAVE_NCCL
   auto* cuda_backend = &static_cast<cuda::CudaBackend&>(*backend_);
   const bool fused_kernel = train_.fused_kernel;
+  if (!fused_kernel && !train_.fused_tuning.empty() && rank_ == 0)
+    LOOM_WARN("parallel.fused_tuning is set but parallel.fused_kernel is off: the table is not used");
   const FusedTuning tuning = FusedTuning::load(fused_kernel ? train_.fused_tuning : std::string());
   groups_->use_device_communicators(
       [cuda_backend, fused_kernel, tuning](MpiCommunicator& group, const std::string& name, uint32_t id) {

@@ -6,12 +6,14 @@
 //   ranks 2 one_shot_max_bytes 1048576
 //   ranks 4 one_shot_max_bytes 262144
 //
-// Group sizes the table does not list get the default (kDefaultOneShotMaxBytes).
+// Group sizes the table does not list get the default (kDefaultOneShotMaxBytes). The benchmark times the forward
+// kernel; the backward (the same staging and barriers, a little more arithmetic) follows the same table.
 #pragma once
 
 #include <cstdint>
 #include <istream>
 #include <map>
+#include <ostream>
 #include <string>
 
 namespace loom {
@@ -30,6 +32,10 @@ class FusedTuning {
   int64_t one_shot_max_bytes(int ranks) const;
   bool one_shot(int ranks, int64_t bytes) const { return bytes <= one_shot_max_bytes(ranks); }
   const std::map<int, int64_t>& entries() const { return limits_; }
+  // Sets (or replaces) one group size's entry; throws kConfig outside 2..8 or for negative bytes.
+  void set(int ranks, int64_t one_shot_max_bytes);
+  // The file parse() reads: `comment` as # lines, then one line per entry.
+  void write(std::ostream& out, const std::string& comment) const;
 
  private:
   std::map<int, int64_t> limits_;

@@ -186,9 +186,10 @@ void CudaBackend::begin_side() {
 
 uint64_t CudaBackend::end_side() {
   LOOM_CHECK(on_side(), kInternal, "end_side without begin_side");
-  const uint64_t ticket = ++side_issued_;
-  stream_ = main_stream_;
+  const uint64_t ticket = side_issued_ + 1;
+  stream_ = main_stream_;  // back on the compute stream even when the record fails
   LOOM_CUDA_CHECK(cudaEventRecord(side_events_[ticket % kSideEvents], side_stream_));
+  side_issued_ = ticket;
   return ticket;
 }
 

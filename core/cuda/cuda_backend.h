@@ -1,7 +1,8 @@
 // CudaBackend: the GPU implementation of core/backend.h. Compute dtype bf16 with f32 accumulation everywhere;
 // statistics, losses, master weights and optimizer state f32; parameter gradients f32 (see docs/design.md).
 //
-// Every kernel is enqueued on the backend's stream (stream()) and returns without waiting; only download(),
+// Every kernel is enqueued on the backend's current stream (stream(): the compute stream, or the side stream in a
+// side region) and returns without waiting; only download(),
 // read_scalar() and synchronize() wait. The member functions are defined across several files, one per kind of
 // kernel:
 //   cuda_backend.cc   device, memory, copies, fill, matmul (cuBLASLt), factory
@@ -89,8 +90,8 @@ class CudaBackend final : public Backend {
   uint64_t side_regions() const { return side_issued_; }  // end_side() calls so far
   int device_index() const { return device_; }
   int num_sms() const { return num_sms_; }
-  // Device scratch of at least `bytes`, valid until the next scratch() call; grows (with a synchronize) only
-  // when a larger request comes, so after the first step it never allocates.
+  // Device scratch of at least `bytes` for the current stream, valid until its next scratch() call; grows (with a
+  // synchronize) only when a larger request comes, so after the first step it never allocates.
   void* scratch(size_t bytes);
 
  private:

@@ -239,6 +239,18 @@ Tensor Gpt::overlapped_blocks(Ctx& c, const Tensor& x, const Tensor& n) const {
   loom::ops::NormedResidual half[2] = {{n.rows(0, mid), x.rows(0, mid)}, {n.rows(mid, rows), x.rows(mid, rows)}};
   loom::Backend& be = c.backend();
   loom::Tape* tape = c.tape();
+  // Whichever way this ends, later ops are in the shared lane and no side work of the halves is left unjoined.
+  struct Restore {
+    loom::Backend& be;
+    loom::Tape* tape;
+    ~Restore() {
+      if (tape) tape->set_lane(0);
+      try {
+        be.join_all_side();
+      } catch (...) {
+      }
+    }
+  } restore{be, tape};
   for (size_t i = 0; i < blocks_.size(); ++i) {
     const Block& block = blocks_.at<Block>(i);
     for (int part = 0; part < 2; ++part) {

@@ -62,14 +62,6 @@ __device__ __forceinline__ void end_call(const Views& v, uint32_t epoch) {
   }
 }
 
-// Loads that bypass L1 (a buffer a peer rewrote since this SM last read it must not come from a stale L1 line).
-__device__ __forceinline__ void load_pack_cg(const BFloat16* p, float (&out)[kPack]) {
-  const uint4 raw = __ldcg(reinterpret_cast<const uint4*>(p));
-  const BFloat16* h = reinterpret_cast<const BFloat16*>(&raw);
-#pragma unroll
-  for (int k = 0; k < kPack; ++k) out[k] = __bfloat162float(h[k]);
-}
-
 // Barrier `which` of block blockIdx.x: tell every peer this block arrived at `epoch`, then wait until each
 // peer's block did. False (after recording why) when the abort word is set, another block of this rank already
 // failed, or the deadline passes. Called by every thread of the block; returns the same to all.
@@ -198,6 +190,11 @@ __device__ __forceinline__ void unpack(const uint4& raw, float (&out)[kPack]) {
   for (int k = 0; k < kPack; ++k) out[k] = __bfloat162float(h[k]);
 }
 
+// Loads that bypass L1 (a buffer a peer rewrote since this SM last read it must not come from a stale L1 line).
+__device__ __forceinline__ void load_pack_cg(const BFloat16* p, float (&out)[kPack]) {
+  unpack(__ldcg(reinterpret_cast<const uint4*>(p)), out);
+}
+
 // One row, by one row group: r = bf16(sum over ranks 0..W-1 of in_p[row] + residual[row]) written to
 // res_dst[0..n_dst) (the same row offset in each), then y = bf16(r * rstd * w) written to norm_dst[...]. rstd as
 // the backend's RMSNorm: 1 / sqrt(mean(r^2) + eps) in double, rounded once. res_dst[0] is re-read (this lane's
@@ -212,7 +209,7 @@ __device__ void reduce_norm_row(const Views& v, int64_t in_off, int64_t row, int
   float sum_sq = 0.0f;
   for (int64_t p0 = lane; p0 < packs; p0 += static_cast<int64_t>(T) * kUnroll) {
     float acc[kUnroll][kPack];
-    uint4 raw[kUnroll];
+    uint4 raw[kUnroll] = {};  // packs past the row's end stay zero (unpacked, never stored)
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u)
       if (p0 + T * u < packs) raw[u] = __ldcg(reinterpret_cast<const uint4*>(v.stage[0] + in_off + base + (p0 + T * u) * kPack));

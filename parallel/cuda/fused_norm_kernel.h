@@ -16,11 +16,12 @@
 //
 // Synchronisation: flags are 32-bit epochs (a per-group call counter kept by the caller, never reset from the
 // host; compared wrap-safely). Block b of rank r only ever waits for block b of its peers (rows are dealt to
-// blocks by row % blocks on every rank). Signal: the block's stores, __syncthreads, then one thread fences at
-// system scope and stores the epoch with release semantics into every peer's flag slot; wait: one thread loads
-// with acquire semantics at system scope, then __syncthreads. Every spin is bounded by the abort word (host
-// memory the launcher can set) and a deadline on the global timer; a failed wait records (kind, peer) in the
-// error word and the kernel returns, so a dead or hung peer gives an error, not a hang.
+// blocks by row % blocks on every rank). Signal: the block's stores, __syncthreads, then one thread issues a
+// fence.acq_rel at system scope and stores the epoch (relaxed, system scope) into every peer's flag slot — the
+// PTX release pattern; wait: one thread loads with acquire semantics at system scope, then __syncthreads. Every
+// spin is bounded by the abort word (host memory the launcher can set) and a deadline on the global timer; a
+// failed wait records (kind, peer) in the error word (and, when the group has one, a mapped host word) and the
+// kernel returns, so a dead or hung peer gives an error, not a hang.
 //
 // Epochs: a launch argument (the caller's call counter), or, when the group has a device epoch counter, read
 // from it by every block at the start (last epoch + 1) and stored back by the last block to finish. Nothing is

@@ -58,10 +58,23 @@ TEST(FusedTuning, BadTablesNameTheFileAndLine) {
   }
 }
 
-TEST(FusedTuning, LoadsAFile) {
+TEST(FusedTuning, WritesWhatItReadsAndReplacesAnEntry) {
   const std::string path = ::testing::TempDir() + "loom_fused_tuning_test.txt";
   std::ofstream(path) << "ranks 8 one_shot_max_bytes 65536\n";
-  EXPECT_EQ(FusedTuning::load(path).one_shot_max_bytes(8), 65536);
+  FusedTuning t = FusedTuning::load(path);
+  EXPECT_EQ(t.one_shot_max_bytes(8), 65536);
+  t.set(2, 1 << 20);
+  t.set(8, 4096);  // replaces
+  EXPECT_THROW(t.set(1, 5), Error);
+  EXPECT_THROW(t.set(2, -1), Error);
+  {
+    std::ofstream out(path);
+    t.write(out, "written by the test\nsecond comment line");
+  }
+  const FusedTuning back = FusedTuning::load(path);
+  EXPECT_EQ(back.entries(), t.entries());
+  EXPECT_EQ(back.one_shot_max_bytes(8), 4096);
+  EXPECT_EQ(back.one_shot_max_bytes(2), 1 << 20);
   std::remove(path.c_str());
 }
 
