@@ -239,31 +239,32 @@ Tensor Gpt::overlapped_blocks(Ctx& c, const Tensor& x, const Tensor& n) const {
   loom::ops::NormedResidual half[2] = {{n.rows(0, mid), x.rows(0, mid)}, {n.rows(mid, rows), x.rows(mid, rows)}};
   loom::Backend& be = c.backend();
   loom::Tape* tape = c.tape();
-  // Whichever way this ends, later ops are in the shared lane and no side work of the halves is left unjoined.
-  struct Restore {
-    loom::Backend& be;
-    loom::Tape* tape;
-    ~Restore() {
-      if (tape) tape->set_lane(0);
-      try {
-        be.join_all_side();
-      } catch (...) {
+  {
+    // However the blocks end (an error included): later ops are in the shared lane and the compute stream has
+    // joined the halves' side work.
+    struct Restore {
+      loom::Backend& be;
+      loom::Tape* tape;
+      ~Restore() {
+        if (tape) tape->set_lane(0);
+        try {
+          be.join_all_side();
+        } catch (...) {
+        }
       }
-    }
-  } restore{be, tape};
-  for (size_t i = 0; i < blocks_.size(); ++i) {
-    const Block& block = blocks_.at<Block>(i);
-    for (int part = 0; part < 2; ++part) {
-      for (int k = 0; k < 2; ++k) {
-        if (tape) tape->set_lane(k + 1);
-        be.join_side(half[k].ready);
-        half[k] = part == 0 ? block.attention_part(c, half[k].residual, half[k].normed, true)
-                            : block.mlp_part(c, half[k].residual, half[k].normed, norm_after(i), true);
+    } restore{be, tape};
+    for (size_t i = 0; i < blocks_.size(); ++i) {
+      const Block& block = blocks_.at<Block>(i);
+      for (int part = 0; part < 2; ++part) {
+        for (int k = 0; k < 2; ++k) {
+          if (tape) tape->set_lane(k + 1);
+          be.join_side(half[k].ready);
+          half[k] = part == 0 ? block.attention_part(c, half[k].residual, half[k].normed, true)
+                              : block.mlp_part(c, half[k].residual, half[k].normed, norm_after(i), true);
+        }
       }
     }
   }
-  if (tape) tape->set_lane(0);
-  for (const auto& h : half) be.join_side(h.ready);
   return loom::ops::concat_rows(c, {half[0].normed, half[1].normed});
 }
 
