@@ -18,10 +18,18 @@
 //                        ncclAllGather of residual_out and of normed (one NCCL group)
 //       ours_oneshot     IpcFusedNorm::run, one-shot, --blocks SMs (default 16)
 //       ours_twoshot     IpcFusedNorm::run, two-shot, --blocks SMs
-//     (An all-reduce-only variant of Loom's kernels does not exist: they always fuse the norm.)
+//       ours_ar_1shot    Loom's kernels as an all-reduce alone (FusedNormArgs::allreduce_only: no residual, no
+//       ours_ar_2shot    norm), one-shot and two-shot, --blocks SMs: what the norm costs inside the kernel; their
+//                        peer is nccl_allreduce (ar_speedup in the JSON: nccl_allreduce / the faster of the two)
+//   - The backward, the same way: nccl_ar_norm_bwd (ncclAllReduce of the normalised rows' partial gradient, then
+//     a plain RMSNorm backward in this file: dx one block per row, dw by 32 row chunks + a column sum) against
+//     ours_bwd_1shot / ours_bwd_2shot (IpcFusedNorm::run_backward); dx and dw checked as below (dw from zero);
+//     bwd_speedup in the JSON = nccl_ar_norm_bwd / the faster of ours. Not part of the goals; it tells what the
+//     training step's backward gets.
 //   - Correctness before timing, at every size: ours (both algorithms) against nccl_ar_norm: residual_out and
 //     normed within 2e-2 norm-wise relative error (NCCL sums in its own order; both round to bf16), and equal
-//     bit for bit on every rank. A mismatch is reported and makes the exit status 1.
+//     bit for bit on every rank; ours as an all-reduce alone against nccl_allreduce the same way. A mismatch is
+//     reported and makes the exit status 1.
 //   - Timing: each variant's call is captured --calls times (default 10) into one CUDA graph; 3 warm-up
 //     replays; then --replays (default 30) replays, each after an MPI barrier, timed with CUDA events on each
 //     rank; per replay the slowest rank's time / calls is the time of a call; reported: median and p99
@@ -58,6 +66,7 @@
 #include <memory>
 #include <sstream>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "core/cuda/cuda_check.h"
@@ -138,6 +147,83 @@ __global__ void add_rmsnorm_kernel(const __nv_bfloat16* sum, const __nv_bfloat16
     for (int k = 0; k < 8; ++k) pn[k] = __float2bfloat16(__bfloat162float(px[k]) * scale * __bfloat162float(pg[k]));
     n4[v] = n;
   }
+}
+
+// The peer of the backward: dx = bf16(rstd * (w * dn - xhat * mean_d(w * dn * xhat))), xhat = x * rstd, one
+// block per row; dw += sum over rows of dn * xhat by a grid of (column blocks, kDwChunks row chunks) writing f32
+// partials, then a column sum over the chunks.
+constexpr int kDwChunks = 32;
+
+__global__ void rmsnorm_backward_dx_kernel(const __nv_bfloat16* dn, const __nv_bfloat16* x, const __nv_bfloat16* w,
+                                           const float* rstd, __nv_bfloat16* dx, int64_t d) {
+  const int64_t row = blockIdx.x, vecs = d / 8;
+  const float rs = rstd[row];
+  const uint4* dn4 = reinterpret_cast<const uint4*>(dn + row * d);
+  const uint4* x4 = reinterpret_cast<const uint4*>(x + row * d);
+  const uint4* w4 = reinterpret_cast<const uint4*>(w);
+  float dot = 0;
+  for (int64_t v = threadIdx.x; v < vecs; v += blockDim.x) {
+    uint4 a = dn4[v], b = x4[v], c = w4[v];
+    const __nv_bfloat16* pa = reinterpret_cast<const __nv_bfloat16*>(&a);
+    const __nv_bfloat16* pb = reinterpret_cast<const __nv_bfloat16*>(&b);
+    const __nv_bfloat16* pc = reinterpret_cast<const __nv_bfloat16*>(&c);
+    for (int k = 0; k < 8; ++k)
+      dot += __bfloat162float(pc[k]) * __bfloat162float(pa[k]) * __bfloat162float(pb[k]) * rs;
+  }
+  __shared__ float partial[kNormThreads / 32];
+  for (int off = 16; off > 0; off >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, off);
+  if (threadIdx.x % 32 == 0) partial[threadIdx.x / 32] = dot;
+  __syncthreads();
+  float total = 0;
+  for (int i = 0; i < kNormThreads / 32; ++i) total += partial[i];
+  const float mean = total / static_cast<float>(d);
+  uint4* o4 = reinterpret_cast<uint4*>(dx + row * d);
+  for (int64_t v = threadIdx.x; v < vecs; v += blockDim.x) {
+    uint4 a = dn4[v], b = x4[v], c = w4[v], o;
+    const __nv_bfloat16* pa = reinterpret_cast<const __nv_bfloat16*>(&a);
+    const __nv_bfloat16* pb = reinterpret_cast<const __nv_bfloat16*>(&b);
+    const __nv_bfloat16* pc = reinterpret_cast<const __nv_bfloat16*>(&c);
+    __nv_bfloat16* po = reinterpret_cast<__nv_bfloat16*>(&o);
+    for (int k = 0; k < 8; ++k) {
+      const float xhat = __bfloat162float(pb[k]) * rs;
+      po[k] = __float2bfloat16(rs * (__bfloat162float(pc[k]) * __bfloat162float(pa[k]) - xhat * mean));
+    }
+    o4[v] = o;
+  }
+}
+
+__global__ void rmsnorm_backward_dw_partial_kernel(const __nv_bfloat16* dn, const __nv_bfloat16* x, const float* rstd,
+                                                   float* partials, int64_t rows, int64_t d) {
+  const int64_t c = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (c >= d) return;
+  float s = 0;
+  for (int64_t r = blockIdx.y; r < rows; r += gridDim.y)
+    s += __bfloat162float(dn[r * d + c]) * __bfloat162float(x[r * d + c]) * rstd[r];
+  partials[blockIdx.y * d + c] = s;
+}
+
+__global__ void rmsnorm_backward_dw_sum_kernel(const float* partials, float* dw, int64_t d) {
+  const int64_t c = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (c >= d) return;
+  float s = 0;
+  for (int k = 0; k < kDwChunks; ++k) s += partials[k * d + c];
+  dw[c] += s;
+}
+
+__global__ void fill_f32_kernel(float* out, int64_t n, uint64_t seed, float scale, float offset) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x)
+    out[i] = offset + scale * hash_uniform(seed, static_cast<uint64_t>(i));
+}
+
+void rmsnorm_backward(const __nv_bfloat16* dn, const __nv_bfloat16* x, const __nv_bfloat16* w, const float* rstd,
+                      __nv_bfloat16* dx, float* dw, float* partials, int64_t rows, int64_t d, cudaStream_t s) {
+  if (rows == 0) return;
+  rmsnorm_backward_dx_kernel<<<static_cast<unsigned>(rows), kNormThreads, 0, s>>>(dn, x, w, rstd, dx, d);
+  const dim3 grid(static_cast<unsigned>((d + 255) / 256), kDwChunks);
+  rmsnorm_backward_dw_partial_kernel<<<grid, 256, 0, s>>>(dn, x, rstd, partials, rows, d);
+  rmsnorm_backward_dw_sum_kernel<<<static_cast<unsigned>((d + 255) / 256), 256, 0, s>>>(partials, dw, d);
+  LOOM_CUDA_CHECK_LAUNCH("rmsnorm_backward");
 }
 
 void fill(__nv_bfloat16* p, int64_t n, uint64_t seed, float scale, float offset, cudaStream_t s) {
@@ -273,11 +359,13 @@ class Bench {
     Device<__nv_bfloat16> partial(n), work(padded_rows * d), residual(padded_rows * d), weight(d), res_out(n),
         normed(n), slice_res(padded_rows / ranks_ * d), slice_norm(padded_rows / ranks_ * d), gather_res(padded_rows * d),
         gather_norm(padded_rows * d), ref_res(n), ref_norm(n);
-    Device<float> rstd(padded_rows);
+    Device<float> rstd(padded_rows), rstd_b(tokens), dw(d), dw_ref(d), dw_scratch(kDwChunks * d);
+    Device<__nv_bfloat16> dx(n), dx_ref(n);
     fill(partial.p, n, 1000 + static_cast<uint64_t>(rank_), 0.5f, 0.0f, stream_);
     fill(residual.p, padded_rows * d, 7, 1.0f, 0.0f, stream_);
     fill(weight.p, d, 8, 0.5f, 1.0f, stream_);
-    ours_->reserve(tokens, d, false);
+    fill_f32_kernel<<<64, 256, 0, stream_>>>(rstd_b.p, tokens, 9, 0.25f, 1.0f);  // the backward's rstd: [0.75, 1.25)
+    ours_->reserve(tokens, d, true);
     const int64_t slice_rows = padded_rows / ranks_;
     const size_t bytes = static_cast<size_t>(n) * 2;
 
@@ -301,6 +389,40 @@ class Bench {
       BENCH_NCCL(ncclAllGather(slice_norm.p, gather_norm.p, static_cast<size_t>(slice_rows * d), ncclBfloat16, nccl_,
                                stream_));
       BENCH_NCCL(ncclGroupEnd());
+    };
+    // The backward: dn = the partial, x = the residual rows, rstd_b; dx overwritten, dw accumulated.
+    auto nccl_ar_norm_bwd = [&] {
+      nccl_ar();
+      rmsnorm_backward(work.p, residual.p, weight.p, rstd_b.p, dx.p, dw.p, dw_scratch.p, tokens, d, stream_);
+    };
+    auto ours_bwd = [&](FusedAlgo algo) {
+      return [&, algo] {
+        loom::cuda::FusedNormBackwardArgs a;
+        a.dnormed = partial.p;
+        a.x = residual.p;
+        a.weight = weight.p;
+        a.rstd = rstd_b.p;
+        a.dx = dx.p;
+        a.dw = dw.p;
+        a.rows = tokens;
+        a.d = d;
+        a.blocks = o_.blocks;
+        a.algo = algo;
+        ours_->run_backward(a);
+      };
+    };
+    auto ours_ar = [&](FusedAlgo algo) {
+      return [&, algo] {
+        loom::cuda::FusedNormArgs a;
+        a.allreduce_only = true;
+        a.partial = partial.p;
+        a.residual_out = res_out.p;
+        a.rows = tokens;
+        a.d = d;
+        a.blocks = o_.blocks;
+        a.algo = algo;
+        ours_->run(a);
+      };
     };
     auto ours = [&](FusedAlgo algo) {
       return [&, algo] {
@@ -332,6 +454,27 @@ class Bench {
         ok = check(res_out.p, ref_res.p, n, name + " residual_out", d, tokens) && ok;
         ok = check(normed.p, ref_norm.p, n, name + " normed", d, tokens) && ok;
       }
+      nccl_ar();
+      LOOM_CUDA_CHECK(cudaMemcpyAsync(ref_res.p, work.p, bytes, cudaMemcpyDeviceToDevice, stream_));
+      for (FusedAlgo algo : {FusedAlgo::kOneShot, FusedAlgo::kTwoShot}) {
+        ours_ar(algo)();
+        ours_->synchronize();
+        ok = check(res_out.p, ref_res.p, n, algo == FusedAlgo::kOneShot ? "ours_ar_1shot" : "ours_ar_2shot", d,
+                   tokens) && ok;
+      }
+      const size_t dw_bytes = static_cast<size_t>(d) * sizeof(float);
+      LOOM_CUDA_CHECK(cudaMemsetAsync(dw.p, 0, dw_bytes, stream_));
+      nccl_ar_norm_bwd();
+      LOOM_CUDA_CHECK(cudaMemcpyAsync(dx_ref.p, dx.p, bytes, cudaMemcpyDeviceToDevice, stream_));
+      LOOM_CUDA_CHECK(cudaMemcpyAsync(dw_ref.p, dw.p, dw_bytes, cudaMemcpyDeviceToDevice, stream_));
+      for (FusedAlgo algo : {FusedAlgo::kOneShot, FusedAlgo::kTwoShot}) {
+        LOOM_CUDA_CHECK(cudaMemsetAsync(dw.p, 0, dw_bytes, stream_));
+        ours_bwd(algo)();
+        ours_->synchronize();
+        const std::string name = algo == FusedAlgo::kOneShot ? "ours_bwd_1shot" : "ours_bwd_2shot";
+        ok = check(dx.p, dx_ref.p, n, name + " dx", d, tokens) && ok;
+        ok = check(dw.p, dw_ref.p, d, name + " dw", d, tokens) && ok;
+      }
       // work = the partial with zero pad rows, for reduce-scatter.
       LOOM_CUDA_CHECK(cudaMemsetAsync(work.p, 0, static_cast<size_t>(padded_rows * d) * 2, stream_));
       LOOM_CUDA_CHECK(cudaMemcpyAsync(work.p, partial.p, bytes, cudaMemcpyDeviceToDevice, stream_));
@@ -342,18 +485,25 @@ class Bench {
     add(out, "nccl_rs_norm_ag", d, tokens, nccl_ ? std::function<void()>(nccl_rs_norm_ag) : nullptr, no_nccl, 0);
     add(out, "ours_oneshot", d, tokens, ours(FusedAlgo::kOneShot), "", o_.blocks);
     add(out, "ours_twoshot", d, tokens, ours(FusedAlgo::kTwoShot), "", o_.blocks);
+    add(out, "ours_ar_1shot", d, tokens, ours_ar(FusedAlgo::kOneShot), "", o_.blocks);
+    add(out, "ours_ar_2shot", d, tokens, ours_ar(FusedAlgo::kTwoShot), "", o_.blocks);
+    add(out, "nccl_ar_norm_bwd", d, tokens, nccl_ ? std::function<void()>(nccl_ar_norm_bwd) : nullptr, no_nccl, 0);
+    add(out, "ours_bwd_1shot", d, tokens, ours_bwd(FusedAlgo::kOneShot), "", o_.blocks);
+    add(out, "ours_bwd_2shot", d, tokens, ours_bwd(FusedAlgo::kTwoShot), "", o_.blocks);
     return ok;
   }
 
  private:
   // Outputs of ours against the reference: norm-wise relative error, and the same bits on every rank.
-  bool check(const __nv_bfloat16* got, const __nv_bfloat16* want, int64_t n, const std::string& what, int64_t d,
-             int64_t tokens) {
-    std::vector<uint16_t> g(static_cast<size_t>(n)), w(static_cast<size_t>(n));
-    LOOM_CUDA_CHECK(cudaMemcpy(g.data(), got, static_cast<size_t>(n) * 2, cudaMemcpyDeviceToHost));
-    LOOM_CUDA_CHECK(cudaMemcpy(w.data(), want, static_cast<size_t>(n) * 2, cudaMemcpyDeviceToHost));
-    auto f = [](uint16_t b) {
-      uint32_t u = static_cast<uint32_t>(b) << 16;
+  // Elements bf16 (as uint16_t bits) or f32.
+  template <class T>
+  bool check(const T* got, const T* want, int64_t n, const std::string& what, int64_t d, int64_t tokens) {
+    using Bits = std::conditional_t<sizeof(T) == 2, uint16_t, uint32_t>;
+    std::vector<Bits> g(static_cast<size_t>(n)), w(static_cast<size_t>(n));
+    LOOM_CUDA_CHECK(cudaMemcpy(g.data(), got, static_cast<size_t>(n) * sizeof(T), cudaMemcpyDeviceToHost));
+    LOOM_CUDA_CHECK(cudaMemcpy(w.data(), want, static_cast<size_t>(n) * sizeof(T), cudaMemcpyDeviceToHost));
+    auto f = [](Bits b) {
+      uint32_t u = sizeof(Bits) == 2 ? static_cast<uint32_t>(b) << 16 : static_cast<uint32_t>(b);
       float x;
       std::memcpy(&x, &u, 4);
       return static_cast<double>(x);
@@ -503,7 +653,9 @@ int main(int argc, char** argv) {
     Bench bench(o, rank, ranks, shared);
     std::vector<Result> results;
     bool ok = true;
-    const char* variants[] = {"nccl_allreduce", "nccl_ar_norm", "nccl_rs_norm_ag", "ours_oneshot", "ours_twoshot"};
+    const char* variants[] = {"nccl_allreduce", "nccl_ar_norm",     "nccl_rs_norm_ag", "ours_oneshot",
+                              "ours_twoshot",   "ours_ar_1shot",    "ours_ar_2shot",   "nccl_ar_norm_bwd",
+                              "ours_bwd_1shot", "ours_bwd_2shot"};
     for (int64_t d : o.hidden) {
       if (rank == 0) {
         std::printf("\nhidden %lld: median us per call (p99) and speed-up of the faster of ours over nccl_ar_norm\n",
@@ -551,7 +703,18 @@ int main(int argc, char** argv) {
         if (bytes >= (int64_t{8} << 20) && bytes <= (int64_t{64} << 20)) min_large = std::min(min_large, s);
         speedups << (first ? "" : ",\n    ") << "{\"hidden\": " << d << ", \"tokens\": " << t << ", \"bytes\": " << bytes
                  << ", \"best\": \"" << (one->t.median_us <= two->t.median_us ? "oneshot" : "twoshot")
-                 << "\", \"speedup\": " << s << "}";
+                 << "\", \"speedup\": " << s;
+        const Result* nar = find(results, "nccl_allreduce", d, t);
+        const Result* ar1 = find(results, "ours_ar_1shot", d, t);
+        const Result* ar2 = find(results, "ours_ar_2shot", d, t);
+        if (nar && ar1 && ar2)
+          speedups << ", \"ar_speedup\": " << nar->t.median_us / std::min(ar1->t.median_us, ar2->t.median_us);
+        const Result* nbw = find(results, "nccl_ar_norm_bwd", d, t);
+        const Result* bw1 = find(results, "ours_bwd_1shot", d, t);
+        const Result* bw2 = find(results, "ours_bwd_2shot", d, t);
+        if (nbw && bw1 && bw2)
+          speedups << ", \"bwd_speedup\": " << nbw->t.median_us / std::min(bw1->t.median_us, bw2->t.median_us);
+        speedups << "}";
         first = false;
       }
     int64_t limit = -1;

@@ -3,6 +3,8 @@
 
 #include <cuda_bf16.h>
 
+#include <algorithm>
+
 #include "core/cuda/cuda_check.h"
 #include "core/cuda/reduce.cuh"
 #include "core/error.h"
@@ -10,7 +12,12 @@
 namespace loom::cuda {
 namespace {
 
-constexpr int kThreads = 256;
+// Threads per block: 256 for small calls (the fewest instructions per barrier), 512 from kWideElems elements on
+// (twice the loads in flight per SM: on one H100, 16384 x 2048 one-shot 797 -> 542 us, and 64 x 2048 6.6 -> 7.3 us
+// the other way). A function of the call's shape, so the same on every rank.
+constexpr int kSmallBlock = 256, kWideBlock = 512;
+constexpr int64_t kWideElems = int64_t{256} << 10;
+constexpr int kMaxRowThreads = 256;  // a row group has 32..256 threads
 constexpr int kPack = 8;  // bf16 elements per 16-byte access
 
 struct Views {  // the kernel's copy of the group, by value
@@ -103,8 +110,11 @@ __device__ __forceinline__ int64_t first_row(int64_t begin) {
   return begin + ((b - begin % g) % g + g) % g;
 }
 
-constexpr int kWarps = kThreads / 32;
-constexpr int kUnroll = 4;  // 16-byte accesses a thread has in flight per stream of data
+constexpr int kMaxWarps = kWideBlock / 32;
+// 16-byte accesses a thread has in flight per stream of data: 4 in the forward and the copies, 2 in the backward
+// (which holds more per pack; with 4 it spills at 512 threads).
+constexpr int kUnroll = 4;
+constexpr int kBackwardUnroll = 2;
 
 // Copies rows [first_row(0) + k * gridDim.x] (this block's rows) of src to dst, as one flat range of packs with
 // kUnroll loads in flight per thread. Loads bypass L1 (src may be a buffer a peer rewrote).
@@ -134,11 +144,11 @@ __device__ void stage_input(const Views& v, const BFloat16* partial, int64_t in_
 }
 
 // The forward works a row per group of `threads` threads (32, 64, 128 or 256: a warp per row when a block has
-// at least kWarps rows, more threads per row when it has fewer, so one wide row is not walked by one warp);
+// at least a warp per row, more threads per row when it has fewer, so one wide row is not walked by one warp);
 // the rows of a block (first_row(begin) + k * gridDim.x) are dealt to its groups in turn. Thread l of a group
 // takes packs l, l + threads, ...; its sum of squares adds them in that order, then a fixed shuffle tree sums
-// each warp and the group adds its warps' totals in warp order. row_rstd repeats exactly this with the same
-// group size (it depends only on the call's rows), so a row's rstd has the same bits wherever it is computed.
+// each warp and the group adds its warps' totals in warp order. The group size depends only on the call's rows,
+// so both algorithms norm a row with the same arithmetic and a row's rstd has the same bits wherever it is computed.
 __device__ __forceinline__ float warp_total(float x) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) x += __shfl_down_sync(0xffffffffu, x, o);
@@ -156,8 +166,8 @@ struct RowGroup {
   int lane;                                    // this thread's index in the group
   __device__ RowGroup() : index(static_cast<int>(threadIdx.x) / threads), lane(static_cast<int>(threadIdx.x) % threads) {}
   __device__ int64_t first(int64_t begin) const { return first_row(begin) + static_cast<int64_t>(index) * gridDim.x; }
-  __device__ int64_t step() const { return static_cast<int64_t>(gridDim.x) * (kThreads / threads); }
-  // The sum of x over the group, the same bits in every thread of it. red: kWarps floats of shared memory.
+  __device__ int64_t step() const { return static_cast<int64_t>(gridDim.x) * (blockDim.x / threads); }
+  // The sum of x over the group, the same bits in every thread of it. red: a float per warp of shared memory.
   __device__ float total(float x, float* red) const {
     x = warp_total(x);
     if constexpr (threads == 32) return x;
@@ -171,13 +181,32 @@ struct RowGroup {
   }
 };
 
-// Threads per row for a call of `rows` rows of `d` over `blocks` blocks (host side): the most (up to kThreads)
-// that still give every row of a block its own group, and no more than the row has packs.
-int row_threads(int64_t rows, int blocks, int64_t d) {
+// Host side, from the call's shape only (so the same on every rank and for both algorithms).
+int block_threads(int64_t rows, int64_t d) {
+  return rows * d >= kWideElems ? kWideBlock : kSmallBlock;
+}
+
+// Threads per row for a call of `rows` rows of `d` over `blocks` blocks of `block` threads: the most (up to
+// kMaxRowThreads) that still give every row of a block its own group, and no more than the row has packs.
+int row_threads(int64_t rows, int blocks, int64_t d, int block) {
   const int64_t per_block = (rows + blocks - 1) / blocks;
   int t = 32;
-  while (t < kThreads && per_block * (2 * t) <= kThreads && 2 * t <= d / kPack) t *= 2;
+  while (t < kMaxRowThreads && per_block * (2 * t) <= block && 2 * t <= d / kPack) t *= 2;
   return t;
+}
+
+// The backward's launch: block threads and row threads as the forward's, then (fewer threads per block and)
+// more threads per row until the groups' dw sums (block / T groups of d floats) fit `shared_budget` bytes.
+struct BackwardShape {
+  int block, row_threads;
+};
+BackwardShape backward_shape(int64_t rows, int blocks, int64_t d, int64_t shared_budget) {
+  const int64_t row_bytes = d * static_cast<int64_t>(sizeof(float));
+  int block = block_threads(rows, d);
+  if (block / kMaxRowThreads * row_bytes > shared_budget) block = kSmallBlock;
+  int t = row_threads(rows, blocks, d, block);
+  while (t < kMaxRowThreads && (block / t) * row_bytes > shared_budget) t *= 2;
+  return {block, t};
 }
 
 __device__ __forceinline__ float rstd_of(float sum_sq, int64_t d, float eps) {
@@ -190,19 +219,42 @@ __device__ __forceinline__ void unpack(const uint4& raw, float (&out)[kPack]) {
   for (int k = 0; k < kPack; ++k) out[k] = __bfloat162float(h[k]);
 }
 
-// Loads that bypass L1 (a buffer a peer rewrote since this SM last read it must not come from a stale L1 line).
-__device__ __forceinline__ void load_pack_cg(const BFloat16* p, float (&out)[kPack]) {
-  unpack(__ldcg(reinterpret_cast<const uint4*>(p)), out);
+// acc[u] = the sum over q = 0..n_src-1, in that order, of pack p0 + T * u of src[q] + at (U packs of a lane,
+// loaded around L1: peers rewrite the sources; packs at or past `packs` are left zero).
+template <int T, int U>
+__device__ __forceinline__ void sum_sources(BFloat16* const* src, int n_src, int64_t at, int64_t p0, int64_t packs,
+                                            float (&acc)[U][kPack]) {
+  uint4 raw[U] = {};
+#pragma unroll
+  for (int u = 0; u < U; ++u)
+    if (p0 + T * u < packs) raw[u] = __ldcg(reinterpret_cast<const uint4*>(src[0] + at + (p0 + T * u) * kPack));
+#pragma unroll
+  for (int u = 0; u < U; ++u) unpack(raw[u], acc[u]);
+  for (int q = 1; q < n_src; ++q) {
+#pragma unroll
+    for (int u = 0; u < U; ++u)
+      if (p0 + T * u < packs) raw[u] = __ldcg(reinterpret_cast<const uint4*>(src[q] + at + (p0 + T * u) * kPack));
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      float y[kPack];
+      unpack(raw[u], y);
+#pragma unroll
+      for (int k = 0; k < kPack; ++k) acc[u][k] += y[k];
+    }
+  }
 }
 
-// One row, by one row group: r = bf16(sum over ranks 0..W-1 of in_p[row] + residual[row]) written to
-// res_dst[0..n_dst) (the same row offset in each), then y = bf16(r * rstd * w) written to norm_dst[...]. rstd as
-// the backend's RMSNorm: 1 / sqrt(mean(r^2) + eps) in double, rounded once. res_dst[0] is re-read (this lane's
-// own stores) for the second pass.
+// One row, by one row group: r = bf16(sum over q = 0..n_src-1 of src[q][src_off + row] (in that order), + the
+// residual row when given), written to res_dst[0..n_dst) (the same row offset in each). With a weight w, also
+// rstd = 1 / sqrt(mean(r^2) + eps) (in double, rounded once, as the backend's RMSNorm) and y = bf16(r * rstd * w)
+// into normed (+ rstd[row] when given); the second pass re-reads res_dst[0] (this lane's own stores). Sources are
+// loaded around L1 (peers rewrite them). A lane adds its squares in the order of its packs (lane, lane + T, ...)
+// and the group total is fixed (RowGroup::total), so a row's rstd has the same bits wherever the row is normed
+// with the same group size: two-shot norms the copied-out rows and gets one-shot's bits.
 template <class Group>
-__device__ void reduce_norm_row(const Views& v, int64_t in_off, int64_t row, int64_t d, const BFloat16* residual,
-                                const BFloat16* w, float eps, BFloat16* const* res_dst, BFloat16* const* norm_dst,
-                                int n_dst, float* rstd, const Group& grp, float* red) {
+__device__ void reduce_norm_row(BFloat16* const* src, int n_src, int64_t src_off, int64_t row, int64_t d,
+                                const BFloat16* residual, BFloat16* const* res_dst, int n_dst, const BFloat16* w,
+                                float eps, BFloat16* normed, float* rstd, const Group& grp, float* red) {
   constexpr int T = Group::threads;
   const int lane = grp.lane;
   const int64_t packs = d / kPack, base = row * d;
@@ -210,15 +262,11 @@ __device__ void reduce_norm_row(const Views& v, int64_t in_off, int64_t row, int
   for (int64_t p0 = lane; p0 < packs; p0 += static_cast<int64_t>(T) * kUnroll) {
     float acc[kUnroll][kPack];
     uint4 raw[kUnroll] = {};  // packs past the row's end stay zero (unpacked, never stored)
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u)
-      if (p0 + T * u < packs) raw[u] = __ldcg(reinterpret_cast<const uint4*>(v.stage[0] + in_off + base + (p0 + T * u) * kPack));
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) unpack(raw[u], acc[u]);
-    for (int q = 1; q < v.ranks; ++q) {
+    sum_sources<T>(src, n_src, src_off + base, p0, packs, acc);
+    if (residual != nullptr) {
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u)
-        if (p0 + T * u < packs) raw[u] = __ldcg(reinterpret_cast<const uint4*>(v.stage[q] + in_off + base + (p0 + T * u) * kPack));
+        if (p0 + T * u < packs) raw[u] = *reinterpret_cast<const uint4*>(residual + base + (p0 + T * u) * kPack);
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) {
         float x[kPack];
@@ -228,24 +276,20 @@ __device__ void reduce_norm_row(const Views& v, int64_t in_off, int64_t row, int
       }
     }
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u)
-      if (p0 + T * u < packs) raw[u] = *reinterpret_cast<const uint4*>(residual + base + (p0 + T * u) * kPack);
-#pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       if (p0 + T * u >= packs) break;
-      float x[kPack];
-      unpack(raw[u], x);
       uint4 out;
       BFloat16* o = reinterpret_cast<BFloat16*>(&out);
 #pragma unroll
       for (int k = 0; k < kPack; ++k) {
-        o[k] = __float2bfloat16_rn(acc[u][k] + x[k]);
+        o[k] = __float2bfloat16_rn(acc[u][k]);
         const float r = __bfloat162float(o[k]);
         sum_sq += r * r;
       }
       for (int i = 0; i < n_dst; ++i) *reinterpret_cast<uint4*>(res_dst[i] + base + (p0 + T * u) * kPack) = out;
     }
   }
+  if (w == nullptr) return;  // no norm (the same for the whole block: the group total below is skipped by all)
   const float rs = rstd_of(grp.total(sum_sq, red), d, eps);
   if (rstd != nullptr && lane == 0) rstd[row] = rs;
   for (int64_t p0 = lane; p0 < packs; p0 += static_cast<int64_t>(T) * kUnroll) {
@@ -266,29 +310,14 @@ __device__ void reduce_norm_row(const Views& v, int64_t in_off, int64_t row, int
       BFloat16* o = reinterpret_cast<BFloat16*>(&out);
 #pragma unroll
       for (int k = 0; k < kPack; ++k) o[k] = __float2bfloat16_rn(r[k] * rs * wv[k]);
-      for (int i = 0; i < n_dst; ++i) *reinterpret_cast<uint4*>(norm_dst[i] + base + (p0 + T * u) * kPack) = out;
+      *reinterpret_cast<uint4*>(normed + base + (p0 + T * u) * kPack) = out;
     }
   }
 }
 
-// The rstd of a row of this rank's residual output, summed exactly as reduce_norm_row sums it (the same
-// thread-to-pack mapping, the same order within a thread, the same reduction), so every rank gets the owner's
-// value bit for bit. By one row group.
-template <class Group>
-__device__ float row_rstd(const BFloat16* res, int64_t row, int64_t d, float eps, const Group& grp, float* red) {
-  float sum_sq = 0.0f;
-  for (int64_t p = grp.lane; p < d / kPack; p += grp.threads) {
-    float r[kPack];
-    unpack(*reinterpret_cast<const uint4*>(res + row * d + p * kPack), r);
-#pragma unroll
-    for (int k = 0; k < kPack; ++k) sum_sq += r[k] * r[k];
-  }
-  return rstd_of(grp.total(sum_sq, red), d, eps);
-}
-
 // Staging layout per rank (bf16 elements; cap = the capacity of the staging buffer / 4, the same for every call
 // whatever its shape, so the parity rule holds when shapes change between calls):
-// [in 0][in 1][out 0][out 1]. Forward: out 0 = new residual rows, out 1 = normalised rows. Backward: out 0 = the
+// [in 0][in 1][out 0][out 1]. Forward: out 0 = new residual rows (or the sums, all-reduce alone). Backward: out 0 = the
 // input-gradient rows, out 1 = the summed gradient of the normalised rows.
 struct Region {
   int64_t cap;
@@ -319,6 +348,9 @@ struct ForwardArgs {
   int row_threads;  // row_threads(rows, blocks, d)
 };
 
+// Two-shot: phase 1 reduces this rank's token slice (+ residual) and writes only the new residual rows to every
+// peer's output buffer 0 (half the NVLink writes of sending the normalised rows too); phase 2 norms every row
+// from the copied-out residual rows locally, with the group size one-shot uses, so the bits are one-shot's.
 template <int kRowThreads>
 __device__ void forward_two_shot(const Views& v, const ForwardArgs& a, const Region& reg, uint32_t epoch,
                                  uint64_t deadline, float* red) {
@@ -327,22 +359,20 @@ __device__ void forward_two_shot(const Views& v, const ForwardArgs& a, const Reg
   stage_input(v, a.partial, in_off, a.rows, a.d);
   if (!block_barrier(v, 0, epoch, deadline)) return;
   BFloat16* res_dst[kFusedMaxRanks];
-  BFloat16* norm_dst[kFusedMaxRanks];
   slice_destinations(v, reg, 0, res_dst);
-  slice_destinations(v, reg, 1, norm_dst);
   const int64_t end = slice_end(v, a.rows);
   for (int64_t row = grp.first(slice_begin(v, a.rows)); row < end; row += grp.step())
-    reduce_norm_row(v, in_off, row, a.d, a.residual, a.w, a.eps, res_dst, norm_dst, v.ranks, nullptr, grp, red);
+    reduce_norm_row(v.stage, v.ranks, in_off, row, a.d, a.residual, res_dst, v.ranks, nullptr, 0.0f, nullptr,
+                    nullptr, grp, red);
   if (!block_barrier(v, 1, epoch, deadline)) return;
-  copy_block_rows(a.residual_out, v.stage[v.rank] + reg.out(0), a.rows, a.d);
-  copy_block_rows(a.normed, v.stage[v.rank] + reg.out(1), a.rows, a.d);
-  if (a.rstd == nullptr) return;
-  // From the copied-out rows: each row's copy is done by its block, whose threads must see each other's stores.
-  __syncthreads();
-  for (int64_t row = grp.first(0); row < a.rows; row += grp.step()) {
-    const float rs = row_rstd(a.residual_out, row, a.d, a.eps, grp, red);
-    if (grp.lane == 0) a.rstd[row] = rs;
+  if (a.w == nullptr) {  // all-reduce alone: the sums are the output
+    copy_block_rows(a.residual_out, v.stage[v.rank] + reg.out(0), a.rows, a.d);
+    return;
   }
+  BFloat16* const mine[1] = {v.stage[v.rank]};
+  BFloat16* const out[1] = {a.residual_out};
+  for (int64_t row = grp.first(0); row < a.rows; row += grp.step())
+    reduce_norm_row(mine, 1, reg.out(0), row, a.d, nullptr, out, 1, a.w, a.eps, a.normed, a.rstd, grp, red);
 }
 
 template <int kRowThreads>
@@ -352,15 +382,15 @@ __device__ void forward_one_shot(const Views& v, const ForwardArgs& a, const Reg
   const RowGroup<kRowThreads> grp;
   stage_input(v, a.partial, in_off, a.rows, a.d);
   if (!block_barrier(v, 0, epoch, deadline)) return;
-  BFloat16* res_dst[1] = {a.residual_out};
-  BFloat16* norm_dst[1] = {a.normed};
+  BFloat16* const out[1] = {a.residual_out};
   for (int64_t row = grp.first(0); row < a.rows; row += grp.step())
-    reduce_norm_row(v, in_off, row, a.d, a.residual, a.w, a.eps, res_dst, norm_dst, 1, a.rstd, grp, red);
+    reduce_norm_row(v.stage, v.ranks, in_off, row, a.d, a.residual, out, 1, a.w, a.eps, a.normed, a.rstd, grp, red);
 }
 
-__global__ void __launch_bounds__(kThreads)
+template <int kBlock>
+__global__ void __launch_bounds__(kBlock)
     fused_forward(Views v, ForwardArgs a, int64_t cap, bool two_shot, uint32_t epoch_arg, uint64_t timeout_ns) {
-  __shared__ float red[kWarps];
+  __shared__ float red[kMaxWarps];
   const uint32_t epoch = begin_call(v, epoch_arg);
   const uint64_t deadline = global_ns() + timeout_ns;
   // Threads per row as a compile-time constant (index arithmetic and unrolling); the same branch in every block.
@@ -385,9 +415,15 @@ __global__ void __launch_bounds__(kThreads)
 // all-reduce gives — then, with xhat = x * rstd and mean = mean_d(w * dn * xhat):
 //   g  = bf16(rstd * (w * dn - xhat * mean))         the RMSNorm backward
 //   dx = g, or bf16(dx + g) when accumulating          (+ the residual stream's gradient)
-//   dw_partials[block, :] = sum over the block's rows of dn * xhat     (rows dealt by row % blocks, as ever)
-// and a second small kernel adds the column sums of dw_partials (in block order) to dw. Both algorithms compute
-// dn, g, the dw partial sums and dx with the same arithmetic in the same order: bit-identical to each other and
+//   dw_partials[block, :] = sum over the block's row groups, in group order, of the group's sum over its rows
+//                           (in row order) of dn * xhat
+// and a second small kernel adds the column sums of dw_partials (in block order) to dw.
+//
+// Rows are worked a row per group of T threads as in the forward (backward_row_threads: T also large enough
+// that every group's dw sums, d floats each, fit the block's shared memory). one-shot: every rank reduces dn
+// for every row from every peer and norms it. two-shot: rank r reduces the dn rows of its token slice and writes
+// them to every peer (an all-reduce of dn; the gradient rows are not sent), then every rank norms every row from
+// the dn rows it now holds, with the same groups: dn, g, dw and dx are bit-identical between the algorithms and
 // on every rank.
 
 struct BackwardArgs {
@@ -397,121 +433,152 @@ struct BackwardArgs {
   bool accumulate;
   float* dw_partials;
   int64_t rows, d;
+  int row_threads;  // backward_row_threads(rows, blocks, d)
 };
 
-// One row, pass 1: dn summed from every rank's input buffer, rounded, written to dn_dst[0..n); the row's mean.
-// Pass 2: dn re-read from dn_dst[0] (this thread's own stores), g written to g_dst[0..n) (+ the old value of
-// g_dst[0] when accumulating); dw_acc (shared, d floats) += dn * xhat when given.
-__device__ void backward_row(const Views& v, int64_t in_off, int64_t row, const BackwardArgs& a,
-                             BFloat16* const* dn_dst, BFloat16* const* g_dst, int n_dst, bool accumulate,
-                             float* dw_acc, float* shared) {
+// One row, by one row group. Pass 1: dn = bf16(sum over q < n_src of src[q][src_off + row]) (one source: the
+// summed rows themselves), stored to dn_store when given; the row's mean. Pass 2: dn re-read from dn_again (the
+// lane's own stores, or src[0] again), g, dx written (+ its old value when accumulating); dw_acc += dn * xhat,
+// dw_acc laid out [kPack][d / kPack] (element k of pack p at k * packs + p: consecutive lanes, consecutive banks).
+template <class Group>
+__device__ void backward_row(BFloat16* const* src, int n_src, int64_t src_off, BFloat16* dn_store,
+                             const BFloat16* dn_again, int64_t row, const BackwardArgs& a, float* dw_acc,
+                             const Group& grp, float* red) {
+  constexpr int T = Group::threads;
+  const int lane = grp.lane;
   const int64_t d = a.d, packs = d / kPack, base = row * d;
   const float rs = a.rstd[row];
   float dot = 0.0f;
-  for (int64_t p = threadIdx.x; p < packs; p += blockDim.x) {
-    float acc[kPack], y[kPack], xv[kPack], wv[kPack];
-    load_pack_cg(v.stage[0] + in_off + base + p * kPack, acc);
-    for (int q = 1; q < v.ranks; ++q) {
-      load_pack_cg(v.stage[q] + in_off + base + p * kPack, y);
+  for (int64_t p0 = lane; p0 < packs; p0 += static_cast<int64_t>(T) * kBackwardUnroll) {
+    float acc[kBackwardUnroll][kPack];
+    sum_sources<T>(src, n_src, src_off + base, p0, packs, acc);
+    uint4 xx[kBackwardUnroll], ww[kBackwardUnroll];
 #pragma unroll
-      for (int k = 0; k < kPack; ++k) acc[k] += y[k];
-    }
-    load_pack<kPack>(a.x + base + p * kPack, xv);
-    load_pack<kPack>(a.w + p * kPack, wv);
-    uint4 out;
-    BFloat16* o = reinterpret_cast<BFloat16*>(&out);
+    for (int u = 0; u < kBackwardUnroll; ++u)
+      if (p0 + T * u < packs) {
+        xx[u] = *reinterpret_cast<const uint4*>(a.x + base + (p0 + T * u) * kPack);
+        ww[u] = *reinterpret_cast<const uint4*>(a.w + (p0 + T * u) * kPack);
+      }
 #pragma unroll
-    for (int k = 0; k < kPack; ++k) {
-      o[k] = __float2bfloat16_rn(acc[k]);
-      dot += (wv[k] * __bfloat162float(o[k])) * (xv[k] * rs);
+    for (int u = 0; u < kBackwardUnroll; ++u) {
+      if (p0 + T * u >= packs) break;
+      float xv[kPack], wv[kPack];
+      unpack(xx[u], xv);
+      unpack(ww[u], wv);
+      uint4 out;
+      BFloat16* o = reinterpret_cast<BFloat16*>(&out);
+#pragma unroll
+      for (int k = 0; k < kPack; ++k) {
+        o[k] = __float2bfloat16_rn(acc[u][k]);
+        dot += (wv[k] * __bfloat162float(o[k])) * (xv[k] * rs);
+      }
+      if (dn_store != nullptr) *reinterpret_cast<uint4*>(dn_store + base + (p0 + T * u) * kPack) = out;
     }
-    for (int i = 0; i < n_dst; ++i) *reinterpret_cast<uint4*>(dn_dst[i] + base + p * kPack) = out;
   }
-  const float mean = block_sum(dot, shared) / static_cast<float>(d);
-  for (int64_t p = threadIdx.x; p < packs; p += blockDim.x) {
-    float dn[kPack], xv[kPack], wv[kPack], g[kPack];
-    load_pack<kPack>(dn_dst[0] + base + p * kPack, dn);
-    load_pack<kPack>(a.x + base + p * kPack, xv);
-    load_pack<kPack>(a.w + p * kPack, wv);
+  const float mean = grp.total(dot, red) / static_cast<float>(d);
+  for (int64_t p0 = lane; p0 < packs; p0 += static_cast<int64_t>(T) * kBackwardUnroll) {
+    uint4 dd[kBackwardUnroll], xx[kBackwardUnroll], ww[kBackwardUnroll], old[kBackwardUnroll];
 #pragma unroll
-    for (int k = 0; k < kPack; ++k) {
-      const float xhat = xv[k] * rs;
-      g[k] = __bfloat162float(__float2bfloat16_rn(rs * (wv[k] * dn[k] - xhat * mean)));
-      if (dw_acc != nullptr) dw_acc[p * kPack + k] += dn[k] * xhat;
+    for (int u = 0; u < kBackwardUnroll; ++u)
+      if (p0 + T * u < packs) {
+        const int64_t at = base + (p0 + T * u) * kPack;
+        dd[u] = __ldcg(reinterpret_cast<const uint4*>(dn_again + at));
+        xx[u] = *reinterpret_cast<const uint4*>(a.x + at);
+        ww[u] = *reinterpret_cast<const uint4*>(a.w + (p0 + T * u) * kPack);
+        if (a.accumulate) old[u] = *reinterpret_cast<const uint4*>(a.dx + at);
+      }
+#pragma unroll
+    for (int u = 0; u < kBackwardUnroll; ++u) {
+      const int64_t p = p0 + T * u;
+      if (p >= packs) break;
+      float dn[kPack], xv[kPack], wv[kPack], g[kPack];
+      unpack(dd[u], dn);
+      unpack(xx[u], xv);
+      unpack(ww[u], wv);
+#pragma unroll
+      for (int k = 0; k < kPack; ++k) {
+        const float xhat = xv[k] * rs;
+        g[k] = __bfloat162float(__float2bfloat16_rn(rs * (wv[k] * dn[k] - xhat * mean)));
+        dw_acc[k * packs + p] += dn[k] * xhat;
+      }
+      if (a.accumulate) {
+        float prev[kPack];
+        unpack(old[u], prev);
+#pragma unroll
+        for (int k = 0; k < kPack; ++k) g[k] += prev[k];
+      }
+      uint4 out;
+      BFloat16* o = reinterpret_cast<BFloat16*>(&out);
+#pragma unroll
+      for (int k = 0; k < kPack; ++k) o[k] = __float2bfloat16_rn(g[k]);
+      *reinterpret_cast<uint4*>(a.dx + base + p * kPack) = out;
     }
-    if (accumulate) {
-      float old[kPack];
-      load_pack<kPack>(g_dst[0] + base + p * kPack, old);
-#pragma unroll
-      for (int k = 0; k < kPack; ++k) g[k] += old[k];
-    }
-    uint4 out;
-    BFloat16* o = reinterpret_cast<BFloat16*>(&out);
-#pragma unroll
-    for (int k = 0; k < kPack; ++k) o[k] = __float2bfloat16_rn(g[k]);
-    for (int i = 0; i < n_dst; ++i) *reinterpret_cast<uint4*>(g_dst[i] + base + p * kPack) = out;
   }
 }
 
+template <int kRowThreads>
 __device__ void backward_two_shot(const Views& v, const BackwardArgs& a, const Region& reg, uint32_t epoch,
-                                  uint64_t deadline, float* dw_acc, float* shared) {
+                                  uint64_t deadline, float* dw_acc, float* red) {
   const int64_t in_off = reg.in(epoch), d = a.d;
+  const RowGroup<kRowThreads> grp;
   stage_input(v, a.dn, in_off, a.rows, d);
   if (!block_barrier(v, 0, epoch, deadline)) return;
-  BFloat16* g_dst[kFusedMaxRanks];
   BFloat16* dn_dst[kFusedMaxRanks];
-  slice_destinations(v, reg, 0, g_dst);
   slice_destinations(v, reg, 1, dn_dst);
-  for (int64_t row = first_row(slice_begin(v, a.rows)); row < slice_end(v, a.rows); row += gridDim.x)
-    backward_row(v, in_off, row, a, dn_dst, g_dst, v.ranks, false, nullptr, shared);
+  const int64_t end = slice_end(v, a.rows);
+  for (int64_t row = grp.first(slice_begin(v, a.rows)); row < end; row += grp.step())
+    reduce_norm_row(v.stage, v.ranks, in_off, row, d, nullptr, dn_dst, v.ranks, nullptr, 0.0f, nullptr, nullptr,
+                    grp, red);
   if (!block_barrier(v, 1, epoch, deadline)) return;
-  // Copy out every row (dealt as in one-shot), and the dw sums from the summed dn, in one-shot's order.
-  const BFloat16* my_g = v.stage[v.rank] + reg.out(0);
-  const BFloat16* my_dn = v.stage[v.rank] + reg.out(1);
-  for (int64_t row = first_row(0); row < a.rows; row += gridDim.x) {
-    const float rs = a.rstd[row];
-    for (int64_t p = threadIdx.x; p < d / kPack; p += blockDim.x) {
-      const int64_t at = row * d + p * kPack;
-      float g[kPack], dn[kPack], xv[kPack];
-      load_pack_cg(my_g + at, g);
-      load_pack_cg(my_dn + at, dn);
-      load_pack<kPack>(a.x + at, xv);
-#pragma unroll
-      for (int k = 0; k < kPack; ++k) dw_acc[p * kPack + k] += dn[k] * (xv[k] * rs);
-      if (a.accumulate) {
-        float old[kPack];
-        load_pack<kPack>(a.dx + at, old);
-#pragma unroll
-        for (int k = 0; k < kPack; ++k) g[k] += old[k];
-      }
-      store_pack<kPack>(a.dx + at, g);
-    }
-  }
+  BFloat16* const mine[1] = {v.stage[v.rank]};
+  const BFloat16* summed = v.stage[v.rank] + reg.out(1);
+  for (int64_t row = grp.first(0); row < a.rows; row += grp.step())
+    backward_row(mine, 1, reg.out(1), nullptr, summed, row, a, dw_acc + grp.index * d, grp, red);
 }
 
+template <int kRowThreads>
 __device__ void backward_one_shot(const Views& v, const BackwardArgs& a, const Region& reg, uint32_t epoch,
-                                  uint64_t deadline, float* dw_acc, float* shared) {
+                                  uint64_t deadline, float* dw_acc, float* red) {
   const int64_t in_off = reg.in(epoch);
+  const RowGroup<kRowThreads> grp;
   stage_input(v, a.dn, in_off, a.rows, a.d);
   if (!block_barrier(v, 0, epoch, deadline)) return;
-  BFloat16* dn_dst[1] = {v.stage[v.rank] + reg.out(1)};  // local: only this rank reads it
-  BFloat16* g_dst[1] = {a.dx};
-  for (int64_t row = first_row(0); row < a.rows; row += gridDim.x)
-    backward_row(v, in_off, row, a, dn_dst, g_dst, 1, a.accumulate, dw_acc, shared);
+  BFloat16* dn = v.stage[v.rank] + reg.out(1);  // local: only this rank reads it
+  for (int64_t row = grp.first(0); row < a.rows; row += grp.step())
+    backward_row(v.stage, v.ranks, in_off, dn, dn, row, a, dw_acc + grp.index * a.d, grp, red);
 }
 
-__global__ void __launch_bounds__(kThreads)
+template <int kBlock>
+__global__ void __launch_bounds__(kBlock)
     fused_backward(Views v, BackwardArgs a, int64_t cap, bool two_shot, uint32_t epoch_arg, uint64_t timeout_ns) {
-  extern __shared__ float dw_acc[];  // d floats: this block's dw sums (each column touched by one thread only)
-  __shared__ float shared[32];
-  for (int64_t c = threadIdx.x; c < a.d; c += blockDim.x) dw_acc[c] = 0.0f;
+  extern __shared__ float dw_acc[];  // [groups][kPack][d / kPack]: each group's dw sums (a column: one lane)
+  __shared__ float red[kMaxWarps];
+  const int groups = kBlock / a.row_threads;
+  for (int64_t c = threadIdx.x; c < groups * a.d; c += blockDim.x) dw_acc[c] = 0.0f;
   const uint32_t epoch = begin_call(v, epoch_arg);  // its __syncthreads orders the zeroing too
   const uint64_t deadline = global_ns() + timeout_ns;
-  if (two_shot) backward_two_shot(v, a, Region{cap}, epoch, deadline, dw_acc, shared);
-  else backward_one_shot(v, a, Region{cap}, epoch, deadline, dw_acc, shared);
+  switch (a.row_threads) {
+#define LOOM_BACKWARD_ROWS(T)                                                       \
+  case T:                                                                           \
+    if (two_shot) backward_two_shot<T>(v, a, Region{cap}, epoch, deadline, dw_acc, red); \
+    else backward_one_shot<T>(v, a, Region{cap}, epoch, deadline, dw_acc, red);          \
+    break;
+    LOOM_BACKWARD_ROWS(32)
+    LOOM_BACKWARD_ROWS(64)
+    LOOM_BACKWARD_ROWS(128)
+    LOOM_BACKWARD_ROWS(256)
+#undef LOOM_BACKWARD_ROWS
+  }
   __syncthreads();
+  // The block's sums: its groups' in group order, back to column order.
+  const int64_t packs = a.d / kPack;
   float* out = a.dw_partials + static_cast<int64_t>(blockIdx.x) * a.d;
-  for (int64_t c = threadIdx.x; c < a.d; c += blockDim.x) out[c] = dw_acc[c];
+  for (int64_t c = threadIdx.x; c < a.d; c += blockDim.x) {
+    const int64_t at = (c % kPack) * packs + c / kPack;
+    float s = dw_acc[at];
+    for (int grp = 1; grp < groups; ++grp) s += dw_acc[grp * a.d + at];
+    out[c] = s;
+  }
   end_call(v, epoch);
 }
 
@@ -531,6 +598,18 @@ __global__ void spin(uint64_t ns) {
   }
 }
 
+// Shared memory for the backward's dw sums: 128 KiB, or what the device allows a block (less 4 KiB for the
+// kernel's own) when that is less.
+int64_t backward_shared_budget() {
+  static const int64_t budget = [] {
+    int device = 0, optin = 0;
+    LOOM_CUDA_CHECK(cudaGetDevice(&device));
+    LOOM_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+    return std::min<int64_t>(int64_t{128} << 10, static_cast<int64_t>(optin) - 4096);
+  }();
+  return budget;
+}
+
 // CUDA loads kernels lazily (CUDA_MODULE_LOADING=LAZY, the default), and loading one can wait for the kernels
 // already running: if those are fused kernels waiting for a peer whose next kernel is the one being loaded, the
 // group deadlocks until the deadline (seen on H100 with the spin kernel launched between fused calls). So every
@@ -538,11 +617,16 @@ __global__ void spin(uint64_t ns) {
 void load_kernels_once() {
   static const bool loaded = [] {
     cudaFuncAttributes attr;
-    LOOM_CUDA_CHECK(cudaFuncGetAttributes(&attr, fused_forward));
-    LOOM_CUDA_CHECK(cudaFuncGetAttributes(&attr, fused_backward));
+    LOOM_CUDA_CHECK(cudaFuncGetAttributes(&attr, fused_forward<kSmallBlock>));
+    LOOM_CUDA_CHECK(cudaFuncGetAttributes(&attr, fused_forward<kWideBlock>));
+    LOOM_CUDA_CHECK(cudaFuncGetAttributes(&attr, fused_backward<kSmallBlock>));
+    LOOM_CUDA_CHECK(cudaFuncGetAttributes(&attr, fused_backward<kWideBlock>));
     LOOM_CUDA_CHECK(cudaFuncGetAttributes(&attr, dw_column_sum<float>));
     LOOM_CUDA_CHECK(cudaFuncGetAttributes(&attr, dw_column_sum<BFloat16>));
     LOOM_CUDA_CHECK(cudaFuncGetAttributes(&attr, spin));
+    for (auto* kernel : {fused_backward<kSmallBlock>, fused_backward<kWideBlock>})
+      LOOM_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                           static_cast<int>(backward_shared_budget())));
     return true;
   }();
   (void)loaded;
@@ -612,19 +696,32 @@ uint64_t timeout_ns(double s) {
 }  // namespace
 
 void launch_fused_allreduce_add_rmsnorm(const FusedNormGroup& g, const FusedNormArgs& a, cudaStream_t stream) {
-  const char* op = "fused_allreduce_add_rmsnorm";
+  const char* op = a.allreduce_only ? "fused_allreduce" : "fused_allreduce_add_rmsnorm";
   const Views v = group_views(g, op, a.rows, a.d, a.blocks,
                               {a.partial, a.residual, a.weight, static_cast<const void*>(a.residual_out),
                                static_cast<const void*>(a.normed)});
+  LOOM_CHECK(a.partial != nullptr && a.residual_out != nullptr, kShape, op << ": partial and residual_out are required");
+  if (a.allreduce_only)
+    LOOM_CHECK(a.residual == nullptr && a.weight == nullptr && a.normed == nullptr && a.rstd == nullptr, kShape,
+               op << ": all-reduce alone takes no residual, weight, normed or rstd");
+  else
+    LOOM_CHECK(a.residual != nullptr && a.weight != nullptr && a.normed != nullptr, kShape,
+               op << ": residual, weight and normed are required");
   if (a.rows == 0) return;
   load_kernels_once();
   ForwardArgs fa{static_cast<const BFloat16*>(a.partial), static_cast<const BFloat16*>(a.residual),
                  static_cast<const BFloat16*>(a.weight),  static_cast<BFloat16*>(a.residual_out),
                  static_cast<BFloat16*>(a.normed),        a.rstd,
                  a.rows,                                  a.d,
-                 a.eps,                                   row_threads(a.rows, a.blocks, a.d)};
-  fused_forward<<<a.blocks, kThreads, 0, stream>>>(v, fa, fused_stage_capacity(g.stage_bytes),
-                                                   a.algo == FusedAlgo::kTwoShot, a.epoch, timeout_ns(a.timeout_s));
+                 a.eps,                                   0};
+  const int block = block_threads(a.rows, a.d);
+  fa.row_threads = row_threads(a.rows, a.blocks, a.d, block);
+  const int64_t cap = fused_stage_capacity(g.stage_bytes);
+  const bool two_shot = a.algo == FusedAlgo::kTwoShot;
+  if (block == kWideBlock)
+    fused_forward<kWideBlock><<<a.blocks, block, 0, stream>>>(v, fa, cap, two_shot, a.epoch, timeout_ns(a.timeout_s));
+  else
+    fused_forward<kSmallBlock><<<a.blocks, block, 0, stream>>>(v, fa, cap, two_shot, a.epoch, timeout_ns(a.timeout_s));
   LOOM_CUDA_CHECK_LAUNCH(op);
 }
 
@@ -632,24 +729,34 @@ void launch_fused_rmsnorm_backward(const FusedNormGroup& g, const FusedNormBackw
   const char* op = "fused_allreduce_rmsnorm_backward";
   const Views v = group_views(g, op, a.rows, a.d, a.blocks,
                               {a.dnormed, a.x, a.weight, static_cast<const void*>(a.dx)});
-  LOOM_CHECK(a.d <= kFusedBackwardMaxD, kShape,
-             op << ": hidden size " << a.d << " above " << kFusedBackwardMaxD << " (the dw sums of a block live in shared memory)");
+  const int64_t budget = backward_shared_budget();
+  LOOM_CHECK(a.d <= kFusedBackwardMaxD && a.d * static_cast<int64_t>(sizeof(float)) <= budget, kShape,
+             op << ": hidden size " << a.d << " above " << std::min<int64_t>(kFusedBackwardMaxD, budget / 4)
+                << " (a block's dw sums live in shared memory)");
   LOOM_CHECK(a.rstd != nullptr && a.dw != nullptr && a.dw_partials != nullptr, kShape,
              op << ": rstd, dw and dw_partials are required");
   if (a.rows == 0) return;  // dw += an empty sum; no call, so no epoch either (every rank alike)
   load_kernels_once();
   BackwardArgs ba{static_cast<const BFloat16*>(a.dnormed), static_cast<const BFloat16*>(a.x),
                   static_cast<const BFloat16*>(a.weight), a.rstd, static_cast<BFloat16*>(a.dx), a.accumulate,
-                  a.dw_partials, a.rows, a.d};
-  const size_t shared_bytes = static_cast<size_t>(a.d) * sizeof(float);
-  fused_backward<<<a.blocks, kThreads, shared_bytes, stream>>>(
-      v, ba, fused_stage_capacity(g.stage_bytes), a.algo == FusedAlgo::kTwoShot, a.epoch, timeout_ns(a.timeout_s));
-  LOOM_CUDA_CHECK_LAUNCH(op);
-  const unsigned col_blocks = static_cast<unsigned>((a.d + kThreads - 1) / kThreads);
-  if (a.dw_bf16)
-    dw_column_sum<BFloat16><<<col_blocks, kThreads, 0, stream>>>(static_cast<BFloat16*>(a.dw), a.dw_partials, a.blocks, a.d);
+                  a.dw_partials, a.rows, a.d, 0};
+  const BackwardShape shape = backward_shape(a.rows, a.blocks, a.d, budget);
+  ba.row_threads = shape.row_threads;
+  const size_t shared_bytes = static_cast<size_t>(shape.block / shape.row_threads * a.d) * sizeof(float);
+  const int64_t cap = fused_stage_capacity(g.stage_bytes);
+  const bool two_shot = a.algo == FusedAlgo::kTwoShot;
+  if (shape.block == kWideBlock)
+    fused_backward<kWideBlock><<<a.blocks, shape.block, shared_bytes, stream>>>(v, ba, cap, two_shot, a.epoch,
+                                                                                 timeout_ns(a.timeout_s));
   else
-    dw_column_sum<float><<<col_blocks, kThreads, 0, stream>>>(static_cast<float*>(a.dw), a.dw_partials, a.blocks, a.d);
+    fused_backward<kSmallBlock><<<a.blocks, shape.block, shared_bytes, stream>>>(v, ba, cap, two_shot, a.epoch,
+                                                                                  timeout_ns(a.timeout_s));
+  LOOM_CUDA_CHECK_LAUNCH(op);
+  const unsigned col_blocks = static_cast<unsigned>((a.d + kSmallBlock - 1) / kSmallBlock);
+  if (a.dw_bf16)
+    dw_column_sum<BFloat16><<<col_blocks, kSmallBlock, 0, stream>>>(static_cast<BFloat16*>(a.dw), a.dw_partials, a.blocks, a.d);
+  else
+    dw_column_sum<float><<<col_blocks, kSmallBlock, 0, stream>>>(static_cast<float*>(a.dw), a.dw_partials, a.blocks, a.d);
   LOOM_CUDA_CHECK_LAUNCH("dw_column_sum");
 }
 

@@ -4,9 +4,9 @@
 // multicast: every remote access is an ordinary load or store through a peer pointer.
 //
 //   two-shot  each rank copies its partial rows into its own input buffer (epoch & 1); barrier; rank r reduces the rows of
-//             its token slice from every peer in the fixed rank order 0..W-1 (so every rank gets bit-identical
-//             results), adds the residual, RMSNorms, and writes both the new residual rows and the normalised
-//             rows into every peer's output buffers; barrier; each rank copies its output buffers out.
+//             results), adds the residual and writes the new residual rows into every peer's output buffer;
+//             barrier; each rank copies the residual rows out and RMSNorms them locally (the normalised rows are
+//             not sent: half the writes over NVLink), with one-shot's arithmetic, so the bits are one-shot's.
 //   one-shot  each rank copies its partial into input buffer (epoch & 1); barrier; every rank reduces every
 //             row from all peers in the same fixed order (the same arithmetic everywhere: bit-identical).
 //             Double-buffered inputs make one barrier enough: a rank can only overwrite buffer (epoch & 1) two
@@ -31,10 +31,11 @@
 // Backward (launch_fused_rmsnorm_backward): the mirror image, on the same buffers, flags and epochs (forward and
 // backward calls may follow each other in any order). The partial gradients of the normalised rows are summed
 // in rank order (what an all-reduce gives), pushed through the RMSNorm backward and added to the residual
-// stream's gradient; two-shot reduces a token slice per rank and writes both the input-gradient rows and the
-// summed gradient to every peer, one-shot reduces every row on every rank. The weight's gradient is summed per
-// block over the block's rows from the summed gradient, then over blocks by a second small kernel: the same
-// order in both algorithms, so dx and dw are bit-identical across algorithms and ranks.
+// stream's gradient; two-shot reduces the summed gradient of a token slice per rank and writes it to every peer,
+// then every rank works the RMSNorm backward of every row locally; one-shot reduces every row on every rank.
+// The weight's gradient is summed per row group (rows worked a row per group of threads, as in the forward) in
+// shared memory, over the groups of a block, then over blocks by a second small kernel: the same order in both
+// algorithms, so dx and dw are bit-identical across algorithms and ranks.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -71,6 +72,9 @@ struct FusedNormGroup {
 enum class FusedAlgo { kOneShot, kTwoShot };
 
 struct FusedNormArgs {
+  // All-reduce alone (no residual, weight, normed or rstd): residual_out = bf16(sum of the partials in rank
+  // order). The benchmark's measure of what the norm costs inside the kernel.
+  bool allreduce_only = false;
   const void* partial = nullptr;   // bf16 [rows, d], this rank's partial sums
   const void* residual = nullptr;  // bf16 [rows, d], identical on every rank
   const void* weight = nullptr;    // bf16 [d]
@@ -86,7 +90,7 @@ struct FusedNormArgs {
 };
 
 // The backward: dx (+)= the RMSNorm backward of the summed dnormed; dw += the weight's gradient.
-constexpr int64_t kFusedBackwardMaxD = 11264;  // a block's dw sums live in shared memory (44 KiB)
+constexpr int64_t kFusedBackwardMaxD = 32768;  // a block's dw sums live in shared memory (128 KiB at most)
 
 struct FusedNormBackwardArgs {
   const void* dnormed = nullptr;  // bf16 [rows, d]: this rank's partial gradient of the normalised rows

@@ -7,14 +7,16 @@
 //     within one bf16 rounding (norm-wise 1e-2; the sum of squares is added in another order), and every rank's
 //     outputs bit-identical.
 //   - rstd (the RMSNorm backward's input) bit-identical on every rank and within 1e-5 of the f64 reference.
+//   - All-reduce alone (the benchmark's variant): both algorithms give the f32 rank-order sum rounded once, bit
+//     for bit on every rank; the norm's tensors are refused with it and required without it.
 //   - 10^5 calls with random per-rank delays (a spin kernel before some ranks' calls) and inputs (and row
 //     counts) that change every call: no error, and every 100th call checked bit for bit against the expected
 //     result.
 //   - A dead peer (its kernel never launched) makes the survivor fail with a deadline error naming it, within
 //     the deadline; the abort word stops a waiting kernel.
 //   - The backward (summed gradient, RMSNorm backward, residual-gradient add, weight gradient) against an f64
-//     reference for 2..8 ranks, token counts 1..16384 and hidden sizes 1024..8192, with and without
-//     accumulation: the summed gradient exactly, dx and dw within bf16/f32 rounding, both bit-identical on every
+//     reference for 2..8 ranks, token counts 1..16384 and hidden sizes 1024..32768 (the widest it takes), with
+//     and without accumulation: the summed gradient exactly, dx and dw within bf16/f32 rounding, both bit-identical on every
 //     rank and between the two algorithms.
 //   - CUDA-graph capture: each rank captures forward and backward calls of both algorithms in a graph, replayed
 //     200 times between eager calls, with the epochs from the device counters: correct outputs, no error, and
@@ -29,6 +31,7 @@
 #include <vector>
 
 #include "core/dtype.h"
+#include "core/error.h"
 #include "core/rng.h"
 #include "tests/cuda/cuda_test_util.h"
 #include "tests/cuda/fused_norm_reference.h"
@@ -214,7 +217,8 @@ TEST_F(FusedNormKernel, BothAlgorithmsMatchTheReferenceAndAreBitIdenticalOnEvery
     int64_t rows, d;
   };
   const Case cases[] = {{2, 1, 1024}, {2, 3, 8192}, {4, 37, 2048}, {2, 300, 4096}, {8, 1000, 1024},
-                        {2, 4096, 8192}, {4, 16384, 2048}, {2, 16384, 8192}, {3, 129, 4096}};
+                        {2, 4096, 8192}, {4, 16384, 2048}, {2, 16384, 8192}, {3, 129, 4096},
+                        {2, 64, 8192},   {3, 40, 8192}};  // the last two: 512-thread blocks, 128 threads per row
   for (const Case& c : cases) {
     Problem pb(c.ranks, c.rows, c.d, 7 + static_cast<uint64_t>(c.rows));
     std::vector<uint16_t> want_res;
@@ -251,6 +255,56 @@ TEST_F(FusedNormKernel, BothAlgorithmsMatchTheReferenceAndAreBitIdenticalOnEvery
       EXPECT_LE(std::sqrt(num / den), 1e-2) << "normed rows, norm-wise relative error";
     }
   }
+}
+
+TEST_F(FusedNormKernel, AllReduceAloneIsTheRankOrderSumOnEveryRank) {
+  struct Case {
+    int ranks;
+    int64_t rows, d;
+  };
+  const Case cases[] = {{2, 1, 1024}, {3, 129, 4096}, {4, 4096, 2048}, {2, 16384, 8192}};
+  for (const Case& c : cases) {
+    Problem pb(c.ranks, c.rows, c.d, 11 + static_cast<uint64_t>(c.rows));
+    std::vector<uint16_t> want(static_cast<size_t>(c.rows * c.d));
+    for (size_t i = 0; i < want.size(); ++i) {
+      float acc = f(pb.partial[0][i]);
+      for (int r = 1; r < c.ranks; ++r) acc += f(pb.partial[static_cast<size_t>(r)][i]);
+      want[i] = f32_to_bf16(acc).bits;
+    }
+    VirtualGroup g(c.ranks, cuda::fused_stage_bytes(c.rows, c.d));
+    for (cuda::FusedAlgo algo : {cuda::FusedAlgo::kTwoShot, cuda::FusedAlgo::kOneShot}) {
+      SCOPED_TRACE(std::string(algo == cuda::FusedAlgo::kTwoShot ? "two-shot" : "one-shot") + ", " +
+                   std::to_string(c.ranks) + " ranks, " + std::to_string(c.rows) + " x " + std::to_string(c.d));
+      ++g.epoch;
+      for (int r = 0; r < c.ranks; ++r) {
+        CK(cudaMemsetAsync(pb.dev_res_out[static_cast<size_t>(r)], 0xff, want.size() * 2,
+                           g.streams[static_cast<size_t>(r)]));  // on the rank's stream: before its kernel
+        cuda::FusedNormArgs a = pb.args(r, g.epoch, algo, 16);
+        a.allreduce_only = true;
+        a.residual = a.weight = nullptr;
+        a.normed = nullptr;
+        a.rstd = nullptr;
+        cuda::launch_fused_allreduce_add_rmsnorm(g.view(r), a, g.streams[static_cast<size_t>(r)]);
+      }
+      CK(cudaDeviceSynchronize());
+      for (int r = 0; r < c.ranks; ++r) {
+        ASSERT_EQ(g.error_of(r), 0u) << cuda::fused_error_kind(g.error_of(r));
+        const std::vector<uint16_t> got = pb.download(pb.dev_res_out, r);
+        int64_t wrong = 0;
+        for (size_t i = 0; i < want.size(); ++i) wrong += got[i] != want[i];
+        EXPECT_EQ(wrong, 0) << "elements of rank " << r << " different from the rank-order sum";
+      }
+    }
+  }
+  // The norm's inputs are refused with all-reduce alone, and required without it.
+  Problem pb(2, 4, 1024, 3);
+  VirtualGroup g(2, cuda::fused_stage_bytes(4, 1024));
+  cuda::FusedNormArgs a = pb.args(0, 1, cuda::FusedAlgo::kOneShot, 4);
+  a.allreduce_only = true;
+  EXPECT_THROW(cuda::launch_fused_allreduce_add_rmsnorm(g.view(0), a, g.streams[0]), Error);
+  a.allreduce_only = false;
+  a.weight = nullptr;
+  EXPECT_THROW(cuda::launch_fused_allreduce_add_rmsnorm(g.view(0), a, g.streams[0]), Error);
 }
 
 TEST_F(FusedNormKernel, HundredThousandCallsWithRandomDelaysStayCorrect) {
@@ -422,7 +476,8 @@ TEST_F(FusedNormKernel, BackwardMatchesTheReferenceBitIdenticalAcrossRanksAndAlg
   };
   const Case cases[] = {{2, 1, 1024, false},  {2, 37, 2048, true},     {4, 300, 4096, true},
                         {8, 1000, 1024, false}, {3, 129, 4096, true}, {2, 4096, 8192, true},
-                        {2, 16384, 2048, false}};
+                        {2, 16384, 2048, false}, {2, 64, 8192, true}, {2, 40, 16384, false},
+                        {2, 8, 32768, true}};  // the widest: one 256-thread group per block, 128 KiB of dw sums
   for (const Case& c : cases) {
     BackwardProblem pb(c.ranks, c.rows, c.d, 31 + static_cast<uint64_t>(c.rows));
     std::vector<uint16_t> want_dn;
