@@ -4,6 +4,8 @@
 #include <cuda_bf16.h>
 
 #include <algorithm>
+#include <map>
+#include <mutex>
 
 #include "core/cuda/cuda_check.h"
 #include "core/cuda/reduce.cuh"
@@ -147,8 +149,8 @@ __device__ void stage_input(const Views& v, const BFloat16* partial, int64_t in_
 // at least a warp per row, more threads per row when it has fewer, so one wide row is not walked by one warp);
 // the rows of a block (first_row(begin) + k * gridDim.x) are dealt to its groups in turn. Thread l of a group
 // takes packs l, l + threads, ...; its sum of squares adds them in that order, then a fixed shuffle tree sums
-// each warp and the group adds its warps' totals in warp order. The group size depends only on the call's rows,
-// so both algorithms norm a row with the same arithmetic and a row's rstd has the same bits wherever it is computed.
+// each warp and the group adds its warps' totals in warp order. The group size depends only on the call's shape
+// (rows, d, blocks; block threads), so both algorithms norm a row with the same arithmetic and a row's rstd has the same bits wherever it is computed.
 __device__ __forceinline__ float warp_total(float x) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) x += __shfl_down_sync(0xffffffffu, x, o);
@@ -317,16 +319,15 @@ __device__ void reduce_norm_row(BFloat16* const* src, int n_src, int64_t src_off
 
 // Staging layout per rank (bf16 elements; cap = the capacity of the staging buffer / 4, the same for every call
 // whatever its shape, so the parity rule holds when shapes change between calls):
-// [in 0][in 1][out 0][out 1]. Forward: out 0 = new residual rows (or the sums, all-reduce alone). Backward: out 0 = the
-// input-gradient rows, out 1 = the summed gradient of the normalised rows.
+// [in 0][in 1][out 0][out 1]. Forward: out 0 = the new residual rows (or the sums, all-reduce alone). Backward:
+// out 1 = the summed gradient of the normalised rows (out 0 unused).
 struct Region {
   int64_t cap;
   __device__ int64_t in(uint32_t epoch) const { return (epoch & 1u) * cap; }  // the same parity rule everywhere
   __device__ int64_t out(int k) const { return (2 + k) * cap; }
 };
 
-// Destinations of this rank's token slice in two-shot: out region k of every rank, this rank's own first (the
-// second pass of a row re-reads dst[0], its own stores).
+// Destinations of this rank's token slice in two-shot: out region k of every rank, this rank's own first.
 __device__ __forceinline__ void slice_destinations(const Views& v, const Region& reg, int k, BFloat16** dst) {
   for (int q = 0; q < v.ranks; ++q) dst[q] = v.stage[(v.rank + q) % v.ranks] + reg.out(k);
 }
@@ -345,7 +346,7 @@ struct ForwardArgs {
   float* rstd;
   int64_t rows, d;
   float eps;
-  int row_threads;  // row_threads(rows, blocks, d)
+  int row_threads;  // row_threads(rows, blocks, d, block threads)
 };
 
 // Two-shot: phase 1 reduces this rank's token slice (+ residual) and writes only the new residual rows to every
@@ -419,7 +420,7 @@ __global__ void __launch_bounds__(kBlock)
 //                           (in row order) of dn * xhat
 // and a second small kernel adds the column sums of dw_partials (in block order) to dw.
 //
-// Rows are worked a row per group of T threads as in the forward (backward_row_threads: T also large enough
+// Rows are worked a row per group of T threads as in the forward (backward_shape: T also large enough
 // that every group's dw sums, d floats each, fit the block's shared memory). one-shot: every rank reduces dn
 // for every row from every peer and norms it. two-shot: rank r reduces the dn rows of its token slice and writes
 // them to every peer (an all-reduce of dn; the gradient rows are not sent), then every rank norms every row from
@@ -433,7 +434,7 @@ struct BackwardArgs {
   bool accumulate;
   float* dw_partials;
   int64_t rows, d;
-  int row_threads;  // backward_row_threads(rows, blocks, d)
+  int row_threads;  // backward_shape(rows, blocks, d, budget).row_threads
 };
 
 // One row, by one row group. Pass 1: dn = bf16(sum over q < n_src of src[q][src_off + row]) (one source: the
@@ -598,15 +599,23 @@ __global__ void spin(uint64_t ns) {
   }
 }
 
-// Shared memory for the backward's dw sums: 128 KiB, or what the device allows a block (less 4 KiB for the
-// kernel's own) when that is less.
+// Shared memory for the backward's dw sums on the current device: 128 KiB, or what the device allows a block
+// (less 4 KiB for the kernel's own) when that is less; the first call per device also lets the backward kernels
+// use that much there (the attribute belongs to the device's context).
 int64_t backward_shared_budget() {
-  static const int64_t budget = [] {
-    int device = 0, optin = 0;
-    LOOM_CUDA_CHECK(cudaGetDevice(&device));
-    LOOM_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-    return std::min<int64_t>(int64_t{128} << 10, static_cast<int64_t>(optin) - 4096);
-  }();
+  static std::mutex mu;
+  static std::map<int, int64_t> budgets;
+  int device = 0;
+  LOOM_CUDA_CHECK(cudaGetDevice(&device));
+  std::lock_guard<std::mutex> lock(mu);
+  const auto it = budgets.find(device);
+  if (it != budgets.end()) return it->second;
+  int optin = 0;
+  LOOM_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  const int64_t budget = std::min<int64_t>(int64_t{128} << 10, static_cast<int64_t>(optin) - 4096);
+  for (auto* kernel : {fused_backward<kSmallBlock>, fused_backward<kWideBlock>})
+    LOOM_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(budget)));
+  budgets.emplace(device, budget);
   return budget;
 }
 
@@ -624,15 +633,16 @@ void load_kernels_once() {
     LOOM_CUDA_CHECK(cudaFuncGetAttributes(&attr, dw_column_sum<float>));
     LOOM_CUDA_CHECK(cudaFuncGetAttributes(&attr, dw_column_sum<BFloat16>));
     LOOM_CUDA_CHECK(cudaFuncGetAttributes(&attr, spin));
-    for (auto* kernel : {fused_backward<kSmallBlock>, fused_backward<kWideBlock>})
-      LOOM_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                           static_cast<int>(backward_shared_budget())));
     return true;
   }();
   (void)loaded;
 }
 
 }  // namespace
+
+int64_t fused_backward_max_d() {
+  return std::min<int64_t>(kFusedBackwardMaxD, backward_shared_budget() / static_cast<int64_t>(sizeof(float)));
+}
 
 void launch_spin(uint64_t ns, cudaStream_t stream) {
   load_kernels_once();
@@ -730,9 +740,9 @@ void launch_fused_rmsnorm_backward(const FusedNormGroup& g, const FusedNormBackw
   const Views v = group_views(g, op, a.rows, a.d, a.blocks,
                               {a.dnormed, a.x, a.weight, static_cast<const void*>(a.dx)});
   const int64_t budget = backward_shared_budget();
-  LOOM_CHECK(a.d <= kFusedBackwardMaxD && a.d * static_cast<int64_t>(sizeof(float)) <= budget, kShape,
-             op << ": hidden size " << a.d << " above " << std::min<int64_t>(kFusedBackwardMaxD, budget / 4)
-                << " (a block's dw sums live in shared memory)");
+  LOOM_CHECK(a.d <= fused_backward_max_d(), kShape,
+             op << ": hidden size " << a.d << " above " << fused_backward_max_d()
+                << " on this GPU (a row group's dw sums live in shared memory)");
   LOOM_CHECK(a.rstd != nullptr && a.dw != nullptr && a.dw_partials != nullptr, kShape,
              op << ": rstd, dw and dw_partials are required");
   if (a.rows == 0) return;  // dw += an empty sum; no call, so no epoch either (every rank alike)

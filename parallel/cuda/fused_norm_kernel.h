@@ -4,6 +4,7 @@
 // multicast: every remote access is an ordinary load or store through a peer pointer.
 //
 //   two-shot  each rank copies its partial rows into its own input buffer (epoch & 1); barrier; rank r reduces the rows of
+//             its token slice from every peer in the fixed rank order 0..W-1 (so every rank gets bit-identical
 //             results), adds the residual and writes the new residual rows into every peer's output buffer;
 //             barrier; each rank copies the residual rows out and RMSNorms them locally (the normalised rows are
 //             not sent: half the writes over NVLink), with one-shot's arithmetic, so the bits are one-shot's.
@@ -108,6 +109,10 @@ struct FusedNormBackwardArgs {
   double timeout_s = 10.0;
   FusedAlgo algo = FusedAlgo::kTwoShot;
 };
+
+// The widest hidden size the backward takes on the current device: kFusedBackwardMaxD, or less where the GPU
+// offers a block less than 132 KiB of shared memory (a row group's dw sums live there).
+int64_t fused_backward_max_d();
 
 // Staging bytes each rank needs for `rows` x `d` bf16 (two input buffers and two output buffers).
 int64_t fused_stage_bytes(int64_t rows, int64_t d);

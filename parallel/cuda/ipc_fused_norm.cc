@@ -215,7 +215,7 @@ FusedNormGroup IpcFusedNorm::prepare(int64_t rows, int64_t d, bool backward) {
     unmap();
     map(std::max(fused_stage_bytes(rows, d), 2 * stage_bytes_));
   }
-  if (backward && d > dw_partials_d_ && d <= kFusedBackwardMaxD) {
+  if (backward && d > dw_partials_d_ && d <= fused_backward_max_d()) {
     // The backward's scratch (local): sized for the widest call and any block count.
     LOOM_CHECK(capture == cudaStreamCaptureStatusNone, kComm,
                "fused RMSNorm backward on '" << name_ << "': width " << d << " needs more scratch, which cannot grow "

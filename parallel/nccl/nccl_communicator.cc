@@ -94,7 +94,7 @@ void NcclCommunicator::do_fused_allreduce_add_rmsnorm(const Tensor& partial, con
 }
 
 bool NcclCommunicator::has_fused_backward_path(const Tensor& dnormed) const {
-  return has_fused_path(dnormed) && dnormed.size(1) <= cuda::kFusedBackwardMaxD;
+  return has_fused_path(dnormed) && dnormed.size(1) <= cuda::fused_backward_max_d();
 }
 
 void NcclCommunicator::do_fused_rmsnorm_backward(const Tensor& dnormed, const Tensor& x, const Tensor& weight,

@@ -14,7 +14,7 @@
 //
 // With fused_kernel, a group whose ranks are on one node (CUDA IPC reachable: cuda::IpcFusedNorm) also offers
 // the fused all-reduce + residual add + RMSNorm as one kernel (Communicator::fused_allreduce_add_rmsnorm), and
-// its backward as one (fused_rmsnorm_backward, width <= cuda::kFusedBackwardMaxD), for
+// its backward as one (fused_rmsnorm_backward, width <= cuda::fused_backward_max_d()), for
 // bf16 rows whose width is a multiple of 8; otherwise, or when the group cannot map its peers' memory (the
 // reason is logged once), the fused op composes NCCL's all-reduce with the norm kernels.
 #pragma once
