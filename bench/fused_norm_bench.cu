@@ -365,7 +365,6 @@ class Bench {
     fill(residual.p, padded_rows * d, 7, 1.0f, 0.0f, stream_);
     fill(weight.p, d, 8, 0.5f, 1.0f, stream_);
     fill_f32_kernel<<<64, 256, 0, stream_>>>(rstd_b.p, tokens, 9, 0.25f, 1.0f);  // the backward's rstd: [0.75, 1.25)
-    ours_->reserve(tokens, d, d <= loom::cuda::fused_backward_max_d());
     const int64_t slice_rows = padded_rows / ranks_;
     const size_t bytes = static_cast<size_t>(n) * 2;
 
@@ -394,6 +393,7 @@ class Bench {
     // widths the backward kernel does not take on this GPU.
     const bool backward = d <= loom::cuda::fused_backward_max_d();
     const std::string too_wide = "wider than the backward kernel takes on this GPU";
+    ours_->reserve(tokens, d, backward);
     auto nccl_ar_norm_bwd = [&] {
       nccl_ar();
       rmsnorm_backward(work.p, residual.p, weight.p, rstd_b.p, dx.p, dw.p, dw_scratch.p, tokens, d, stream_);
@@ -414,28 +414,19 @@ class Bench {
         ours_->run_backward(a);
       };
     };
-    auto ours_ar = [&](FusedAlgo algo) {
-      return [&, algo] {
+    // Ours: the fused op, or (norm false) the all-reduce alone into res_out.
+    auto ours = [&](FusedAlgo algo, bool norm = true) {
+      return [&, algo, norm] {
         loom::cuda::FusedNormArgs a;
-        a.allreduce_only = true;
+        a.allreduce_only = !norm;
         a.partial = partial.p;
         a.residual_out = res_out.p;
-        a.rows = tokens;
-        a.d = d;
-        a.blocks = o_.blocks;
-        a.algo = algo;
-        ours_->run(a);
-      };
-    };
-    auto ours = [&](FusedAlgo algo) {
-      return [&, algo] {
-        loom::cuda::FusedNormArgs a;
-        a.partial = partial.p;
-        a.residual = residual.p;
-        a.weight = weight.p;
-        a.residual_out = res_out.p;
-        a.normed = normed.p;
-        a.rstd = rstd.p;
+        if (norm) {
+          a.residual = residual.p;
+          a.weight = weight.p;
+          a.normed = normed.p;
+          a.rstd = rstd.p;
+        }
         a.rows = tokens;
         a.d = d;
         a.blocks = o_.blocks;
@@ -460,24 +451,25 @@ class Bench {
       nccl_ar();
       LOOM_CUDA_CHECK(cudaMemcpyAsync(ref_res.p, work.p, bytes, cudaMemcpyDeviceToDevice, stream_));
       for (FusedAlgo algo : {FusedAlgo::kOneShot, FusedAlgo::kTwoShot}) {
-        ours_ar(algo)();
+        ours(algo, false)();
         ours_->synchronize();
         ok = check(res_out.p, ref_res.p, n, algo == FusedAlgo::kOneShot ? "ours_ar_1shot" : "ours_ar_2shot", d,
                    tokens) && ok;
       }
-      const size_t dw_bytes = static_cast<size_t>(d) * sizeof(float);
-      LOOM_CUDA_CHECK(cudaMemsetAsync(dw.p, 0, dw_bytes, stream_));
-      nccl_ar_norm_bwd();
-      LOOM_CUDA_CHECK(cudaMemcpyAsync(dx_ref.p, dx.p, bytes, cudaMemcpyDeviceToDevice, stream_));
-      LOOM_CUDA_CHECK(cudaMemcpyAsync(dw_ref.p, dw.p, dw_bytes, cudaMemcpyDeviceToDevice, stream_));
-      for (FusedAlgo algo : {FusedAlgo::kOneShot, FusedAlgo::kTwoShot}) {
-        if (!backward) break;
+      if (backward) {
+        const size_t dw_bytes = static_cast<size_t>(d) * sizeof(float);
         LOOM_CUDA_CHECK(cudaMemsetAsync(dw.p, 0, dw_bytes, stream_));
-        ours_bwd(algo)();
-        ours_->synchronize();
-        const std::string name = algo == FusedAlgo::kOneShot ? "ours_bwd_1shot" : "ours_bwd_2shot";
-        ok = check(dx.p, dx_ref.p, n, name + " dx", d, tokens) && ok;
-        ok = check(dw.p, dw_ref.p, d, name + " dw", d, tokens) && ok;
+        nccl_ar_norm_bwd();
+        LOOM_CUDA_CHECK(cudaMemcpyAsync(dx_ref.p, dx.p, bytes, cudaMemcpyDeviceToDevice, stream_));
+        LOOM_CUDA_CHECK(cudaMemcpyAsync(dw_ref.p, dw.p, dw_bytes, cudaMemcpyDeviceToDevice, stream_));
+        for (FusedAlgo algo : {FusedAlgo::kOneShot, FusedAlgo::kTwoShot}) {
+          LOOM_CUDA_CHECK(cudaMemsetAsync(dw.p, 0, dw_bytes, stream_));
+          ours_bwd(algo)();
+          ours_->synchronize();
+          const std::string name = algo == FusedAlgo::kOneShot ? "ours_bwd_1shot" : "ours_bwd_2shot";
+          ok = check(dx.p, dx_ref.p, n, name + " dx", d, tokens) && ok;
+          ok = check(dw.p, dw_ref.p, d, name + " dw", d, tokens) && ok;
+        }
       }
       // work = the partial with zero pad rows, for reduce-scatter.
       LOOM_CUDA_CHECK(cudaMemsetAsync(work.p, 0, static_cast<size_t>(padded_rows * d) * 2, stream_));
@@ -489,8 +481,8 @@ class Bench {
     add(out, "nccl_rs_norm_ag", d, tokens, nccl_ ? std::function<void()>(nccl_rs_norm_ag) : nullptr, no_nccl, 0);
     add(out, "ours_oneshot", d, tokens, ours(FusedAlgo::kOneShot), "", o_.blocks);
     add(out, "ours_twoshot", d, tokens, ours(FusedAlgo::kTwoShot), "", o_.blocks);
-    add(out, "ours_ar_1shot", d, tokens, ours_ar(FusedAlgo::kOneShot), "", o_.blocks);
-    add(out, "ours_ar_2shot", d, tokens, ours_ar(FusedAlgo::kTwoShot), "", o_.blocks);
+    add(out, "ours_ar_1shot", d, tokens, ours(FusedAlgo::kOneShot, false), "", o_.blocks);
+    add(out, "ours_ar_2shot", d, tokens, ours(FusedAlgo::kTwoShot, false), "", o_.blocks);
     add(out, "nccl_ar_norm_bwd", d, tokens, nccl_ ? std::function<void()>(nccl_ar_norm_bwd) : nullptr, no_nccl, 0);
     add(out, "ours_bwd_1shot", d, tokens, backward ? std::function<void()>(ours_bwd(FusedAlgo::kOneShot)) : nullptr,
         too_wide, o_.blocks);

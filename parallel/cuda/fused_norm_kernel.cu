@@ -4,8 +4,7 @@
 #include <cuda_bf16.h>
 
 #include <algorithm>
-#include <map>
-#include <mutex>
+#include <atomic>
 
 #include "core/cuda/cuda_check.h"
 #include "core/cuda/reduce.cuh"
@@ -15,8 +14,8 @@ namespace loom::cuda {
 namespace {
 
 // Threads per block: 256 for small calls (the fewest instructions per barrier), 512 from kWideElems elements on
-// (twice the loads in flight per SM: on one H100, 16384 x 2048 one-shot 797 -> 542 us, and 64 x 2048 6.6 -> 7.3 us
-// the other way). A function of the call's shape, so the same on every rank.
+// (twice the loads in flight per SM). Chosen on one H100 with builds of fixed block sizes (docs/fused_norm.md).
+// A function of the call's shape, so the same on every rank.
 constexpr int kSmallBlock = 256, kWideBlock = 512;
 constexpr int64_t kWideElems = int64_t{256} << 10;
 constexpr int kMaxRowThreads = 256;  // a row group has 32..256 threads
@@ -602,21 +601,28 @@ __global__ void spin(uint64_t ns) {
 // Shared memory for the backward's dw sums on the current device: 128 KiB, or what the device allows a block
 // (less 4 KiB for the kernel's own) when that is less; the first call per device also lets the backward kernels
 // use that much there (the attribute belongs to the device's context).
+// Read on every backward call (and by the communicator's path check): a lock-free slot per device, 0 until
+// known; two threads filling one slot at once both set the same attribute and store the same value.
+constexpr int kMaxDevices = 64;
 int64_t backward_shared_budget() {
-  static std::mutex mu;
-  static std::map<int, int64_t> budgets;
+  static std::atomic<int64_t> budgets[kMaxDevices];  // zero-initialised (static storage)
   int device = 0;
   LOOM_CUDA_CHECK(cudaGetDevice(&device));
-  std::lock_guard<std::mutex> lock(mu);
-  const auto it = budgets.find(device);
-  if (it != budgets.end()) return it->second;
+  LOOM_CHECK(device >= 0 && device < kMaxDevices, kCuda, "device " << device << " above " << kMaxDevices - 1);
+  std::atomic<int64_t>& slot = budgets[device];
+  if (const int64_t known = slot.load(std::memory_order_acquire)) return known;
   int optin = 0;
   LOOM_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
   const int64_t budget = std::min<int64_t>(int64_t{128} << 10, static_cast<int64_t>(optin) - 4096);
   for (auto* kernel : {fused_backward<kSmallBlock>, fused_backward<kWideBlock>})
     LOOM_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(budget)));
-  budgets.emplace(device, budget);
+  slot.store(budget, std::memory_order_release);
   return budget;
+}
+
+// The widest row whose dw sums (one group: d floats) fit `budget`.
+int64_t backward_max_d(int64_t budget) {
+  return std::min<int64_t>(kFusedBackwardMaxD, budget / static_cast<int64_t>(sizeof(float)));
 }
 
 // CUDA loads kernels lazily (CUDA_MODULE_LOADING=LAZY, the default), and loading one can wait for the kernels
@@ -641,7 +647,7 @@ void load_kernels_once() {
 }  // namespace
 
 int64_t fused_backward_max_d() {
-  return std::min<int64_t>(kFusedBackwardMaxD, backward_shared_budget() / static_cast<int64_t>(sizeof(float)));
+  return backward_max_d(backward_shared_budget());
 }
 
 void launch_spin(uint64_t ns, cudaStream_t stream) {
@@ -740,8 +746,8 @@ void launch_fused_rmsnorm_backward(const FusedNormGroup& g, const FusedNormBackw
   const Views v = group_views(g, op, a.rows, a.d, a.blocks,
                               {a.dnormed, a.x, a.weight, static_cast<const void*>(a.dx)});
   const int64_t budget = backward_shared_budget();
-  LOOM_CHECK(a.d <= fused_backward_max_d(), kShape,
-             op << ": hidden size " << a.d << " above " << fused_backward_max_d()
+  LOOM_CHECK(a.d <= backward_max_d(budget), kShape,
+             op << ": hidden size " << a.d << " above " << backward_max_d(budget)
                 << " on this GPU (a row group's dw sums live in shared memory)");
   LOOM_CHECK(a.rstd != nullptr && a.dw != nullptr && a.dw_partials != nullptr, kShape,
              op << ": rstd, dw and dw_partials are required");
