@@ -1,6 +1,12 @@
 #include "parallel/trace.h"
 
+#include <fcntl.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
 #include <chrono>
+#include <cstdlib>
+#include <string>
 
 #include "core/error.h"
 #include "core/log.h"
@@ -29,6 +35,44 @@ double wall_clock_s() {
   return std::chrono::duration<double>(std::chrono::system_clock::now().time_since_epoch()).count();
 }
 
+namespace {
+
+// The second field of a schedstat file (run-queue delay, ns), or -1.
+double read_run_delay(int fd) {
+  if (fd < 0) return -1;
+  char buf[128];
+  const ssize_t n = ::pread(fd, buf, sizeof buf - 1, 0);
+  if (n <= 0) return -1;
+  buf[n] = 0;
+  char* end = nullptr;
+  std::strtoull(buf, &end, 10);  // time on a CPU
+  char* after = nullptr;
+  const unsigned long long delay = std::strtoull(end, &after, 10);
+  return after == end ? -1 : static_cast<double>(delay) * 1e-9;
+}
+
+}  // namespace
+
+double thread_run_delay_s() {
+  // Opened once per thread and kept: the schedstat file of the thread that opened it.
+  struct Fd {
+    int fd = ::open("/proc/thread-self/schedstat", O_RDONLY | O_CLOEXEC);
+    ~Fd() {
+      if (fd >= 0) ::close(fd);
+    }
+  };
+  thread_local Fd f;
+  return read_run_delay(f.fd);
+}
+
+double thread_run_delay_s(int tid) {
+  const std::string path = "/proc/self/task/" + std::to_string(tid) + "/schedstat";
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  const double d = read_run_delay(fd);
+  if (fd >= 0) ::close(fd);
+  return d;
+}
+
 TraceRing::TraceRing(size_t capacity) {
   LOOM_CHECK(capacity > 0, kConfig, "trace ring capacity must be positive, got " << capacity);
   records_.resize(capacity);
@@ -40,16 +84,31 @@ TraceRing::~TraceRing() {
 }
 
 uint64_t TraceRing::begin(CollectiveOp op, uint32_t group_id, int32_t peer, uint64_t bytes) {
+  const double run_delay = thread_run_delay_s();
   double now = trace_clock_s();
   std::lock_guard<std::mutex> lock(mutex_);
   uint64_t seq = launched_.load(std::memory_order_relaxed);
   records_[seq % records_.size()] = TraceRecord{seq, op, group_id, peer, bytes, now, 0.0};
   launched_.store(seq + 1, std::memory_order_release);
+  open_seq_ = seq;
+  open_run_delay_ = run_delay;
   return seq;
 }
 
 void TraceRing::end(uint64_t seq) {
-  end(seq, trace_clock_s());
+  const double end_s = trace_clock_s();
+  const double run_delay = thread_run_delay_s();
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (open_seq_ == seq && open_run_delay_ >= 0 && run_delay >= open_run_delay_) {
+      run_delay_inside_s_.store(run_delay_inside_s_.load(std::memory_order_relaxed) + (run_delay - open_run_delay_),
+                                std::memory_order_release);
+      if (writer_tid_.load(std::memory_order_relaxed) == 0)
+        writer_tid_.store(static_cast<int>(::syscall(SYS_gettid)), std::memory_order_release);
+    }
+    open_run_delay_ = -1;
+  }
+  end(seq, end_s);
 }
 
 void TraceRing::end(uint64_t seq, double end_s) {

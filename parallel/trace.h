@@ -28,6 +28,11 @@ double trace_clock_s();
 // Wall-clock seconds (CLOCK_REALTIME): the clock that ranks compare with each other (link transfer times, the
 // monitor). Exact between the processes of one host; across hosts as good as their clock synchronisation.
 double wall_clock_s();
+// Seconds the calling thread has spent runnable but waiting for a CPU (the kernel's run-queue delay,
+// /proc/thread-self/schedstat), or -1 where the kernel does not report it. Of another thread of this process
+// (by its kernel thread id) with thread_run_delay_s(tid). One pread of a file the thread keeps open: ~0.3 us.
+double thread_run_delay_s();
+double thread_run_delay_s(int tid);
 
 struct TraceRecord {
   uint64_t seq = 0;  // 0, 1, 2, ... per ring, in the order the calls were launched
@@ -51,6 +56,9 @@ class TraceRing {
 
   // Writer side. begin() opens a record stamped now and returns its seq; end() closes it. A record whose
   // slot was reused before end() (more than capacity() calls in flight) still counts as completed.
+  // end(seq) on the thread that called begin() (host-timed collectives) also adds the thread's run-queue delay
+  // between the two to run_delay_inside_s(): the monitor separates the time a rank spent waiting for a CPU
+  // outside collectives (the host's scheduler, not the rank) from its own time.
   uint64_t begin(CollectiveOp op, uint32_t group_id, int32_t peer, uint64_t bytes);
   void end(uint64_t seq);
   // With an explicit completion time, for backends that learn it later (GPU events read by a side thread).
@@ -64,6 +72,10 @@ class TraceRing {
   size_t capacity() const { return records_.size(); }
   // Total seconds between begin() and end() of the completed calls.
   double busy_s() const { return busy_s_.load(std::memory_order_acquire); }
+  // Run-queue delay of the writer thread inside host-timed collectives, and that thread's kernel id (0 until
+  // the first host-timed end(), and for rings closed by another thread: GPU events read by a side thread).
+  double run_delay_inside_s() const { return run_delay_inside_s_.load(std::memory_order_acquire); }
+  int writer_tid() const { return writer_tid_.load(std::memory_order_acquire); }
 
  private:
   mutable std::mutex mutex_;
@@ -72,6 +84,11 @@ class TraceRing {
   std::atomic<uint64_t> launched_{0};
   std::atomic<uint64_t> completed_{0};
   std::atomic<double> busy_s_{0};
+  std::atomic<double> run_delay_inside_s_{0};
+  std::atomic<int> writer_tid_{0};
+  // The open host-timed call: its seq and the writer's run-queue delay at begin() (-1: none or unknown).
+  uint64_t open_seq_ = 0;
+  double open_run_delay_ = -1;
 };
 
 }  // namespace loom

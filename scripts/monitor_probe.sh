@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # What the slow-rank rule sees: runs the CPU test job (4 ranks, TP 2 x DP 2 on 2 emulated nodes, the e2e tests'
 # SMALL model) under a monitor for SECONDS, reads the monitor's /status.json every 5 s and prints, per complete
-# 5 s window, each rank's fraction of time inside collectives and how far it is below its learned baseline
-# deviation (the rule names a rank at slow_rank_gap = 12 points in 3 consecutive windows).
+# 5 s window, each rank's fraction of time waiting (inside collectives, or for a CPU outside them), the part of
+# it that was run-queue delay, and how far the rank is below its learned baseline deviation (the rule names a
+# rank at max(6 points, 4 x the learned noise) in 3 consecutive windows; status.json shows the threshold).
 #   bash scripts/monitor_probe.sh [SECONDS=120] [gpt-train fault flags...]
 #   e.g. bash scripts/monitor_probe.sh 90 --fault-kind slow --fault-rank 2 --fault-slowdown 0.15 --fault-after-s 40
 # LOOM_BIN defaults to build/bin (set LOOM_BIN=build-cpu/bin for the CPU build).
@@ -28,7 +29,7 @@ stop_daemons $job
 "$LOOM_PYTHON3" - "$d" <<'PY'
 import json, os, sys
 d, last = sys.argv[1], None
-print("  time  in collectives (%) per rank   | points below own baseline per rank | verdicts")
+print("  time  waiting (%) per rank        | of it run queue (%)       | points below own baseline | verdicts")
 for i in range(1, 100000):
     f = f"{d}/s.{i}.json"
     if not os.path.exists(f):
@@ -42,8 +43,9 @@ for i in range(1, 100000):
         continue  # no complete window yet, or the same window as the last read
     last = json.dumps(c["fraction"])
     frac = " ".join(f"{v * 100:5.1f}" for v in c["fraction"].values())
+    runq = " ".join(f"{c.get('run_queue', {}).get(r, float('nan')) * 100:5.1f}" for r in c["fraction"])
     below = " ".join(f"{(c['baseline'].get(r, 0) - v) * 100:5.1f}" for r, v in c["deviation"].items())
-    print(f"{i * 5:5d} s  {frac}  | {below} | {len(s['verdicts'])}")
+    print(f"{i * 5:5d} s  {frac}  | {runq} | {below} | {len(s['verdicts'])}")
     for v in s["verdicts"]:
         print("        verdict:", v["kind"], v["summary"])
 PY

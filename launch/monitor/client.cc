@@ -73,11 +73,13 @@ void MonitorClient::run() {
   auto heartbeat = [&] {
     uint64_t launched = 0, completed = 0;
     double busy = 0;
+    std::map<int, double> inside;  // writer thread -> its run-queue delay inside collectives
     std::vector<TraceRecord> done;
     for_each_trace_ring([&](const TraceRing& ring) {
       launched += ring.launched();
       completed += ring.completed();
       busy += ring.busy_s();
+      if (ring.writer_tid() != 0) inside[ring.writer_tid()] += ring.run_delay_inside_s();
       uint64_t& next = sent_until[&ring];
       for (const TraceRecord& r : ring.snapshot(next)) {
         if (r.end_s == 0) break;  // in flight: shipped once it completes
@@ -91,6 +93,16 @@ void MonitorClient::run() {
     hb.set("launched", static_cast<int64_t>(launched)).set("completed", static_cast<int64_t>(completed));
     // busy_s and wall_s on the trace clock (both differences matter, not the origin).
     hb.set_f("busy_s", busy).set_f("wall_s", trace_clock_s());
+    // runq_s: how long the threads that issue collectives waited for a CPU outside them (cumulative: a
+    // collective that ends between the two reads moves at most its own wait into the next window).
+    double runq = 0;
+    bool have_runq = !inside.empty();
+    for (const auto& [tid, in] : inside) {
+      const double total = thread_run_delay_s(tid);
+      if (total < 0) have_runq = false;
+      runq += std::max(0.0, total - in);
+    }
+    if (have_runq) hb.set_f("runq_s", runq);
     hb.set("xfer", encode_transfer(process_link_trace().state()));
     hb.set("links", encode_links(process_link_trace().take()));
     send(hb);

@@ -72,6 +72,7 @@ void VerdictEngine::heartbeat(int rank, const MonMessage& m, double now) {
   const int64_t step = m.i64("step"), snapshot = m.i64("snapshot");
   const int64_t start = m.has("start") ? m.i64("start") : -1;
   const double loss = m.f64("loss"), tps = m.f64("tokens_per_s"), busy = m.f64("busy_s"), wall = m.f64("wall_s");
+  const double runq = m.has("runq_s") ? m.f64("runq_s") : -1;
   const auto launched = static_cast<uint64_t>(m.i64("launched")), completed = static_cast<uint64_t>(m.i64("completed"));
   const TransferState xfer = decode_transfer(m.get("xfer"));
   const std::vector<LinkStats> links = decode_links(m.get("links"));
@@ -86,11 +87,13 @@ void VerdictEngine::heartbeat(int rank, const MonMessage& m, double now) {
   r.completed = completed;
   r.busy_s = busy;
   r.wall_s = wall;
+  r.runq_s = runq;
   r.xfer = xfer;
   r.last_heartbeat = now;
   if (r.win_wall < 0) {
     r.win_busy = busy;
     r.win_wall = wall;
+    r.win_runq = runq;
   }
   for (const LinkStats& l : links) {
     LinkStats& w = window_links_[{l.src, rank}];
@@ -362,18 +365,36 @@ std::optional<Verdict> VerdictEngine::localise_hang(double now, double threshold
   return v;
 }
 
+double VerdictEngine::slow_noise() const {
+  return noise2_ > 0 ? std::sqrt(noise2_) : 0.0;
+}
+
+double VerdictEngine::slow_rank_threshold() const {
+  return std::max(cfg_.slow_rank_gap, cfg_.slow_noise_factor * slow_noise());
+}
+
 std::optional<Verdict> VerdictEngine::close_window(double now) {
   const double span = now - window_start_;
   window_start_ = now;
-  // Slow rank: the fraction of its time each rank spent inside collectives over the window.
-  std::map<int, double> frac;
+  // Slow rank: the fraction of its time each rank spent waiting over the window: inside collectives, or
+  // (where reported) runnable outside them while the host ran something else.
+  std::map<int, double> frac, runq_frac;
   bool progressing = true;
   for (auto& [r, info] : ranks_) {
-    if (info.win_wall >= 0 && info.wall_s - info.win_wall > 0.5 * span)
-      frac[r] = (info.busy_s - info.win_busy) / (info.wall_s - info.win_wall);
+    const double wall = info.wall_s - info.win_wall;
+    if (info.win_wall >= 0 && wall > 0.5 * span) {
+      double waited = info.busy_s - info.win_busy;
+      if (info.runq_s >= 0 && info.win_runq >= 0) {
+        const double q = std::max(0.0, info.runq_s - info.win_runq);
+        runq_frac[r] = q / wall;
+        waited += q;
+      }
+      frac[r] = std::min(1.0, waited / wall);
+    }
     if (now - info.last_progress > span) progressing = false;
     info.win_busy = info.busy_s;
     info.win_wall = info.wall_s;
+    info.win_runq = info.runq_s;
   }
   std::optional<Verdict> out;
   int candidate = -1;
@@ -385,25 +406,42 @@ std::optional<Verdict> VerdictEngine::close_window(double now) {
     std::sort(sorted.begin(), sorted.end());
     for (auto& [r, f] : frac) dev[r] = f - median_without(sorted, f);
     last_frac_ = frac;
+    last_runq_ = runq_frac;
     last_dev_ = dev;
     ++rank_windows_seen_;
     const int learned = rank_windows_seen_ - 1;  // baseline windows so far (the first window is start-up)
     const bool have_base = learned > cfg_.slow_baseline_windows;
+    if (have_base && noise2_ < 0) {  // the baseline windows' residuals, pooled over the ranks
+      double m2 = 0;
+      for (auto& [r, v] : dev_m2_) m2 += v;
+      const int dof = static_cast<int>(dev_m2_.size()) * (cfg_.slow_baseline_windows - 1);
+      noise2_ = dof > 0 ? m2 / dof : 0;
+    }
     // Against its own baseline (once learned), or the median of the others for a rank slow from the start.
+    const double threshold = slow_rank_threshold();
     double worst = 0;
     if (have_base)
       for (auto& [r, d] : dev)
-        if (dev_base_[r] - d >= cfg_.slow_rank_gap && dev_base_[r] - d > worst) worst = dev_base_[r] - d, candidate = r;
+        if (dev_base_[r] - d >= threshold && dev_base_[r] - d > worst) worst = dev_base_[r] - d, candidate = r;
     for (auto& [r, d] : dev)
       if (candidate < 0 && -d >= cfg_.slow_rank_abs_gap && -d > worst) worst = -d, candidate = r;
     if (candidate >= 0) {
       gap = -dev[candidate];
       below_base = have_base ? dev_base_[candidate] - dev[candidate] : 0;
     }
-    if (learned >= 1 && !have_base) {  // running mean over the baseline windows
-      for (auto& [r, d] : dev) dev_base_[r] += (d - dev_base_[r]) / learned;
+    if (learned >= 1 && !have_base) {  // running mean and squared residuals over the baseline windows
+      for (auto& [r, d] : dev) {
+        const double before = d - dev_base_[r];
+        dev_base_[r] += before / learned;
+        dev_m2_[r] += before * (d - dev_base_[r]);
+      }
     } else if (have_base && candidate < 0) {
-      for (auto& [r, d] : dev) dev_base_[r] += cfg_.slow_baseline_follow * (d - dev_base_[r]);
+      double sq = 0;
+      for (auto& [r, d] : dev) {
+        sq += (d - dev_base_[r]) * (d - dev_base_[r]);
+        dev_base_[r] += cfg_.slow_baseline_follow * (d - dev_base_[r]);
+      }
+      noise2_ += cfg_.slow_baseline_follow * (sq / static_cast<double>(dev.size()) - noise2_);
     }
   }
   if (candidate >= 0 && candidate == rank_candidate_) {
@@ -414,14 +452,17 @@ std::optional<Verdict> VerdictEngine::close_window(double now) {
   }
   rank_candidate_ = candidate;
   if (candidate >= 0) {
-    JsonObject w, base;
+    JsonObject w, q, base;
     for (auto& [r, f] : frac) w.num(std::to_string(r), f);
+    for (auto& [r, f] : runq_frac) q.num(std::to_string(r), f);
     for (auto& [r, d] : dev_base_) base.num(std::to_string(r), d);
     rank_windows_.push_back(JsonObject()
                                 .num("end", now)
                                 .num("gap", gap)
                                 .num("below_baseline", below_base)
+                                .num("threshold", slow_rank_threshold())
                                 .raw("comm_fraction", w.done())
+                                .raw("run_queue", q.done())
                                 .raw("baseline_deviation", base.done())
                                 .done());
   }
@@ -435,7 +476,8 @@ std::optional<Verdict> VerdictEngine::close_window(double now) {
     s << "rank " << candidate << " is slow: in " << rank_streak_ << " windows of " << span
       << " s it spent the least time waiting in collectives (" << frac[candidate] * 100 << " % of its time, "
       << gap * 100 << " points below the median of the others";
-    if (below_base > 0) s << ", " << below_base * 100 << " below its own baseline";
+    if (below_base > 0)
+      s << ", " << below_base * 100 << " below its own baseline, threshold " << slow_rank_threshold() * 100;
     s << "): the others wait for it";
     v.summary = s.str();
     v.evidence = JsonObject().raw("windows", json_array(rank_windows_)).done();

@@ -12,13 +12,18 @@
 //             number, the in-flight ring transfers name the stalled pair: a receiver waiting at step k on a
 //             sender that reached step k and already has its own input.
 //   slow rank over windows of window_s, each rank's fraction of time inside collectives: the slow rank is the
-//             one that waits least (the others wait for it). Ranks are not symmetric even when healthy (ring
+//             one that waits least (the others wait for it). Time the rank spent runnable but waiting for a
+//             CPU outside collectives (run-queue delay, where the rank reports it) counts as waiting: it is the
+//             host's scheduler, not the rank (on the oversubscribed 2-core CI VM the ranks wait ~2/3 of their
+//             time for a CPU, and which of them waits most shifts for tens of seconds). Ranks are not symmetric even when healthy (ring
 //             position, TP role, a core shared with a daemon: a fault-free 2-core CI run showed one rank 12
 //             points below the others for minutes), so each rank's deviation from the median of the others is
-//             learned over slow_baseline_windows windows (after the first, start-up window) and then followed
-//             slowly on windows without a candidate. Named when the same rank falls slow_rank_gap below its own
-//             baseline in slow_windows consecutive windows, or (slow from the start, before or without a
-//             baseline) slow_rank_abs_gap below the median of the others.
+//             learned over slow_baseline_windows windows (after the first, start-up window), together with
+//             the window-to-window noise around it (RMS over the ranks), and both are then followed slowly on
+//             windows without a candidate. Named when the same rank falls below its own baseline by the
+//             threshold — slow_noise_factor × the noise, at least slow_rank_gap — in slow_windows consecutive
+//             windows, or (slow from the start, before or without a baseline) slow_rank_abs_gap below the
+//             median of the others.
 //   slow link the pairwise matrix of mean transfer times (receiver-measured, waiting excluded): a pair above
 //             slow_link_factor × the median of the other pairs (and slow_link_min_s above it) in slow_windows
 //             consecutive windows.
@@ -45,7 +50,8 @@ struct EngineConfig {
   int hang_min_samples = 20;
   double window_s = 5.0;
   int slow_windows = 3;
-  double slow_rank_gap = 0.12;
+  double slow_rank_gap = 0.06;      // the least drop below the baseline that names a rank
+  double slow_noise_factor = 4.0;   // ... and the drop in units of the learned window-to-window noise
   double slow_rank_abs_gap = 0.30;
   int slow_baseline_windows = 4;
   double slow_baseline_follow = 0.1;  // weight of a window without a candidate in the baseline (EMA)
@@ -67,10 +73,11 @@ struct RankView {
   double loss = 0, tokens_per_s = 0;
   uint64_t launched = 0, completed = 0;
   double busy_s = 0, wall_s = 0;
+  double runq_s = -1;  // run-queue delay outside collectives (cumulative); -1: the rank does not report it
   TransferState xfer;
   double last_end = 0;  // newest completed collective seen in TRACE
   // Window start values of busy_s and wall_s (slow-rank detection).
-  double win_busy = -1, win_wall = -1;
+  double win_busy = -1, win_wall = -1, win_runq = -1;
 };
 
 struct Verdict {
@@ -123,6 +130,13 @@ class VerdictEngine {
   const std::map<int, double>& last_comm_fraction() const { return last_frac_; }
   const std::map<int, double>& last_deviation() const { return last_dev_; }
   const std::map<int, double>& baseline_deviation() const { return dev_base_; }
+  // Rank -> fraction of the last complete window it waited for a CPU outside collectives (the part of
+  // last_comm_fraction that is not time inside collectives); ranks that do not report it are absent.
+  const std::map<int, double>& last_run_queue() const { return last_runq_; }
+  // The learned window-to-window noise of the deviations (RMS), and the drop below its baseline that names a
+  // rank now: max(slow_rank_gap, slow_noise_factor × noise).
+  double slow_noise() const;
+  double slow_rank_threshold() const;
 
  private:
   std::optional<Verdict> check_crash(double now);
@@ -142,8 +156,10 @@ class VerdictEngine {
   std::map<std::pair<int, int>, double> last_link_means_;
   int rank_streak_ = 0, rank_candidate_ = -1;
   int rank_windows_seen_ = 0;                        // complete windows (every rank reporting, progressing)
-  std::map<int, double> dev_base_;                   // rank -> its usual deviation from the others' median
-  std::map<int, double> last_frac_, last_dev_;       // the last complete window's (see last_comm_fraction)
+  std::map<int, double> dev_base_;  // rank -> its usual deviation from the others' median
+  std::map<int, double> dev_m2_;    // rank -> sum of squared residuals over the baseline windows (Welford)
+  double noise2_ = -1;              // learned mean squared residual; -1 until the baseline is learned
+  std::map<int, double> last_frac_, last_dev_, last_runq_;  // the last complete window's (see last_comm_fraction)
   int link_streak_ = 0;
   std::pair<int, int> link_candidate_{-1, -1};
   std::vector<std::string> rank_windows_, link_windows_;  // evidence of the current streaks

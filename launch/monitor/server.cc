@@ -352,8 +352,9 @@ std::string MonitorServer::status_json_locked() const {
   std::vector<std::string> links;
   for (const auto& [pair, mean] : engine_->last_link_means())
     links.push_back(JsonObject().num("src", pair.first).num("dst", pair.second).num("mean_ms", mean * 1e3).done());
-  JsonObject frac, dev, base;
+  JsonObject frac, runq, dev, base;
   for (const auto& [r, f] : engine_->last_comm_fraction()) frac.num(std::to_string(r), f);
+  for (const auto& [r, f] : engine_->last_run_queue()) runq.num(std::to_string(r), f);
   for (const auto& [r, d] : engine_->last_deviation()) dev.num(std::to_string(r), d);
   for (const auto& [r, d] : engine_->baseline_deviation()) base.num(std::to_string(r), d);
   std::vector<std::string> verdicts;
@@ -374,8 +375,11 @@ std::string MonitorServer::status_json_locked() const {
       .raw("ranks", json_array(ranks)).raw("latency", latency.done()).raw("links", json_array(links))
       .raw("comm_fraction", JsonObject()
                                 .raw("fraction", frac.done())
+                                .raw("run_queue", runq.done())
                                 .raw("deviation", dev.done())
-                                .raw("baseline", base.done()).done())
+                                .raw("baseline", base.done())
+                                .num("noise", engine_->slow_noise())
+                                .num("threshold", engine_->slow_rank_threshold()).done())
       .raw("verdicts", json_array(verdicts)).done();
 }
 

@@ -520,6 +520,38 @@ TEST(TraceRing, RejectsMisuse) {
   expect_error([&] { ring.end(seq); }, ErrorKind::kInternal, {"ended twice"}, "ending a record twice");
 }
 
+TEST(TraceRing, CountsTheWritersRunQueueDelayInsideHostTimedCalls) {
+  const double before = thread_run_delay_s();
+  if (before < 0) GTEST_SKIP() << "this kernel does not report run-queue delay (/proc/thread-self/schedstat)";
+  const int tid = static_cast<int>(::syscall(SYS_gettid));
+  EXPECT_GE(thread_run_delay_s(tid), before) << "the same thread's counter read by its id";
+  EXPECT_LT(thread_run_delay_s(-5), 0) << "no such thread";
+  TraceRing ring(4);
+  EXPECT_EQ(ring.writer_tid(), 0);
+  // More spinning threads than cores for 300 ms while a call is open: this thread must wait for a CPU.
+  std::atomic<bool> stop{false};
+  std::vector<std::thread> spinners;
+  for (unsigned i = 0; i < 2 * std::max(1u, std::thread::hardware_concurrency()); ++i)
+    spinners.emplace_back([&] {
+      while (!stop.load(std::memory_order_relaxed)) {
+      }
+    });
+  const uint64_t seq = ring.begin(CollectiveOp::kAllReduce, 1, -1, 4);
+  for (auto t0 = std::chrono::steady_clock::now(); std::chrono::steady_clock::now() - t0 < std::chrono::milliseconds(300);) {
+  }
+  ring.end(seq);
+  stop = true;
+  for (auto& t : spinners) t.join();
+  EXPECT_EQ(ring.writer_tid(), tid);
+  EXPECT_GT(ring.run_delay_inside_s(), 0.0) << "the call waited for a CPU while the spinners ran";
+  EXPECT_LE(ring.run_delay_inside_s(), thread_run_delay_s() - before + 1e-9);
+  // Calls closed with an explicit time (GPU events read by another thread) are not host-timed.
+  TraceRing gpu(4);
+  gpu.end(gpu.begin(CollectiveOp::kAllReduce, 1, -1, 4), 1.0);
+  EXPECT_EQ(gpu.writer_tid(), 0);
+  EXPECT_EQ(gpu.run_delay_inside_s(), 0.0);
+}
+
 TEST(Names, OfOpsAreTheCallNames) {
   EXPECT_STREQ(collective_op_name(CollectiveOp::kAllReduce), "all_reduce");
   EXPECT_STREQ(collective_op_name(CollectiveOp::kReduceScatter), "reduce_scatter");
