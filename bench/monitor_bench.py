@@ -25,7 +25,8 @@ gains nothing from more), LOOM_DEVICE=cpu (CPU ranks also on a GPU machine: NCCL
       310..550). The trials draw their delay uniformly from the candidates whose measured slowdown is >= 10 % on
       both pair kinds.
 2. Injected trials: --trials per kind of crash, hang, hang_comm, slow, slow_link, in a seeded random order, each
-   with a random rank (0..3) and fault step; slow: --fault-slowdown uniform in [0.1, 0.4], injected at a time
+   with a random rank (0..3) and fault step; slow: --fault-slowdown stratified over [0.1, 0.4] (trial i of N
+   uniform in the i-th of N equal parts, so the smallest slowdowns are always tried), injected at a time
    (--fault-after-s uniform in [30, 38] s) rather than a step: the monitor learns each rank's baseline deviation
    in its first ~25 s and a slowdown already present then is part of the baseline; slow_link: peer = the
    rank's TP or DP ring neighbour (coin flip; TP pairs {0,1},{2,3}, DP pairs {0,2},{1,3}). The monitor runs with
@@ -752,10 +753,10 @@ def bench(a, rn, work):
 
     specs = []
     for kind in KINDS:
-        for _ in range(a.trials):
+        for i in range(a.trials):
             s = {"kind": kind, "rank": rng.randrange(4), "step": rng.randint(lo_step, hi_step)}
-            if kind == "slow":
-                s["slowdown"] = round(rng.uniform(0.1, 0.4), 3)
+            if kind == "slow":  # stratified: trial i draws from the i-th of a.trials equal parts of [0.1, 0.4]
+                s["slowdown"] = round(0.1 + 0.3 * (i + rng.random()) / a.trials, 3)
                 s["after_s"] = round(rng.uniform(*SLOW_AFTER_S), 1)
                 s["step"] = 0  # the first step after after_s (recorded as injected_step)
             if kind == "slow_link":
