@@ -21,7 +21,8 @@ mpi 4 "$LOOM_BIN/gpt-train" "${SMALL[@]}" --steps 1000000 --tp 2 --ranks-per-nod
   >"$d/run.log" 2>&1 &
 for i in $(seq 1 $((secs / 5))); do
   sleep 5
-  curl -s "http://127.0.0.1:$port/status.json" >"$d/s.$i.json" || true
+  "$LOOM_PYTHON3" -c 'import sys, urllib.request; sys.stdout.write(urllib.request.urlopen(sys.argv[1], timeout=5).read().decode())' \
+    "http://127.0.0.1:$port/status.json" >"$d/s.$i.json" 2>/dev/null || true
 done
 pkill -TERM -f -- "--monitor-job $job" 2>/dev/null || true
 sleep 2
@@ -29,7 +30,7 @@ stop_daemons $job
 "$LOOM_PYTHON3" - "$d" <<'PY'
 import json, os, sys
 d, last = sys.argv[1], None
-print("  time  waiting (%) per rank        | of it run queue (%)       | points below own baseline | verdicts")
+print("  time  waiting (%) per rank        | of it run queue (%)       | points below own baseline | threshold | verdicts")
 for i in range(1, 100000):
     f = f"{d}/s.{i}.json"
     if not os.path.exists(f):
@@ -45,7 +46,7 @@ for i in range(1, 100000):
     frac = " ".join(f"{v * 100:5.1f}" for v in c["fraction"].values())
     runq = " ".join(f"{c.get('run_queue', {}).get(r, float('nan')) * 100:5.1f}" for r in c["fraction"])
     below = " ".join(f"{(c['baseline'].get(r, 0) - v) * 100:5.1f}" for r, v in c["deviation"].items())
-    print(f"{i * 5:5d} s  {frac}  | {runq} | {below} | {len(s['verdicts'])}")
+    print(f"{i * 5:5d} s  {frac}  | {runq} | {below} | {c.get('threshold', 0) * 100:9.1f} | {len(s['verdicts'])}")
     for v in s["verdicts"]:
         print("        verdict:", v["kind"], v["summary"])
 PY
