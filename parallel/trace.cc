@@ -73,6 +73,18 @@ double thread_run_delay_s(int tid) {
   return d;
 }
 
+namespace {
+std::atomic<bool> g_run_delay_accounting{false};
+}  // namespace
+
+void set_run_delay_accounting(bool on) {
+  g_run_delay_accounting.store(on, std::memory_order_relaxed);
+}
+
+bool run_delay_accounting() {
+  return g_run_delay_accounting.load(std::memory_order_relaxed);
+}
+
 TraceRing::TraceRing(size_t capacity) {
   LOOM_CHECK(capacity > 0, kConfig, "trace ring capacity must be positive, got " << capacity);
   records_.resize(capacity);
@@ -83,8 +95,15 @@ TraceRing::~TraceRing() {
   unregister_trace_ring(this);
 }
 
+namespace {
+int this_tid() {
+  thread_local const int tid = static_cast<int>(::syscall(SYS_gettid));
+  return tid;
+}
+}  // namespace
+
 uint64_t TraceRing::begin(CollectiveOp op, uint32_t group_id, int32_t peer, uint64_t bytes) {
-  const double run_delay = thread_run_delay_s();
+  const double run_delay = run_delay_accounting() ? thread_run_delay_s() : -1;
   double now = trace_clock_s();
   std::lock_guard<std::mutex> lock(mutex_);
   uint64_t seq = launched_.load(std::memory_order_relaxed);
@@ -92,19 +111,27 @@ uint64_t TraceRing::begin(CollectiveOp op, uint32_t group_id, int32_t peer, uint
   launched_.store(seq + 1, std::memory_order_release);
   open_seq_ = seq;
   open_run_delay_ = run_delay;
+  open_tid_ = this_tid();
   return seq;
 }
 
 void TraceRing::end(uint64_t seq) {
   const double end_s = trace_clock_s();
-  const double run_delay = thread_run_delay_s();
   {
     std::lock_guard<std::mutex> lock(mutex_);
-    if (open_seq_ == seq && open_run_delay_ >= 0 && run_delay >= open_run_delay_) {
-      run_delay_inside_s_.store(run_delay_inside_s_.load(std::memory_order_relaxed) + (run_delay - open_run_delay_),
-                                std::memory_order_release);
-      if (writer_tid_.load(std::memory_order_relaxed) == 0)
-        writer_tid_.store(static_cast<int>(::syscall(SYS_gettid)), std::memory_order_release);
+    // Only for a call whose begin() read the counter (accounting may be switched on in between), on the same
+    // thread: the counters of two threads do not subtract. A ring used by two threads has no writer (-1), and
+    // the monitor client then reports no run-queue figure for the rank.
+    const int tid = this_tid(), writer = writer_tid_.load(std::memory_order_relaxed);
+    if (open_seq_ == seq && open_run_delay_ >= 0 && writer != -1) {
+      const double run_delay = open_tid_ == tid ? thread_run_delay_s() : -1;
+      if (run_delay < open_run_delay_ || (writer != 0 && writer != tid)) {
+        writer_tid_.store(-1, std::memory_order_release);
+      } else {
+        run_delay_inside_s_.store(run_delay_inside_s_.load(std::memory_order_relaxed) + (run_delay - open_run_delay_),
+                                  std::memory_order_release);
+        if (writer == 0) writer_tid_.store(tid, std::memory_order_release);
+      }
     }
     open_run_delay_ = -1;
   }

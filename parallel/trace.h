@@ -33,6 +33,10 @@ double wall_clock_s();
 // (by its kernel thread id) with thread_run_delay_s(tid). One pread of a file the thread keeps open: ~0.3 us.
 double thread_run_delay_s();
 double thread_run_delay_s(int tid);
+// Whether TraceRing reads the writer's run-queue delay around host-timed calls (two reads per call). Off by
+// default; the monitor client turns it on for the process (only the monitor uses it).
+void set_run_delay_accounting(bool on);
+bool run_delay_accounting();
 
 struct TraceRecord {
   uint64_t seq = 0;  // 0, 1, 2, ... per ring, in the order the calls were launched
@@ -56,8 +60,8 @@ class TraceRing {
 
   // Writer side. begin() opens a record stamped now and returns its seq; end() closes it. A record whose
   // slot was reused before end() (more than capacity() calls in flight) still counts as completed.
-  // end(seq) on the thread that called begin() (host-timed collectives) also adds the thread's run-queue delay
-  // between the two to run_delay_inside_s(): the monitor separates the time a rank spent waiting for a CPU
+  // With run_delay_accounting() on, end(seq) on the thread that called begin() (host-timed collectives) also
+  // adds the thread's run-queue delay between the two to run_delay_inside_s(): the monitor separates the time a rank spent waiting for a CPU
   // outside collectives (the host's scheduler, not the rank) from its own time.
   uint64_t begin(CollectiveOp op, uint32_t group_id, int32_t peer, uint64_t bytes);
   void end(uint64_t seq);
@@ -72,8 +76,9 @@ class TraceRing {
   size_t capacity() const { return records_.size(); }
   // Total seconds between begin() and end() of the completed calls.
   double busy_s() const { return busy_s_.load(std::memory_order_acquire); }
-  // Run-queue delay of the writer thread inside host-timed collectives, and that thread's kernel id (0 until
-  // the first host-timed end(), and for rings closed by another thread: GPU events read by a side thread).
+  // Run-queue delay of the writer thread inside host-timed collectives, and that thread's kernel id: 0 until the
+  // first host-timed end() (and for rings closed only by end(seq, t): GPU events read by a side thread); -1 once
+  // calls were begun or ended on different threads, or a read failed (no figure for the ring then).
   double run_delay_inside_s() const { return run_delay_inside_s_.load(std::memory_order_acquire); }
   int writer_tid() const { return writer_tid_.load(std::memory_order_acquire); }
 
@@ -89,6 +94,7 @@ class TraceRing {
   // The open host-timed call: its seq and the writer's run-queue delay at begin() (-1: none or unknown).
   uint64_t open_seq_ = 0;
   double open_run_delay_ = -1;
+  int open_tid_ = 0;
 };
 
 }  // namespace loom

@@ -1,6 +1,7 @@
 #include "launch/monitor/client.h"
 
 #include <fcntl.h>
+#include <pthread.h>
 #include <unistd.h>
 
 #include <boost/asio/connect.hpp>
@@ -23,7 +24,11 @@ MonitorClient::MonitorClient(ClientOptions options) : opt_(std::move(options)) {
   LOOM_CHECK(opt_.address.rfind(':') != std::string::npos, kConfig,
              "monitor address '" << opt_.address << "' is not host:port");
   LOOM_CHECK(opt_.heartbeat_s > 0, kConfig, "monitor.heartbeat_s must be positive, got " << opt_.heartbeat_s);
-  thread_ = std::thread([this] { run(); });
+  set_run_delay_accounting(true);  // the heartbeat's runq_s (parallel/trace.h)
+  thread_ = std::thread([this] {
+    ::pthread_setname_np(::pthread_self(), "loom-monitor");  // how top -H, gdb and the benchmark find it
+    run();
+  });
 }
 
 MonitorClient::~MonitorClient() {
@@ -74,12 +79,14 @@ void MonitorClient::run() {
     uint64_t launched = 0, completed = 0;
     double busy = 0;
     std::map<int, double> inside;  // writer thread -> its run-queue delay inside collectives
+    bool mixed_writers = false;
     std::vector<TraceRecord> done;
     for_each_trace_ring([&](const TraceRing& ring) {
       launched += ring.launched();
       completed += ring.completed();
       busy += ring.busy_s();
-      if (ring.writer_tid() != 0) inside[ring.writer_tid()] += ring.run_delay_inside_s();
+      if (ring.writer_tid() == -1) mixed_writers = true;
+      if (ring.writer_tid() > 0) inside[ring.writer_tid()] += ring.run_delay_inside_s();
       uint64_t& next = sent_until[&ring];
       for (const TraceRecord& r : ring.snapshot(next)) {
         if (r.end_s == 0) break;  // in flight: shipped once it completes
@@ -96,7 +103,7 @@ void MonitorClient::run() {
     // runq_s: how long the threads that issue collectives waited for a CPU outside them (cumulative: a
     // collective that ends between the two reads moves at most its own wait into the next window).
     double runq = 0;
-    bool have_runq = !inside.empty();
+    bool have_runq = !inside.empty() && !mixed_writers;
     for (const auto& [tid, in] : inside) {
       const double total = thread_run_delay_s(tid);
       if (total < 0) have_runq = false;

@@ -370,32 +370,38 @@ double VerdictEngine::slow_noise() const {
 }
 
 double VerdictEngine::slow_rank_threshold() const {
-  return std::max(cfg_.slow_rank_gap, cfg_.slow_noise_factor * slow_noise());
+  // Without run-queue reports from every rank (another kernel, an older client) the scheduler's noise is in the
+  // fractions: the floor measured for that case.
+  const double floor = runq_windows_ > 0 ? cfg_.slow_rank_gap : cfg_.slow_rank_gap_without_runq;
+  return std::max(floor, cfg_.slow_noise_factor * slow_noise());
 }
 
 std::optional<Verdict> VerdictEngine::close_window(double now) {
   const double span = now - window_start_;
   window_start_ = now;
-  // Slow rank: the fraction of its time each rank spent waiting over the window: inside collectives, or
-  // (where reported) runnable outside them while the host ran something else.
+  // Slow rank: the fraction of its time each rank spent waiting over the window: inside collectives, and
+  // runnable outside them while the host ran something else — the latter only when every rank reported it for
+  // the whole window (one definition of waiting for all, or none). The run-queue part may be negative: a
+  // collective in flight at a heartbeat counted its wait so far as outside, and takes it back when it ends.
   std::map<int, double> frac, runq_frac;
-  bool progressing = true;
+  bool progressing = true, all_runq = true;
   for (auto& [r, info] : ranks_) {
     const double wall = info.wall_s - info.win_wall;
     if (info.win_wall >= 0 && wall > 0.5 * span) {
-      double waited = info.busy_s - info.win_busy;
-      if (info.runq_s >= 0 && info.win_runq >= 0) {
-        const double q = std::max(0.0, info.runq_s - info.win_runq);
-        runq_frac[r] = q / wall;
-        waited += q;
-      }
-      frac[r] = std::min(1.0, waited / wall);
+      frac[r] = (info.busy_s - info.win_busy) / wall;
+      if (info.runq_s >= 0 && info.win_runq >= 0)
+        runq_frac[r] = (info.runq_s - info.win_runq) / wall;
+      else
+        all_runq = false;
     }
     if (now - info.last_progress > span) progressing = false;
     info.win_busy = info.busy_s;
     info.win_wall = info.wall_s;
     info.win_runq = info.runq_s;
   }
+  if (!all_runq) runq_frac.clear();
+  for (auto& [r, f] : frac) f = std::clamp(f + (runq_frac.count(r) ? runq_frac[r] : 0.0), 0.0, 1.0);
+  runq_windows_ = all_runq && !frac.empty() ? runq_windows_ + 1 : 0;
   std::optional<Verdict> out;
   int candidate = -1;
   double gap = 0, below_base = 0;
@@ -474,7 +480,7 @@ std::optional<Verdict> VerdictEngine::close_window(double now) {
     std::ostringstream s;
     s.precision(3);
     s << "rank " << candidate << " is slow: in " << rank_streak_ << " windows of " << span
-      << " s it spent the least time waiting in collectives (" << frac[candidate] * 100 << " % of its time, "
+      << " s it spent the least time waiting (" << frac[candidate] * 100 << " % of its time, "
       << gap * 100 << " points below the median of the others";
     if (below_base > 0)
       s << ", " << below_base * 100 << " below its own baseline, threshold " << slow_rank_threshold() * 100;

@@ -11,19 +11,21 @@
 //             that are not inside one are stuck outside communication; when every rank launched the same
 //             number, the in-flight ring transfers name the stalled pair: a receiver waiting at step k on a
 //             sender that reached step k and already has its own input.
-//   slow rank over windows of window_s, each rank's fraction of time inside collectives: the slow rank is the
+//   slow rank over windows of window_s, each rank's fraction of time spent waiting: the slow rank is the
 //             one that waits least (the others wait for it). Time the rank spent runnable but waiting for a
-//             CPU outside collectives (run-queue delay, where the rank reports it) counts as waiting: it is the
-//             host's scheduler, not the rank (on the oversubscribed 2-core CI VM the ranks wait ~2/3 of their
-//             time for a CPU, and which of them waits most shifts for tens of seconds). Ranks are not symmetric even when healthy (ring
+//             CPU outside collectives (run-queue delay, where every rank reports it) counts as waiting: it is the
+//             host's scheduler, not the rank (on the oversubscribed 2-core CI VM the ranks waited 4-21 % of each
+//             5 s window for a CPU outside collectives, a different rank most each time). Ranks are not symmetric even when healthy (ring
 //             position, TP role, a core shared with a daemon: a fault-free 2-core CI run showed one rank 12
 //             points below the others for minutes), so each rank's deviation from the median of the others is
 //             learned over slow_baseline_windows windows (after the first, start-up window), together with
 //             the window-to-window noise around it (RMS over the ranks), and both are then followed slowly on
 //             windows without a candidate. Named when the same rank falls below its own baseline by the
-//             threshold — slow_noise_factor × the noise, at least slow_rank_gap — in slow_windows consecutive
-//             windows, or (slow from the start, before or without a baseline) slow_rank_abs_gap below the
-//             median of the others.
+//             threshold — slow_noise_factor × the noise, at least slow_rank_gap (slow_rank_gap_without_runq
+//             when some rank does not report its run-queue delay) — in slow_windows consecutive windows, or
+//             (slow from the start, before or without a baseline) slow_rank_abs_gap below the median of the
+//             others. A rank slowed because something else takes its CPU is therefore not named slow (its
+//             wait for the CPU counts as waiting).
 //   slow link the pairwise matrix of mean transfer times (receiver-measured, waiting excluded): a pair above
 //             slow_link_factor × the median of the other pairs (and slow_link_min_s above it) in slow_windows
 //             consecutive windows.
@@ -51,7 +53,8 @@ struct EngineConfig {
   double window_s = 5.0;
   int slow_windows = 3;
   double slow_rank_gap = 0.06;      // the least drop below the baseline that names a rank
-  double slow_noise_factor = 4.0;   // ... and the drop in units of the learned window-to-window noise
+  double slow_rank_gap_without_runq = 0.12;  // ... when some rank does not report its run-queue delay
+  double slow_noise_factor = 4.0;   // ... and the drop in units of the learned spread around the baseline
   double slow_rank_abs_gap = 0.30;
   int slow_baseline_windows = 4;
   double slow_baseline_follow = 0.1;  // weight of a window without a candidate in the baseline (EMA)
@@ -125,8 +128,9 @@ class VerdictEngine {
   const std::map<std::string, std::map<int, LatencyCell>>& latency() const { return latency_; }
   // Pair (src, dst) -> mean transfer time over the last complete window.
   const std::map<std::pair<int, int>, double>& last_link_means() const { return last_link_means_; }
-  // Rank -> fraction of its time inside collectives over the last complete window, and its deviation from the
-  // median of the others' (what the slow-rank rule compares with the rank's learned baseline).
+  // Rank -> fraction of its time waiting (inside collectives, plus run-queue delay outside them where every
+  // rank reports it) over the last complete window, and its deviation from the median of the others' (what the
+  // slow-rank rule compares with the rank's learned baseline).
   const std::map<int, double>& last_comm_fraction() const { return last_frac_; }
   const std::map<int, double>& last_deviation() const { return last_dev_; }
   const std::map<int, double>& baseline_deviation() const { return dev_base_; }
@@ -159,6 +163,7 @@ class VerdictEngine {
   std::map<int, double> dev_base_;  // rank -> its usual deviation from the others' median
   std::map<int, double> dev_m2_;    // rank -> sum of squared residuals over the baseline windows (Welford)
   double noise2_ = -1;              // learned mean squared residual; -1 until the baseline is learned
+  int runq_windows_ = 0;            // consecutive complete windows in which every rank reported its run queue
   std::map<int, double> last_frac_, last_dev_, last_runq_;  // the last complete window's (see last_comm_fraction)
   int link_streak_ = 0;
   std::pair<int, int> link_candidate_{-1, -1};

@@ -34,5 +34,13 @@ print(f"status before the stop: ranks alive {alive}, verdicts {len(s['verdicts']
 for v in s["verdicts"]:
     print("  verdict:", v["kind"], v["summary"])
 assert sorted(alive) == [0, 1, 2, 3], "not all ranks alive before the stop"
+# Every rank reports its run-queue delay outside collectives (where the kernel has schedstat), and it is a
+# fraction of the window.
+import os
+if os.path.exists("/proc/thread-self/schedstat"):
+    q = s["comm_fraction"]["run_queue"]
+    print("run queue outside collectives, last window:", {r: round(v, 3) for r, v in q.items()})
+    assert sorted(q) == ["0", "1", "2", "3"], f"run_queue reported for {sorted(q)}"
+    assert all(0 <= v <= 1 for v in q.values()), q
 sys.exit(1 if s["verdicts"] else 0)
 PY

@@ -8,6 +8,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <ctime>
 #include <cstdint>
 #include <cstring>
 #include <functional>
@@ -525,10 +526,20 @@ TEST(TraceRing, CountsTheWritersRunQueueDelayInsideHostTimedCalls) {
   if (before < 0) GTEST_SKIP() << "this kernel does not report run-queue delay (/proc/thread-self/schedstat)";
   const int tid = static_cast<int>(::syscall(SYS_gettid));
   EXPECT_GE(thread_run_delay_s(tid), before) << "the same thread's counter read by its id";
+  EXPECT_LE(thread_run_delay_s(tid), thread_run_delay_s() + 1e-9);
   EXPECT_LT(thread_run_delay_s(-5), 0) << "no such thread";
   TraceRing ring(4);
+  // Off by default (only the monitor client turns it on): no reads, no writer.
+  ASSERT_FALSE(run_delay_accounting());
+  ring.end(ring.begin(CollectiveOp::kAllReduce, 1, -1, 4));
   EXPECT_EQ(ring.writer_tid(), 0);
-  // More spinning threads than cores for 300 ms while a call is open: this thread must wait for a CPU.
+  set_run_delay_accounting(true);
+  struct Off {
+    ~Off() { set_run_delay_accounting(false); }
+  } off;
+  // On its own thread (whose schedstat is not the process's): a call open for 300 ms of spinning while more
+  // spinning threads than cores run. The thread never sleeps, so its run-queue delay inside the call is the
+  // call's wall time minus its CPU time.
   std::atomic<bool> stop{false};
   std::vector<std::thread> spinners;
   for (unsigned i = 0; i < 2 * std::max(1u, std::thread::hardware_concurrency()); ++i)
@@ -536,15 +547,33 @@ TEST(TraceRing, CountsTheWritersRunQueueDelayInsideHostTimedCalls) {
       while (!stop.load(std::memory_order_relaxed)) {
       }
     });
-  const uint64_t seq = ring.begin(CollectiveOp::kAllReduce, 1, -1, 4);
-  for (auto t0 = std::chrono::steady_clock::now(); std::chrono::steady_clock::now() - t0 < std::chrono::milliseconds(300);) {
-  }
-  ring.end(seq);
+  double wall = 0, cpu = 0;
+  int writer = 0;
+  std::thread([&] {
+    writer = static_cast<int>(::syscall(SYS_gettid));
+    auto cpu_s = [] {
+      timespec ts{};
+      ::clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+      return static_cast<double>(ts.tv_sec) + 1e-9 * static_cast<double>(ts.tv_nsec);
+    };
+    const double c0 = cpu_s();
+    const auto t0 = std::chrono::steady_clock::now();
+    const uint64_t seq = ring.begin(CollectiveOp::kAllReduce, 1, -1, 4);
+    while (std::chrono::steady_clock::now() - t0 < std::chrono::milliseconds(300)) {
+    }
+    ring.end(seq);
+    wall = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    cpu = cpu_s() - c0;
+  }).join();
   stop = true;
   for (auto& t : spinners) t.join();
-  EXPECT_EQ(ring.writer_tid(), tid);
-  EXPECT_GT(ring.run_delay_inside_s(), 0.0) << "the call waited for a CPU while the spinners ran";
-  EXPECT_LE(ring.run_delay_inside_s(), thread_run_delay_s() - before + 1e-9);
+  EXPECT_EQ(ring.writer_tid(), writer);
+  EXPECT_GT(ring.run_delay_inside_s(), 0.02) << "the call waited for a CPU while the spinners ran";
+  EXPECT_NEAR(ring.run_delay_inside_s(), wall - cpu, 0.03) << "wall " << wall << " s, CPU " << cpu << " s";
+  // A call ended on another thread than the one that began it: the ring has no single writer any more.
+  const uint64_t seq = ring.begin(CollectiveOp::kAllReduce, 1, -1, 4);
+  std::thread([&] { ring.end(seq); }).join();
+  EXPECT_EQ(ring.writer_tid(), -1);
   // Calls closed with an explicit time (GPU events read by another thread) are not host-timed.
   TraceRing gpu(4);
   gpu.end(gpu.begin(CollectiveOp::kAllReduce, 1, -1, 4), 1.0);

@@ -348,6 +348,49 @@ TEST(VerdictEngine, TimeWaitingForACpuOutsideCollectivesIsNotTheRanksOwn) {
   }
 }
 
+TEST(VerdictEngine, RunQueueCountsOnlyInWindowsWhereEveryRankReportsIt) {
+  // Every rank spends 35 % in collectives and 15 % waiting for a CPU outside them. Rank 1's heartbeats lack
+  // runq_s for 3 s (a failed read): adding the run queue for the others only would put rank 1 15 points below
+  // them; no rank's run queue counts in those windows instead, and no verdict.
+  VerdictEngine e(fast_config());
+  for (int r = 0; r < 4; ++r) e.hello(rank_info(r, r / 2), 0.0);
+  Waits w;
+  auto got = first_verdict(e, 0.1, 20, [&](double u) {
+    w.c += 20;
+    for (int r = 0; r < 4; ++r) {
+      w.busy[r] += 0.35 * 0.1;
+      w.runq[r] += 0.15 * 0.1;
+      MonMessage m = beat(5, w.c, w.c, w.busy[r], u);
+      if (!(r == 1 && u > 9.0 && u < 12.0)) m.set_f("runq_s", w.runq[r]);
+      e.heartbeat(r, m, u);
+    }
+    if (u > 10.5 && u < 11.5) {
+      EXPECT_TRUE(e.last_run_queue().empty()) << "at " << u;
+    }
+  });
+  EXPECT_FALSE(got) << "verdict when one rank's run-queue report went missing: " << got->v.summary;
+  EXPECT_EQ(e.last_run_queue().size(), 4u) << "reported again by every rank";
+}
+
+TEST(VerdictEngine, WithoutRunQueueReportsTheFloorIsTheOldTwelvePoints) {
+  // A client that does not report runq_s (a kernel without schedstat): the fractions carry the scheduler's
+  // noise, so the floor is slow_rank_gap_without_runq. A healthy rank 10 points below its baseline for 6
+  // windows (the CI VM showed 9.4 for 3 before run-queue accounting) is not named; 16 points are.
+  VerdictEngine e(fast_config());
+  for (int r = 0; r < 4; ++r) e.hello(rank_info(r, r / 2), 0.0);
+  Waits w;
+  auto none = feed_waits(e, 0.1, 8, w, [](int, double) { return 0.5; }, kNoRunq, false);
+  ASSERT_FALSE(none) << none->v.summary;
+  EXPECT_DOUBLE_EQ(e.slow_rank_threshold(), e.config().slow_rank_gap_without_runq);
+  auto dip = feed_waits(e, 8.1, 6, w, [](int r, double) { return r == 1 ? 0.40 : 0.5; }, kNoRunq, false);
+  EXPECT_FALSE(dip) << "verdict on a 10-point dip without run-queue reports: " << dip->v.summary;
+  auto back = feed_waits(e, 14.1, 6, w, [](int, double) { return 0.5; }, kNoRunq, false);
+  ASSERT_FALSE(back) << back->v.summary;
+  auto got = feed_waits(e, 20.1, 10, w, [](int r, double) { return r == 3 ? 0.34 : 0.5; }, kNoRunq, false);
+  ASSERT_TRUE(got) << "no verdict for a 16-point drop";
+  EXPECT_EQ(got->v.ranks, std::vector<int>{3});
+}
+
 TEST(VerdictEngine, SlowRankThresholdRisesWithTheLearnedNoise) {
   VerdictEngine e(fast_config());
   for (int r = 0; r < 4; ++r) e.hello(rank_info(r, r / 2), 0.0);
