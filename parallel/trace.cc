@@ -51,6 +51,14 @@ double read_run_delay(int fd) {
   return after == end ? -1 : static_cast<double>(delay) * 1e-9;
 }
 
+std::atomic<bool> g_run_delay_accounting{false};
+
+// The calling thread's kernel id (read once per thread).
+int this_tid() {
+  thread_local const int tid = static_cast<int>(::syscall(SYS_gettid));
+  return tid;
+}
+
 }  // namespace
 
 double thread_run_delay_s() {
@@ -73,10 +81,6 @@ double thread_run_delay_s(int tid) {
   return d;
 }
 
-namespace {
-std::atomic<bool> g_run_delay_accounting{false};
-}  // namespace
-
 void set_run_delay_accounting(bool on) {
   g_run_delay_accounting.store(on, std::memory_order_relaxed);
 }
@@ -95,13 +99,6 @@ TraceRing::~TraceRing() {
   unregister_trace_ring(this);
 }
 
-namespace {
-int this_tid() {
-  thread_local const int tid = static_cast<int>(::syscall(SYS_gettid));
-  return tid;
-}
-}  // namespace
-
 uint64_t TraceRing::begin(CollectiveOp op, uint32_t group_id, int32_t peer, uint64_t bytes) {
   const double run_delay = run_delay_accounting() ? thread_run_delay_s() : -1;
   double now = trace_clock_s();
@@ -111,34 +108,19 @@ uint64_t TraceRing::begin(CollectiveOp op, uint32_t group_id, int32_t peer, uint
   launched_.store(seq + 1, std::memory_order_release);
   open_seq_ = seq;
   open_run_delay_ = run_delay;
-  open_tid_ = this_tid();
+  open_tid_ = run_delay >= 0 ? this_tid() : 0;
   return seq;
 }
 
 void TraceRing::end(uint64_t seq) {
-  const double end_s = trace_clock_s();
-  {
-    std::lock_guard<std::mutex> lock(mutex_);
-    // Only for a call whose begin() read the counter (accounting may be switched on in between), on the same
-    // thread: the counters of two threads do not subtract. A ring used by two threads has no writer (-1), and
-    // the monitor client then reports no run-queue figure for the rank.
-    const int tid = this_tid(), writer = writer_tid_.load(std::memory_order_relaxed);
-    if (open_seq_ == seq && open_run_delay_ >= 0 && writer != -1) {
-      const double run_delay = open_tid_ == tid ? thread_run_delay_s() : -1;
-      if (run_delay < open_run_delay_ || (writer != 0 && writer != tid)) {
-        writer_tid_.store(-1, std::memory_order_release);
-      } else {
-        run_delay_inside_s_.store(run_delay_inside_s_.load(std::memory_order_relaxed) + (run_delay - open_run_delay_),
-                                  std::memory_order_release);
-        if (writer == 0) writer_tid_.store(tid, std::memory_order_release);
-      }
-    }
-    open_run_delay_ = -1;
-  }
-  end(seq, end_s);
+  finish(seq, trace_clock_s(), true);
 }
 
 void TraceRing::end(uint64_t seq, double end_s) {
+  finish(seq, end_s, false);
+}
+
+void TraceRing::finish(uint64_t seq, double end_s, bool host_timed) {
   std::lock_guard<std::mutex> lock(mutex_);
   uint64_t launched = launched_.load(std::memory_order_relaxed);
   LOOM_CHECK(seq < launched, kInternal, "trace: end() of record " << seq << ", but only " << launched << " began");
@@ -150,6 +132,22 @@ void TraceRing::end(uint64_t seq, double end_s) {
     busy_s_.store(busy_s_.load(std::memory_order_relaxed) + (r.end_s - r.start_s), std::memory_order_release);
   }
   completed_.fetch_add(1, std::memory_order_release);
+  // Run-queue delay: only for a host-timed call whose begin() read the counter (accounting may be switched on in
+  // between), ended on the thread that began it (the counters of two threads do not subtract). A ring used by
+  // two threads has no writer (-1), and the monitor client then reports no run-queue figure for the rank.
+  const int writer = writer_tid_.load(std::memory_order_relaxed);
+  if (host_timed && open_seq_ == seq && open_run_delay_ >= 0 && writer != -1) {
+    const int tid = this_tid();
+    const double run_delay = open_tid_ == tid && (writer == 0 || writer == tid) ? thread_run_delay_s() : -1;
+    if (run_delay < open_run_delay_) {
+      writer_tid_.store(-1, std::memory_order_release);
+    } else {
+      run_delay_inside_s_.store(run_delay_inside_s_.load(std::memory_order_relaxed) + (run_delay - open_run_delay_),
+                                std::memory_order_release);
+      writer_tid_.store(tid, std::memory_order_release);
+    }
+  }
+  if (open_seq_ == seq) open_run_delay_ = -1;
 }
 
 std::vector<TraceRecord> TraceRing::snapshot(uint64_t since_seq) const {

@@ -61,8 +61,8 @@ class TraceRing {
   // Writer side. begin() opens a record stamped now and returns its seq; end() closes it. A record whose
   // slot was reused before end() (more than capacity() calls in flight) still counts as completed.
   // With run_delay_accounting() on, end(seq) on the thread that called begin() (host-timed collectives) also
-  // adds the thread's run-queue delay between the two to run_delay_inside_s(): the monitor separates the time a rank spent waiting for a CPU
-  // outside collectives (the host's scheduler, not the rank) from its own time.
+  // adds the thread's run-queue delay between the two to run_delay_inside_s(): the monitor separates the time a
+  // rank spent waiting for a CPU outside collectives (the host's scheduler, not the rank) from its own time.
   uint64_t begin(CollectiveOp op, uint32_t group_id, int32_t peer, uint64_t bytes);
   void end(uint64_t seq);
   // With an explicit completion time, for backends that learn it later (GPU events read by a side thread).
@@ -89,6 +89,8 @@ class TraceRing {
   std::atomic<uint64_t> launched_{0};
   std::atomic<uint64_t> completed_{0};
   std::atomic<double> busy_s_{0};
+  void finish(uint64_t seq, double end_s, bool host_timed);  // end() under one lock
+
   std::atomic<double> run_delay_inside_s_{0};
   std::atomic<int> writer_tid_{0};
   // The open host-timed call: its seq and the writer's run-queue delay at begin() (-1: none or unknown).

@@ -372,7 +372,7 @@ double VerdictEngine::slow_noise() const {
 double VerdictEngine::slow_rank_threshold() const {
   // Without run-queue reports from every rank (another kernel, an older client) the scheduler's noise is in the
   // fractions: the floor measured for that case.
-  const double floor = runq_windows_ > 0 ? cfg_.slow_rank_gap : cfg_.slow_rank_gap_without_runq;
+  const double floor = runq_reported_ ? cfg_.slow_rank_gap : cfg_.slow_rank_gap_without_runq;
   return std::max(floor, cfg_.slow_noise_factor * slow_noise());
 }
 
@@ -400,8 +400,9 @@ std::optional<Verdict> VerdictEngine::close_window(double now) {
     info.win_runq = info.runq_s;
   }
   if (!all_runq) runq_frac.clear();
-  for (auto& [r, f] : frac) f = std::clamp(f + (runq_frac.count(r) ? runq_frac[r] : 0.0), 0.0, 1.0);
-  runq_windows_ = all_runq && !frac.empty() ? runq_windows_ + 1 : 0;
+  for (auto& [r, f] : frac) f = std::clamp(f + (all_runq ? runq_frac[r] : 0.0), 0.0, 1.0);
+  runq_reported_ = all_runq && !frac.empty();
+  double threshold = 0;  // set below once the noise is known; a candidate exists only then
   std::optional<Verdict> out;
   int candidate = -1;
   double gap = 0, below_base = 0;
@@ -424,7 +425,7 @@ std::optional<Verdict> VerdictEngine::close_window(double now) {
       noise2_ = dof > 0 ? m2 / dof : 0;
     }
     // Against its own baseline (once learned), or the median of the others for a rank slow from the start.
-    const double threshold = slow_rank_threshold();
+    threshold = slow_rank_threshold();
     double worst = 0;
     if (have_base)
       for (auto& [r, d] : dev)
@@ -466,7 +467,7 @@ std::optional<Verdict> VerdictEngine::close_window(double now) {
                                 .num("end", now)
                                 .num("gap", gap)
                                 .num("below_baseline", below_base)
-                                .num("threshold", slow_rank_threshold())
+                                .num("threshold", threshold)
                                 .raw("comm_fraction", w.done())
                                 .raw("run_queue", q.done())
                                 .raw("baseline_deviation", base.done())
@@ -483,7 +484,7 @@ std::optional<Verdict> VerdictEngine::close_window(double now) {
       << " s it spent the least time waiting (" << frac[candidate] * 100 << " % of its time, "
       << gap * 100 << " points below the median of the others";
     if (below_base > 0)
-      s << ", " << below_base * 100 << " below its own baseline, threshold " << slow_rank_threshold() * 100;
+      s << ", " << below_base * 100 << " below its own baseline, threshold " << threshold * 100;
     s << "): the others wait for it";
     v.summary = s.str();
     v.evidence = JsonObject().raw("windows", json_array(rank_windows_)).done();

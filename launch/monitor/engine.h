@@ -163,7 +163,7 @@ class VerdictEngine {
   std::map<int, double> dev_base_;  // rank -> its usual deviation from the others' median
   std::map<int, double> dev_m2_;    // rank -> sum of squared residuals over the baseline windows (Welford)
   double noise2_ = -1;              // learned mean squared residual; -1 until the baseline is learned
-  int runq_windows_ = 0;            // consecutive complete windows in which every rank reported its run queue
+  bool runq_reported_ = false;      // every rank reported its run queue over the last window
   std::map<int, double> last_frac_, last_dev_, last_runq_;  // the last complete window's (see last_comm_fraction)
   int link_streak_ = 0;
   std::pair<int, int> link_candidate_{-1, -1};
