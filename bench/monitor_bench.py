@@ -176,10 +176,11 @@ def wait_quiet(max_wait_s, threshold=0.5):
 
 
 class Runner:
-    """Starts monitors and 4-rank jobs, and cleans up after them (only the processes it started)."""
+    """Starts monitors and jobs of `ranks` ranks (4 unless told), and cleans up after them (only the processes it started)."""
 
-    def __init__(self, bindir, work, keep):
+    def __init__(self, bindir, work, keep, ranks=4):
         self.bindir = bindir
+        self.ranks = ranks
         self.work = work
         self.keep = keep
         self.uid = os.getuid()
@@ -207,10 +208,10 @@ class Runner:
         os.makedirs(d)
         return d, f"{self.tag}n{self.count}"
 
-    def start_monitor(self, d, job, exit_on_verdict=True):
+    def start_monitor(self, d, job, exit_on_verdict=True, extra=()):
         port_file = os.path.join(d, "port")
         cmd = [os.path.join(self.bindir, "loom"), "monitor", "--job", job, "--token", "tok" + job, "--port", "0",
-               "--port-file", port_file, "--verdict-dir", os.path.join(d, "v")]
+               "--port-file", port_file, "--verdict-dir", os.path.join(d, "v")] + list(extra)
         if exit_on_verdict:
             cmd.append("--exit-on-verdict")
         p = subprocess.Popen(cmd, stdout=open(os.path.join(d, "monitor.log"), "w"), stderr=subprocess.STDOUT,
@@ -238,7 +239,7 @@ class Runner:
         return p.returncode
 
     def start_job(self, d, job, steps, extra, port=None, metrics=True):
-        cmd = self.mpirun + ["-np", "4", os.path.join(self.bindir, "gpt-train")] + SMALL + ["--steps", str(steps)]
+        cmd = self.mpirun + ["-np", str(self.ranks), os.path.join(self.bindir, "gpt-train")] + SMALL + ["--steps", str(steps)]
         cmd += LAYOUT + ["--snapshot-job", "s" + job]
         if metrics:
             cmd += ["--metrics-file", os.path.join(d, "metrics.jsonl")]

@@ -24,7 +24,7 @@ void on_signal(int) { g_stop.store(true); }
 
 void monitor_usage(std::ostream& os) {
   os << "usage: loom monitor --job ID [--token T] [--port P] [--bind ADDR] [--port-file F] [--verdict-dir D]\n"
-        "                    [--epoch E] [--heartbeat-s S] [--exit-on-verdict]\n"
+        "                    [--epoch E] [--heartbeat-s S] [--tick-s S] [--exit-on-verdict]\n"
         "  Trainers connect with --monitor HOST:P --monitor-job ID --monitor-token T (or LOOM_MONITOR, ...).\n"
         "  The status page is http://HOST:P/, metrics http://HOST:P/metrics. The token defaults to\n"
         "  $LOOM_MONITOR_TOKEN; an empty token accepts any peer.\n";
@@ -59,6 +59,7 @@ int cmd_monitor(int argc, char** argv) {
     else if (a == "--verdict-dir") o.verdict_dir = need(i, "--verdict-dir");
     else if (a == "--epoch") o.epoch = static_cast<int64_t>(number(need(i, "--epoch"), "--epoch"));
     else if (a == "--heartbeat-s") o.engine.heartbeat_s = number(need(i, "--heartbeat-s"), "--heartbeat-s");
+    else if (a == "--tick-s") o.tick_s = number(need(i, "--tick-s"), "--tick-s");
     else if (a == "--exit-on-verdict") exit_on_verdict = true;
     else if (a == "-h" || a == "--help") {
       monitor_usage(std::cout);
@@ -71,6 +72,7 @@ int cmd_monitor(int argc, char** argv) {
   LOOM_CHECK(!o.job.empty(), kConfig, "loom monitor: --job is required");
   LOOM_CHECK(o.port >= 0 && o.port < 65536, kConfig, "loom monitor: --port " << o.port << " is not a TCP port");
   LOOM_CHECK(o.engine.heartbeat_s > 0, kConfig, "loom monitor: --heartbeat-s must be positive");
+  LOOM_CHECK(o.tick_s >= 0.01 && o.tick_s <= 1, kConfig, "loom monitor: --tick-s wants 0.01 to 1 s, got " << o.tick_s);
   mon::MonitorServer server(o);
   server.start();
   char host[256] = {0};

@@ -132,6 +132,7 @@ bool Session::start(Config& cfg, TrainConfig& train, int argc, char** argv,
     mo.token = train_.monitor_token;
     mo.epoch = train_.epoch;
     mo.heartbeat_s = train_.heartbeat_s;
+    mo.run_queue = mon::RunQueueMeter::parse(train_.run_queue);
     mo.rank = rank_;
     mo.node = groups_->node_id();
     mo.tp_rank = groups_->tp_rank();

@@ -56,6 +56,7 @@ struct TrainConfig {
   std::string monitor_token;           // the job token the monitor expects
   int64_t epoch = 0;                   // incarnation of the job (`loom run` counts restarts)
   double heartbeat_s = 1.0;            // seconds between heartbeats
+  std::string run_queue = "auto";      // monitor.run_queue: auto, on, off (launch/monitor/client.h)
   // [fault] (fault injection, for tests, benchmarks and the demo)
   std::string fault_kind = "none";     // none | crash | kill_daemon | hang | hang_comm | slow | slow_link
   int64_t fault_rank = 0;

@@ -108,7 +108,7 @@ uint64_t TraceRing::begin(CollectiveOp op, uint32_t group_id, int32_t peer, uint
   launched_.store(seq + 1, std::memory_order_release);
   open_seq_ = seq;
   open_run_delay_ = run_delay;
-  open_tid_ = run_delay >= 0 ? this_tid() : 0;
+  open_tid_ = this_tid();
   return seq;
 }
 
@@ -132,18 +132,25 @@ void TraceRing::finish(uint64_t seq, double end_s, bool host_timed) {
     busy_s_.store(busy_s_.load(std::memory_order_relaxed) + (r.end_s - r.start_s), std::memory_order_release);
   }
   completed_.fetch_add(1, std::memory_order_release);
-  // Run-queue delay: only for a host-timed call whose begin() read the counter (accounting may be switched on in
-  // between), ended on the thread that began it (the counters of two threads do not subtract). A ring used by
-  // two threads has no writer (-1), and the monitor client then reports no run-queue figure for the rank.
+  // The writer: the one thread that begins and ends the host-timed calls (known with or without accounting). A
+  // ring used by two threads has no writer (-1), and the monitor client then reports no run-queue figure for the
+  // rank. Run-queue delay: only for a call whose begin() read the counter (accounting may be switched on and off
+  // in between), ended on the thread that began it (the counters of two threads do not subtract).
   const int writer = writer_tid_.load(std::memory_order_relaxed);
-  if (host_timed && open_seq_ == seq && open_run_delay_ >= 0 && writer != -1) {
+  if (host_timed && open_seq_ == seq && writer != -1) {
     const int tid = this_tid();
-    const double run_delay = open_tid_ == tid && (writer == 0 || writer == tid) ? thread_run_delay_s() : -1;
-    if (run_delay < open_run_delay_) {
+    if (open_tid_ != tid || (writer != 0 && writer != tid)) {
       writer_tid_.store(-1, std::memory_order_release);
-    } else {
-      run_delay_inside_s_.store(run_delay_inside_s_.load(std::memory_order_relaxed) + (run_delay - open_run_delay_),
-                                std::memory_order_release);
+    } else if (open_run_delay_ >= 0) {
+      const double run_delay = thread_run_delay_s();
+      if (run_delay < open_run_delay_) {
+        writer_tid_.store(-1, std::memory_order_release);  // a failed read
+      } else {
+        run_delay_inside_s_.store(run_delay_inside_s_.load(std::memory_order_relaxed) + (run_delay - open_run_delay_),
+                                  std::memory_order_release);
+        writer_tid_.store(tid, std::memory_order_release);
+      }
+    } else if (writer == 0) {
       writer_tid_.store(tid, std::memory_order_release);
     }
   }

@@ -33,8 +33,9 @@ double wall_clock_s();
 // (by its kernel thread id) with thread_run_delay_s(tid). One pread of a file the thread keeps open: ~0.3 us.
 double thread_run_delay_s();
 double thread_run_delay_s(int tid);
-// Whether TraceRing reads the writer's run-queue delay around host-timed calls (two reads per call). Off by
-// default; the monitor client turns it on for the process (only the monitor uses it).
+// Whether TraceRing reads the writer's run-queue delay around host-timed calls (two reads per call, ~0.6 us).
+// Off by default; the monitor client switches it for the process (only the monitor uses it): in the default
+// mode only while the writer threads wait for a CPU at all (launch/monitor/client.h, RunQueueMeter).
 void set_run_delay_accounting(bool on);
 bool run_delay_accounting();
 
@@ -60,9 +61,10 @@ class TraceRing {
 
   // Writer side. begin() opens a record stamped now and returns its seq; end() closes it. A record whose
   // slot was reused before end() (more than capacity() calls in flight) still counts as completed.
-  // With run_delay_accounting() on, end(seq) on the thread that called begin() (host-timed collectives) also
-  // adds the thread's run-queue delay between the two to run_delay_inside_s(): the monitor separates the time a
-  // rank spent waiting for a CPU outside collectives (the host's scheduler, not the rank) from its own time.
+  // end(seq) on the thread that called begin() (host-timed collectives) names that thread the ring's writer and,
+  // with run_delay_accounting() on at begin(), adds the thread's run-queue delay between the two to
+  // run_delay_inside_s(): the monitor separates the time a rank spent waiting for a CPU outside collectives (the
+  // host's scheduler, not the rank) from its own time.
   uint64_t begin(CollectiveOp op, uint32_t group_id, int32_t peer, uint64_t bytes);
   void end(uint64_t seq);
   // With an explicit completion time, for backends that learn it later (GPU events read by a side thread).
@@ -76,9 +78,10 @@ class TraceRing {
   size_t capacity() const { return records_.size(); }
   // Total seconds between begin() and end() of the completed calls.
   double busy_s() const { return busy_s_.load(std::memory_order_acquire); }
-  // Run-queue delay of the writer thread inside host-timed collectives, and that thread's kernel id: 0 until the
-  // first host-timed end() (and for rings closed only by end(seq, t): GPU events read by a side thread); -1 once
-  // calls were begun or ended on different threads, or a read failed (no figure for the ring then).
+  // Run-queue delay of the writer thread inside the host-timed collectives that ran with accounting on, and that
+  // thread's kernel id: 0 until the first host-timed end() (and for rings closed only by end(seq, t): GPU events
+  // read by a side thread); -1 once calls were begun or ended on different threads, or a read failed (no figure
+  // for the ring then).
   double run_delay_inside_s() const { return run_delay_inside_s_.load(std::memory_order_acquire); }
   int writer_tid() const { return writer_tid_.load(std::memory_order_acquire); }
 

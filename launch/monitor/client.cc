@@ -20,11 +20,48 @@ namespace loom::mon {
 
 using boost::asio::ip::tcp;
 
+RunQueueMeter::Mode RunQueueMeter::parse(const std::string& mode) {
+  if (mode == "auto") return Mode::kAuto;
+  if (mode == "on") return Mode::kOn;
+  if (mode == "off") return Mode::kOff;
+  LOOM_THROW(kConfig, "monitor.run_queue must be auto, on or off, got '" << mode << "'");
+}
+
+RunQueueMeter::RunQueueMeter(Mode mode) : mode_(mode), accounting_(mode != Mode::kOff) {}
+
+std::optional<double> RunQueueMeter::update(const std::vector<Writer>& writers, double interval_s,
+                                            bool mixed_writers) {
+  if (mode_ == Mode::kOff) return std::nullopt;
+  bool ok = !writers.empty() && !mixed_writers;
+  double share = -1;  // the largest share of the interval a writer waited for a CPU (-1: none measured)
+  for (const Writer& w : writers) {
+    if (w.total_s < 0) {
+      ok = false;
+      continue;
+    }
+    auto it = last_.find(w.tid);
+    if (it != last_.end()) {
+      const double grew = w.total_s - it->second.total_s;
+      // A collective open at the last heartbeat brings its whole inside wait into this one: a window may go
+      // negative; the sum stays right.
+      outside_s_ += grew - (w.inside_s - it->second.inside_s);
+      if (interval_s > 0) share = std::max(share, grew / interval_s);
+    }
+    last_[w.tid] = w;
+  }
+  if (mode_ == Mode::kAuto && share >= 0) {
+    if (share > kOnShare) accounting_ = true;
+    else if (share < kOffShare) accounting_ = false;
+  }
+  if (!ok) return std::nullopt;
+  return outside_s_;
+}
+
 MonitorClient::MonitorClient(ClientOptions options) : opt_(std::move(options)) {
   LOOM_CHECK(opt_.address.rfind(':') != std::string::npos, kConfig,
              "monitor address '" << opt_.address << "' is not host:port");
   LOOM_CHECK(opt_.heartbeat_s > 0, kConfig, "monitor.heartbeat_s must be positive, got " << opt_.heartbeat_s);
-  set_run_delay_accounting(true);  // the heartbeat's runq_s (parallel/trace.h)
+  set_run_delay_accounting(opt_.run_queue != RunQueueMeter::Mode::kOff);  // the heartbeat's runq_s
   thread_ = std::thread([this] {
     ::pthread_setname_np(::pthread_self(), "loom-monitor");  // how top -H, gdb and the benchmark find it
     run();
@@ -62,6 +99,8 @@ void MonitorClient::run() {
   tcp::socket sock(io);
   std::map<const void*, uint64_t> sent_until;  // per trace ring: the next seq to ship
   bool warned = false;
+  RunQueueMeter runq(opt_.run_queue);
+  double last_beat = -1;
   auto base = [&](MonType t) {
     MonMessage m(t);
     m.set("job", opt_.job).set("token", opt_.token).set("epoch", opt_.epoch).set("rank", opt_.rank);
@@ -78,7 +117,7 @@ void MonitorClient::run() {
   auto heartbeat = [&] {
     uint64_t launched = 0, completed = 0;
     double busy = 0;
-    std::map<int, double> inside;  // writer thread -> its run-queue delay inside collectives
+    std::map<int, double> inside;  // writer thread -> its run-queue delay inside collectives (so far)
     bool mixed_writers = false;
     std::vector<TraceRecord> done;
     for_each_trace_ring([&](const TraceRing& ring) {
@@ -100,16 +139,16 @@ void MonitorClient::run() {
     hb.set("launched", static_cast<int64_t>(launched)).set("completed", static_cast<int64_t>(completed));
     // busy_s and wall_s on the trace clock (both differences matter, not the origin).
     hb.set_f("busy_s", busy).set_f("wall_s", trace_clock_s());
-    // runq_s: how long the threads that issue collectives waited for a CPU outside them (cumulative: a
-    // collective that ends between the two reads moves at most its own wait into the next window).
-    double runq = 0;
-    bool have_runq = !inside.empty() && !mixed_writers;
-    for (const auto& [tid, in] : inside) {
-      const double total = thread_run_delay_s(tid);
-      if (total < 0) have_runq = false;
-      runq += std::max(0.0, total - in);
-    }
-    if (have_runq) hb.set_f("runq_s", runq);
+    // runq_s: how long the threads that issue collectives waited for a CPU outside them (RunQueueMeter).
+    std::vector<RunQueueMeter::Writer> writers;
+    for (const auto& [tid, in] : inside) writers.push_back({tid, thread_run_delay_s(tid), in});
+    const double now = trace_clock_s();
+    const std::optional<double> runq_s = runq.update(writers, last_beat < 0 ? 0 : now - last_beat, mixed_writers);
+    last_beat = now;
+    if (runq.accounting() != run_delay_accounting())
+      LOOM_DEBUG("monitor: run-queue reads around each collective " << (runq.accounting() ? "on" : "off"));
+    set_run_delay_accounting(runq.accounting());
+    if (runq_s) hb.set_f("runq_s", *runq_s);
     hb.set("xfer", encode_transfer(process_link_trace().state()));
     hb.set("links", encode_links(process_link_trace().take()));
     send(hb);

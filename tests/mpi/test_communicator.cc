@@ -529,10 +529,37 @@ TEST(TraceRing, CountsTheWritersRunQueueDelayInsideHostTimedCalls) {
   EXPECT_LE(thread_run_delay_s(tid), thread_run_delay_s() + 1e-9);
   EXPECT_LT(thread_run_delay_s(-5), 0) << "no such thread";
   TraceRing ring(4);
-  // Off by default (only the monitor client turns it on): no reads, no writer.
+  // Off by default (only the monitor client turns it on): no reads, but the writer is known.
   ASSERT_FALSE(run_delay_accounting());
-  ring.end(ring.begin(CollectiveOp::kAllReduce, 1, -1, 4));
-  EXPECT_EQ(ring.writer_tid(), 0);
+  TraceRing quiet(4);
+  std::atomic<bool> stop{false};
+  std::vector<std::thread> spinners;
+  auto spin = [&] {
+    for (unsigned i = 0; i < 2 * std::max(1u, std::thread::hardware_concurrency()); ++i)
+      spinners.emplace_back([&] {
+        while (!stop.load(std::memory_order_relaxed)) {
+        }
+      });
+  };
+  auto unspin = [&] {
+    stop = true;
+    for (auto& t : spinners) t.join();
+    spinners.clear();
+    stop = false;
+  };
+  spin();
+  int quiet_writer = 0;
+  std::thread([&] {
+    quiet_writer = static_cast<int>(::syscall(SYS_gettid));
+    const uint64_t seq = quiet.begin(CollectiveOp::kAllReduce, 1, -1, 4);
+    const auto t0 = std::chrono::steady_clock::now();
+    while (std::chrono::steady_clock::now() - t0 < std::chrono::milliseconds(100)) {
+    }
+    quiet.end(seq);
+  }).join();
+  unspin();
+  EXPECT_EQ(quiet.writer_tid(), quiet_writer);
+  EXPECT_EQ(quiet.run_delay_inside_s(), 0.0) << "a call begun with accounting off is not read";
   set_run_delay_accounting(true);
   struct Off {
     ~Off() { set_run_delay_accounting(false); }
@@ -540,13 +567,7 @@ TEST(TraceRing, CountsTheWritersRunQueueDelayInsideHostTimedCalls) {
   // On its own thread (whose schedstat is not the process's): a call open for 300 ms of spinning while more
   // spinning threads than cores run. The thread never sleeps, so its run-queue delay inside the call is the
   // call's wall time minus its CPU time.
-  std::atomic<bool> stop{false};
-  std::vector<std::thread> spinners;
-  for (unsigned i = 0; i < 2 * std::max(1u, std::thread::hardware_concurrency()); ++i)
-    spinners.emplace_back([&] {
-      while (!stop.load(std::memory_order_relaxed)) {
-      }
-    });
+  spin();
   double wall = 0, cpu = 0;
   int writer = 0;
   std::thread([&] {
@@ -565,8 +586,7 @@ TEST(TraceRing, CountsTheWritersRunQueueDelayInsideHostTimedCalls) {
     wall = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     cpu = cpu_s() - c0;
   }).join();
-  stop = true;
-  for (auto& t : spinners) t.join();
+  unspin();
   EXPECT_EQ(ring.writer_tid(), writer);
   EXPECT_GT(ring.run_delay_inside_s(), 0.02) << "the call waited for a CPU while the spinners ran";
   EXPECT_NEAR(ring.run_delay_inside_s(), wall - cpu, 0.03) << "wall " << wall << " s, CPU " << cpu << " s";

@@ -11,6 +11,7 @@
 #include <thread>
 
 #include "core/error.h"
+#include "launch/monitor/client.h"
 #include "launch/monitor/engine.h"
 #include "launch/monitor/json.h"
 #include "launch/monitor/protocol.h"
@@ -156,6 +157,65 @@ TEST(MonitorJson, EscapesAndKeepsPrecision) {
   EXPECT_EQ(json_get_string(doc, "summary"), "a \"quoted\" word");
   EXPECT_EQ(json_get_string(doc, "missing"), "");
   EXPECT_EQ(json_pretty(doc), "{\n  \"kind\": \"hang\",\n  \"summary\": \"a \\\"quoted\\\" word\",\n  \"e\": [\n    1,\n    {}\n  ]\n}\n");
+}
+
+TEST(RunQueueMeter, ReportsTheWritersWaitOutsideCollectivesCumulatively) {
+  RunQueueMeter m(RunQueueMeter::Mode::kOn);
+  using W = RunQueueMeter::Writer;
+  // First sight of a thread: its past is not this job's window, the figure starts at 0.
+  EXPECT_DOUBLE_EQ(m.update({{11, 5.0, 1.0}, {12, 2.0, 0.5}}, 0, false).value(), 0.0);
+  // Thread 11 waited 0.3 s, 0.2 of it inside collectives; thread 12 waited 0.1 s, none inside.
+  EXPECT_NEAR(m.update({W{11, 5.3, 1.2}, W{12, 2.1, 0.5}}, 1.0, false).value(), 0.2, 1e-12);
+  // A collective open at the last heartbeat brings more inside wait than the thread gained since: the window goes
+  // negative and the sum stays right.
+  EXPECT_NEAR(m.update({W{11, 5.35, 1.4}, W{12, 2.1, 0.5}}, 1.0, false).value(), 0.2 - 0.15, 1e-12);
+  // A new writer thread joins at 0; the others go on.
+  EXPECT_NEAR(m.update({W{11, 5.45, 1.4}, W{12, 2.1, 0.5}, W{13, 9.0, 0.0}}, 1.0, false).value(), 0.15, 1e-12);
+  EXPECT_TRUE(m.accounting()) << "mode on never stops reading";
+}
+
+TEST(RunQueueMeter, NoFigureWithoutASingleWriterOrAReadableCounter) {
+  RunQueueMeter m(RunQueueMeter::Mode::kOn);
+  using W = RunQueueMeter::Writer;
+  EXPECT_FALSE(m.update({}, 1.0, false)) << "no host-timed collective yet";
+  EXPECT_FALSE(m.update({W{11, 1.0, 0.0}}, 1.0, true)) << "a ring with two writers";
+  EXPECT_FALSE(m.update({W{11, 1.1, 0.0}, W{12, -1, 0.0}}, 1.0, false)) << "a counter that cannot be read";
+  // The readable thread was followed all along: its 0.1 s since the first sight is there.
+  EXPECT_NEAR(m.update({W{11, 1.2, 0.05}}, 1.0, false).value(), 0.15, 1e-12);
+  RunQueueMeter off(RunQueueMeter::Mode::kOff);
+  EXPECT_FALSE(off.accounting());
+  EXPECT_FALSE(off.update({W{11, 1.0, 0.0}}, 1.0, false));
+  EXPECT_FALSE(off.update({W{11, 2.0, 0.0}}, 1.0, false));
+  EXPECT_FALSE(off.accounting());
+}
+
+TEST(RunQueueMeter, AutoReadsAroundCollectivesOnlyWhileTheWritersWaitForACpu) {
+  RunQueueMeter m(RunQueueMeter::Mode::kAuto);
+  using W = RunQueueMeter::Writer;
+  EXPECT_TRUE(m.accounting()) << "exact from the start";
+  m.update({W{11, 1.0, 0.0}}, 0, false);
+  EXPECT_TRUE(m.accounting()) << "no interval seen yet";
+  m.update({W{11, 1.002, 0.0}}, 1.0, false);  // 0.2 % of the second: a core of its own
+  EXPECT_FALSE(m.accounting());
+  m.update({W{11, 1.009, 0.0}}, 1.0, false);  // 0.7 %: between the two shares, stays off
+  EXPECT_FALSE(m.accounting());
+  m.update({W{11, 1.509, 0.0}, W{12, 0.0, 0.0}}, 1.0, false);  // 50 %: an oversubscribed host
+  EXPECT_TRUE(m.accounting());
+  m.update({W{11, 1.516, 0.0}, W{12, 0.001, 0.0}}, 1.0, false);  // 0.7 %: stays on
+  EXPECT_TRUE(m.accounting());
+  m.update({W{11, 1.517, 0.0}, W{12, 0.02, 0.0}}, 1.0, false);  // the busiest writer decides: 1.9 %
+  EXPECT_TRUE(m.accounting());
+  m.update({W{11, 1.518, 0.0}, W{12, 0.021, 0.0}}, 1.0, false);
+  EXPECT_FALSE(m.accounting());
+  EXPECT_EQ(RunQueueMeter::parse("auto"), RunQueueMeter::Mode::kAuto);
+  EXPECT_EQ(RunQueueMeter::parse("off"), RunQueueMeter::Mode::kOff);
+  try {
+    RunQueueMeter::parse("sometimes");
+    FAIL() << "a bad mode was accepted";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.kind(), ErrorKind::kConfig);
+    EXPECT_NE(std::string(e.what()).find("auto, on or off"), std::string::npos) << e.what();
+  }
 }
 
 TEST(VerdictEngine, CrashNamesTheFirstRankLost) {
