@@ -57,7 +57,8 @@ void TrainConfig::declare(Config& cfg) {
   cfg.add_choice("monitor.run_queue", &run_queue, {"auto", "on", "off"},
                  "time the collective-issuing thread waits for a CPU, sent to the monitor (its slow-rank rule does not "
                  "hold the host's scheduler against a rank): auto = read around each collective only while that "
-                 "thread waits for a CPU at all; on = always (~0.6 us a collective); off = never");
+                 "thread waits for a CPU (> 1 % of a heartbeat interval; off again below 0.5 %); on = always "
+                 "(~0.6 us a collective); off = never");
   cfg.add_choice("fault.fault_kind", &fault_kind, {"none", "crash", "kill_daemon", "hang", "hang_comm", "slow", "slow_link"},
                  "inject a fault (tests, benchmarks, demo): crash = SIGKILL the rank; kill_daemon = SIGKILL its node's "
                  "snapshot daemon; hang = stop outside communication; hang_comm = stop inside a collective (a dead "

@@ -35,7 +35,8 @@ double thread_run_delay_s();
 double thread_run_delay_s(int tid);
 // Whether TraceRing reads the writer's run-queue delay around host-timed calls (two reads per call, ~0.6 us).
 // Off by default; the monitor client switches it for the process (only the monitor uses it): in the default
-// mode only while the writer threads wait for a CPU at all (launch/monitor/client.h, RunQueueMeter).
+// mode only while a writer thread waited for a CPU more than 1 % of the last heartbeat interval
+// (launch/monitor/client.h, RunQueueMeter).
 void set_run_delay_accounting(bool on);
 bool run_delay_accounting();
 

@@ -40,7 +40,11 @@ std::optional<double> RunQueueMeter::update(const std::vector<Writer>& writers, 
       continue;
     }
     auto it = last_.find(w.tid);
-    if (it != last_.end()) {
+    if (it == last_.end()) {
+      // First sight: the thread's outside wait so far is the origin (what it waited before this job's first
+      // window; the engine uses differences only, and a positive origin keeps the sum from dipping below 0).
+      outside_s_ += std::max(0.0, w.total_s - w.inside_s);
+    } else {
       const double grew = w.total_s - it->second.total_s;
       // A collective open at the last heartbeat brings its whole inside wait into this one: a window may go
       // negative; the sum stays right.

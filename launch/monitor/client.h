@@ -24,8 +24,11 @@ namespace loom::mon {
 // run_delay_inside_s). The inside part needs two reads around every collective (~0.6 us a call), so in mode
 // "auto" TraceRing reads them only while they matter: while some writer waited for a CPU more than kOnShare of
 // the last interval (an oversubscribed host), off again below kOffShare. While off, a collective's own wait
-// counts as outside, an error of at most the writer's whole run-queue delay: under kOnShare of the interval,
-// against the monitor's 6-point threshold. "on" reads around every call; "off" never, and sends no figure.
+// counts as outside, an error of at most the writer's whole run-queue delay: under kOnShare of the interval
+// against the monitor's 6-point threshold, except in the heartbeat interval after which the reads switch on
+// (up to that interval's whole wait). "on" reads around every call; "off" never, and sends no figure.
+// The figure starts from the thread's outside wait before it was first seen; it may dip (the monitor uses
+// differences only, and takes any value, negative too).
 class RunQueueMeter {
  public:
   enum class Mode { kAuto, kOn, kOff };

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <sstream>
 
 #include "core/error.h"
@@ -72,7 +73,7 @@ void VerdictEngine::heartbeat(int rank, const MonMessage& m, double now) {
   const int64_t step = m.i64("step"), snapshot = m.i64("snapshot");
   const int64_t start = m.has("start") ? m.i64("start") : -1;
   const double loss = m.f64("loss"), tps = m.f64("tokens_per_s"), busy = m.f64("busy_s"), wall = m.f64("wall_s");
-  const double runq = m.has("runq_s") ? m.f64("runq_s") : -1;
+  const double runq = m.has("runq_s") ? m.f64("runq_s") : std::numeric_limits<double>::quiet_NaN();
   const auto launched = static_cast<uint64_t>(m.i64("launched")), completed = static_cast<uint64_t>(m.i64("completed"));
   const TransferState xfer = decode_transfer(m.get("xfer"));
   const std::vector<LinkStats> links = decode_links(m.get("links"));
@@ -389,7 +390,7 @@ std::optional<Verdict> VerdictEngine::close_window(double now) {
     const double wall = info.wall_s - info.win_wall;
     if (info.win_wall >= 0 && wall > 0.5 * span) {
       frac[r] = (info.busy_s - info.win_busy) / wall;
-      if (info.runq_s >= 0 && info.win_runq >= 0)
+      if (!std::isnan(info.runq_s) && !std::isnan(info.win_runq))
         runq_frac[r] = (info.runq_s - info.win_runq) / wall;
       else
         all_runq = false;

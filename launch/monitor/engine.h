@@ -34,6 +34,7 @@
 #pragma once
 
 #include <deque>
+#include <limits>
 #include <map>
 #include <optional>
 #include <string>
@@ -76,11 +77,13 @@ struct RankView {
   double loss = 0, tokens_per_s = 0;
   uint64_t launched = 0, completed = 0;
   double busy_s = 0, wall_s = 0;
-  double runq_s = -1;  // run-queue delay outside collectives (cumulative); -1: the rank does not report it
+  // Run-queue delay outside collectives (cumulative from any origin, so it may be negative); NaN: the rank does
+  // not report it.
+  double runq_s = std::numeric_limits<double>::quiet_NaN();
   TransferState xfer;
   double last_end = 0;  // newest completed collective seen in TRACE
   // Window start values of busy_s and wall_s (slow-rank detection).
-  double win_busy = -1, win_wall = -1, win_runq = -1;
+  double win_busy = -1, win_wall = -1, win_runq = std::numeric_limits<double>::quiet_NaN();
 };
 
 struct Verdict {

@@ -12,7 +12,7 @@
 //
 //   HELLO      world, node, host, pid, tp_rank, dp_rank, clock_offset
 //   HEARTBEAT  every monitor.heartbeat_s: step, start (the step this incarnation resumed from), loss, tokens_per_s, snapshot, launched, completed, busy_s, wall_s,
-//              runq_s (optional: run-queue delay of the collective-issuing threads outside collectives),
+//              runq_s (optional: run-queue delay of the collective-issuing threads outside collectives, cumulative, any origin, may be negative),
 //              xfer (the transfer in flight), links (per-source transfer stats since the last heartbeat)
 //   TRACE      recs: the collectives completed since the last TRACE, "group,seq,op,bytes,start,end;..."
 //   BYE        reason = done | error, message: the rank ends (no crash verdict for it)

@@ -586,7 +586,28 @@ TEST(TraceRing, CountsTheWritersRunQueueDelayInsideHostTimedCalls) {
     wall = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     cpu = cpu_s() - c0;
   }).join();
+  // The switch is read at begin(): a call begun with the reads on and ended after they were switched off is
+  // counted; one begun with them off and ended after they were switched on is not.
+  TraceRing toggled(4);
+  double after_on_off = 0, after_off_on = 0;
+  std::thread([&] {
+    auto spin_call = [&](bool on_at_end) {
+      const uint64_t seq = toggled.begin(CollectiveOp::kAllReduce, 1, -1, 4);
+      set_run_delay_accounting(on_at_end);
+      const auto t0 = std::chrono::steady_clock::now();
+      while (std::chrono::steady_clock::now() - t0 < std::chrono::milliseconds(150)) {
+      }
+      toggled.end(seq);
+    };
+    spin_call(false);  // begun on (set above), ended off
+    after_on_off = toggled.run_delay_inside_s();
+    spin_call(true);  // begun off, ended on
+    after_off_on = toggled.run_delay_inside_s();
+  }).join();
   unspin();
+  EXPECT_GT(after_on_off, 0.01) << "a call begun with the reads on is counted";
+  EXPECT_EQ(after_off_on, after_on_off) << "a call begun with the reads off is not";
+  EXPECT_GT(toggled.writer_tid(), 0);
   EXPECT_EQ(ring.writer_tid(), writer);
   EXPECT_GT(ring.run_delay_inside_s(), 0.02) << "the call waited for a CPU while the spinners ran";
   EXPECT_NEAR(ring.run_delay_inside_s(), wall - cpu, 0.03) << "wall " << wall << " s, CPU " << cpu << " s";

@@ -8,6 +8,8 @@
 #include <boost/asio/read.hpp>
 #include <boost/asio/write.hpp>
 #include <chrono>
+#include <cmath>
+#include <limits>
 #include <thread>
 
 #include "core/error.h"
@@ -162,15 +164,19 @@ TEST(MonitorJson, EscapesAndKeepsPrecision) {
 TEST(RunQueueMeter, ReportsTheWritersWaitOutsideCollectivesCumulatively) {
   RunQueueMeter m(RunQueueMeter::Mode::kOn);
   using W = RunQueueMeter::Writer;
-  // First sight of a thread: its past is not this job's window, the figure starts at 0.
-  EXPECT_DOUBLE_EQ(m.update({{11, 5.0, 1.0}, {12, 2.0, 0.5}}, 0, false).value(), 0.0);
+  // First sight of a thread: its outside wait so far (total - inside) is the origin: 4.0 + 1.5.
+  EXPECT_DOUBLE_EQ(m.update({{11, 5.0, 1.0}, {12, 2.0, 0.5}}, 0, false).value(), 5.5);
   // Thread 11 waited 0.3 s, 0.2 of it inside collectives; thread 12 waited 0.1 s, none inside.
-  EXPECT_NEAR(m.update({W{11, 5.3, 1.2}, W{12, 2.1, 0.5}}, 1.0, false).value(), 0.2, 1e-12);
+  EXPECT_NEAR(m.update({W{11, 5.3, 1.2}, W{12, 2.1, 0.5}}, 1.0, false).value(), 5.5 + 0.2, 1e-12);
   // A collective open at the last heartbeat brings more inside wait than the thread gained since: the window goes
   // negative and the sum stays right.
-  EXPECT_NEAR(m.update({W{11, 5.35, 1.4}, W{12, 2.1, 0.5}}, 1.0, false).value(), 0.2 - 0.15, 1e-12);
-  // A new writer thread joins at 0; the others go on.
-  EXPECT_NEAR(m.update({W{11, 5.45, 1.4}, W{12, 2.1, 0.5}, W{13, 9.0, 0.0}}, 1.0, false).value(), 0.15, 1e-12);
+  EXPECT_NEAR(m.update({W{11, 5.35, 1.4}, W{12, 2.1, 0.5}}, 1.0, false).value(), 5.5 + 0.2 - 0.15, 1e-12);
+  // A new writer thread joins with its own origin (9 s, none inside); the others go on.
+  EXPECT_NEAR(m.update({W{11, 5.45, 1.4}, W{12, 2.1, 0.5}, W{13, 9.0, 0.0}}, 1.0, false).value(), 5.55 + 0.1 + 9.0,
+              1e-12);
+  // A thread seen inside more than it waited in all (reads racing with a call's end) adds no negative origin.
+  EXPECT_NEAR(m.update({W{11, 5.45, 1.4}, W{12, 2.1, 0.5}, W{13, 9.0, 0.0}, W{14, 0.1, 0.2}}, 1.0, false).value(),
+              14.65, 1e-12);
   EXPECT_TRUE(m.accounting()) << "mode on never stops reading";
 }
 
@@ -180,8 +186,8 @@ TEST(RunQueueMeter, NoFigureWithoutASingleWriterOrAReadableCounter) {
   EXPECT_FALSE(m.update({}, 1.0, false)) << "no host-timed collective yet";
   EXPECT_FALSE(m.update({W{11, 1.0, 0.0}}, 1.0, true)) << "a ring with two writers";
   EXPECT_FALSE(m.update({W{11, 1.1, 0.0}, W{12, -1, 0.0}}, 1.0, false)) << "a counter that cannot be read";
-  // The readable thread was followed all along: its 0.1 s since the first sight is there.
-  EXPECT_NEAR(m.update({W{11, 1.2, 0.05}}, 1.0, false).value(), 0.15, 1e-12);
+  // The readable thread was followed all along: its origin (1.0) and its 0.15 s outside since are there.
+  EXPECT_NEAR(m.update({W{11, 1.2, 0.05}}, 1.0, false).value(), 1.15, 1e-12);
   RunQueueMeter off(RunQueueMeter::Mode::kOff);
   EXPECT_FALSE(off.accounting());
   EXPECT_FALSE(off.update({W{11, 1.0, 0.0}}, 1.0, false));
@@ -385,18 +391,22 @@ TEST(VerdictEngine, TimeWaitingForACpuOutsideCollectivesIsNotTheRanksOwn) {
   // Rank 1 spends 15 points less of its time inside collectives for 8 windows, because it waited that long for
   // a CPU outside them (the loaded CI VM: the ranks wait ~2/3 of their time for one, and which waits most
   // shifts). Reported as run-queue delay it is waiting, not slowness: no verdict. Without the report, the same
-  // traffic names rank 1 (so the run-queue time is what keeps it quiet).
-  for (bool report : {true, false}) {
+  // traffic names rank 1 (so the run-queue time is what keeps it quiet). The reported figure is cumulative from
+  // any origin: a negative one (origin -3 s) is a report like any other.
+  for (double origin : {0.0, -3.0, std::numeric_limits<double>::quiet_NaN()}) {
+    const bool report = !std::isnan(origin);
     VerdictEngine e(fast_config());
     for (int r = 0; r < 4; ++r) e.hello(rank_info(r, r / 2), 0.0);
     Waits w;
+    if (report)
+      for (double& q : w.runq) q = origin;
     auto base = feed_waits(e, 0.1, 8, w, [](int, double) { return 0.5; }, kNoRunq, report);
     ASSERT_FALSE(base) << base->v.summary;
     auto starved = feed_waits(
         e, 8.1, 8, w, [](int r, double) { return r == 1 ? 0.35 : 0.5; },
         [](int r, double) { return r == 1 ? 0.15 : 0.0; }, report);
     if (report) {
-      EXPECT_FALSE(starved) << "verdict on run-queue delay: " << starved->v.summary;
+      EXPECT_FALSE(starved) << "verdict on run-queue delay (origin " << origin << "): " << starved->v.summary;
       ASSERT_EQ(e.last_run_queue().count(1), 1u);
       EXPECT_NEAR(e.last_run_queue().at(1), 0.15, 0.02);
       EXPECT_NEAR(e.last_comm_fraction().at(1), 0.5, 0.02) << "collectives + run queue";
