@@ -13,8 +13,8 @@ Arms (any subset, --arms):
 Protocol
 --------
 --rounds rounds; in each, every arm runs once, the order rotated by one arm per round (so no arm always follows
-another). A run: wait for a quiet machine (as monitor_bench.py, up to --quiet-wait s), start the monitor (if the
-arm has one), run --steps steps of the job (--ranks 4: TP 2 x DP 2 on 2 emulated nodes, as monitor_bench.py;
+another). A run is monitor_bench.py's overhead run: wait for a quiet machine (up to --quiet-wait s), start the
+monitor (if the arm has one), run --steps steps of the job (--ranks 4: TP 2 x DP 2 on 2 emulated nodes, as monitor_bench.py;
 --ranks 2: TP 2 on one node), take the median step_time_s of its metrics file without the first 50 steps.
 Reported per arm: the median over rounds of those medians, and each round's ratio to that round's `off` run with
 their median; the peer is `off` in the same rounds. Machine: the one it runs on (named in the JSON).
@@ -23,7 +23,6 @@ their median; the peer is `off` in the same rounds. Machine: the one it runs on 
                                   [--out bench/results/monitor_arms_cpu.json]
 """
 import argparse
-import json
 import os
 import shutil
 import statistics
@@ -46,20 +45,9 @@ ARMS = {  # arm -> (monitor tick in s or None for no monitor, job connects, moni
 
 def run_arm(rn, arm, steps):
     tick, connect, run_queue = ARMS[arm]
-    d, job = rn.new_dir(arm)
-    mb.wait_quiet(rn.quiet_wait_s)
-    mon, port = rn.start_monitor(d, job, False, ["--tick-s", str(tick)]) if tick else (None, None)
-    p = rn.start_job(d, job, steps, ["--run-queue", run_queue] if run_queue else [], port=port if connect else None)
-    rn.wait_job(p, 300)
-    if mon is not None:
-        rn.stop_monitor(mon)
-    rn.stop_job(p, job)
-    rows = mb.read_metrics(os.path.join(d, "metrics.jsonl"))
-    if len(rows) < steps:
-        raise RuntimeError(f"{arm}: the job stopped at {len(rows)} of {steps} steps; see {d}/run.log")
-    if not rn.keep:
-        shutil.rmtree(d, ignore_errors=True)
-    return statistics.median(r["step_time_s"] for r in rows[mb.SKIP:])
+    rec = mb.overhead_run(rn, steps, tick is not None, name=arm, monitor_args=["--tick-s", str(tick)] if tick else (),
+                          job_args=["--run-queue", run_queue] if run_queue else (), connect=connect)
+    return rec["median_step_time_s"]
 
 
 def main():

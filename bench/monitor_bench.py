@@ -47,12 +47,13 @@ gains nothing from more), LOOM_DEVICE=cpu (CPU ranks also on a GPU machine: NCCL
    first 50 steps; overhead = median over the on-runs / median over the off-runs − 1 (the paired per-round
    ratios are reported too, as is the same figure from time per step by `elapsed_s`). The ring collectives and
    their link timing are always on (they are the communicator); monitor on adds the client's heartbeat thread and
-   the trace shipping, the run-queue reads around every collective, plus the monitor process itself on the same
-   2 cores. The paired rounds scatter by several percent on a loaded host, more than the 1 % goal, so the
+   the trace shipping, the run-queue reads around each collective (monitor.run_queue=auto: while the ranks wait
+   for a CPU, as on these 2 cores), plus the monitor process itself on the same 2 cores. The paired rounds scatter by several percent on a loaded host, more than the 1 % goal, so the
    overhead is also counted bottom-up (overhead_bottom_up): over the monitor-on runs, the CPU time of the monitor
    process and of the ranks' client threads (named loom-monitor; sampled every 0.2 s from /proc) against the
    ranks' other CPU time, plus trace_cost's added ns per collective (a TraceRing begin/end pair with the
-   run-queue reads against one without, same run) × the collectives per step the monitor saw / the median step.
+   run-queue reads against one without, same run) × the collectives per step the monitor saw / the median step
+   (an upper bound where auto has switched the reads off).
 
 Usage: python3 bench/monitor_bench.py [--trials N] [--fault-free N] [--quick] [--seed S]
                                       [--out bench/results/monitor_cpu.json] [--only-overhead | --skip-overhead]
@@ -579,7 +580,7 @@ class CpuSampler:
         self.calls += 1
         # One status read ~2 s in (retried every ~2 s until every rank reported): the counters are cumulative, and
         # each request wakes the monitor inside the run being timed. A finished rank's counters read 0.
-        if self.port and len(self.per_step) < 4 and self.calls % 10 == 0:
+        if self.port and len(self.per_step) < self.rn.ranks and self.calls % 10 == 0:
             st = status_json(self.port)
             for r in (st or {}).get("ranks", []):
                 if r.get("step") and r.get("completed"):
@@ -615,12 +616,14 @@ def status_json(port):
         return None
 
 
-def overhead_run(rn, steps, monitor):
-    d, job = rn.new_dir("overhead-" + ("on" if monitor else "off"))
+def overhead_run(rn, steps, monitor, name=None, monitor_args=(), job_args=(), connect=True):
+    """One timed run of the job, with a monitor (started with monitor_args; the job connects to it unless
+    connect is False) or without; job_args go to the trainer."""
+    d, job = rn.new_dir(name or "overhead-" + ("on" if monitor else "off"))
     busy, waited = wait_quiet(rn.quiet_wait_s)
-    mon, port = (rn.start_monitor(d, job, exit_on_verdict=False) if monitor else (None, None))
+    mon, port = (rn.start_monitor(d, job, False, monitor_args) if monitor else (None, None))
     load0 = loadavg()
-    p = rn.start_job(d, job, steps, [], port=port)
+    p = rn.start_job(d, job, steps, list(job_args), port=port if connect else None)
     sampler = CpuSampler(rn, job, mon.pid if mon is not None else None, port)
     foreign, names = rn.wait_job(p, 300, sample=sampler)
     if mon is not None:

@@ -139,20 +139,15 @@ void TraceRing::finish(uint64_t seq, double end_s, bool host_timed) {
   const int writer = writer_tid_.load(std::memory_order_relaxed);
   if (host_timed && open_seq_ == seq && writer != -1) {
     const int tid = this_tid();
-    if (open_tid_ != tid || (writer != 0 && writer != tid)) {
-      writer_tid_.store(-1, std::memory_order_release);
-    } else if (open_run_delay_ >= 0) {
+    bool ok = open_tid_ == tid && (writer == 0 || writer == tid);
+    if (ok && open_run_delay_ >= 0) {
       const double run_delay = thread_run_delay_s();
-      if (run_delay < open_run_delay_) {
-        writer_tid_.store(-1, std::memory_order_release);  // a failed read
-      } else {
+      ok = run_delay >= open_run_delay_;  // else a failed read
+      if (ok)
         run_delay_inside_s_.store(run_delay_inside_s_.load(std::memory_order_relaxed) + (run_delay - open_run_delay_),
                                   std::memory_order_release);
-        writer_tid_.store(tid, std::memory_order_release);
-      }
-    } else if (writer == 0) {
-      writer_tid_.store(tid, std::memory_order_release);
     }
+    writer_tid_.store(ok ? tid : -1, std::memory_order_release);
   }
   if (open_seq_ == seq) open_run_delay_ = -1;
 }

@@ -145,7 +145,8 @@ void MonitorClient::run() {
     hb.set_f("busy_s", busy).set_f("wall_s", trace_clock_s());
     // runq_s: how long the threads that issue collectives waited for a CPU outside them (RunQueueMeter).
     std::vector<RunQueueMeter::Writer> writers;
-    for (const auto& [tid, in] : inside) writers.push_back({tid, thread_run_delay_s(tid), in});
+    if (opt_.run_queue != RunQueueMeter::Mode::kOff)
+      for (const auto& [tid, in] : inside) writers.push_back({tid, thread_run_delay_s(tid), in});
     const double now = trace_clock_s();
     const std::optional<double> runq_s = runq.update(writers, last_beat < 0 ? 0 : now - last_beat, mixed_writers);
     last_beat = now;
