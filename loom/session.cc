@@ -17,6 +17,7 @@
 #ifdef LOOM_HAVE_CUDA
 #include "core/cuda/cuda_backend.h"
 #include "core/cuda/device.h"
+#include "parallel/cuda/host_staged_communicator.h"
 #endif
 #ifdef LOOM_HAVE_NCCL
 #include "parallel/nccl/nccl_communicator.h"
@@ -217,23 +218,54 @@ void Session::make_backend() {
   backend_ = make_cpu_backend(opt);
 }
 
-// Collective: the TP and DP groups get NCCL communicators on the backend's stream. A failure here is reported
-// by the failing rank and aborts the job (peers are inside NCCL's initialisation with it).
+// Collective: the TP and DP groups get device communicators on the backend's stream: NCCL's, or the host-staged
+// MPI one (parallel.device_comm; 'auto' takes it where NCCL cannot serve a group: its ranks share a GPU, or the
+// build has no NCCL). A failure inside NCCL's initialisation is reported by the failing rank and aborts the job
+// (peers are inside it with it).
 void Session::make_device_communicators() {
   if (backend_->device() != Device::kCuda || world_size_ == 1) return;
-#ifdef LOOM_HAVE_NCCL
+#ifdef LOOM_HAVE_CUDA
   auto* cuda_backend = &static_cast<cuda::CudaBackend&>(*backend_);
   const bool fused_kernel = train_.fused_kernel;
   if (!fused_kernel && !train_.fused_tuning.empty() && rank_ == 0)
     LOOM_WARN("parallel.fused_tuning is set but parallel.fused_kernel is off: the table is not used");
   const FusedTuning tuning = FusedTuning::load(fused_kernel ? train_.fused_tuning : std::string());
-  groups_->use_device_communicators(
-      [cuda_backend, fused_kernel, tuning](MpiCommunicator& group, const std::string& name, uint32_t id) {
-        return std::make_unique<NcclCommunicator>(group.comm(), name, id, *cuda_backend, fused_kernel && name == "tp",
-                                                  tuning);
-      });
+  // Why NCCL cannot serve each group (the same answer on every rank of a group); then every rank agrees on
+  // whether 'nccl' can be honoured, so no rank enters NCCL's initialisation with peers that will not.
+  auto why_not_nccl = [&](MpiCommunicator& group) -> std::string {
+#ifndef LOOM_HAVE_NCCL
+    (void)group;
+    return "this build of Loom has no NCCL";
 #else
-  LOOM_THROW(kConfig, "this build of Loom has no NCCL, so it cannot train on several GPUs (rebuild with NCCL found)");
+    return HostStagedCommunicator::nccl_unusable_reason(group.comm());
+#endif
+  };
+  const std::string mode = train_.device_comm;
+  const std::string tp_why = mode == "mpi" ? "parallel.device_comm is 'mpi'" : why_not_nccl(groups_->host_tp());
+  const std::string dp_why = mode == "mpi" ? "parallel.device_comm is 'mpi'" : why_not_nccl(groups_->host_dp());
+  if (mode == "nccl")
+    agree([&] {
+      const std::string& mine = !tp_why.empty() ? tp_why : dp_why;
+      LOOM_CHECK(mine.empty(), kConfig,
+                 "parallel.device_comm is 'nccl' but NCCL cannot serve this rank's groups: " << mine
+                                                                                             << " (use 'auto' or 'mpi')");
+    });
+  if (rank_ == 0) {
+    if (!tp_why.empty() && groups_->tp_size() > 1)
+      LOOM_WARN("group 'tp': host-staged MPI communicator instead of NCCL (" << tp_why << "); expect it to run slowly");
+    if (!dp_why.empty() && groups_->dp_size() > 1)
+      LOOM_WARN("group 'dp': host-staged MPI communicator instead of NCCL (" << dp_why << "); expect it to run slowly");
+  }
+  groups_->use_device_communicators([&](MpiCommunicator& group, const std::string& name,
+                                        uint32_t id) -> std::unique_ptr<Communicator> {
+    const bool fused = fused_kernel && name == "tp";
+    const std::string& why = name == "tp" ? tp_why : dp_why;
+#ifdef LOOM_HAVE_NCCL
+    if (why.empty()) return std::make_unique<NcclCommunicator>(group.comm(), name, id, *cuda_backend, fused, tuning);
+#endif
+    (void)why;
+    return std::make_unique<HostStagedCommunicator>(group.comm(), name, id, *cuda_backend, fused, tuning);
+  });
 #endif
 }
 

@@ -37,6 +37,10 @@ void TrainConfig::declare(Config& cfg) {
   cfg.add("parallel.fused_tuning", &fused_tuning,
           "the fused kernel's one-shot/two-shot table written by bench/fused_norm_bench --tuning-out; empty = "
           "one-shot up to 512 KiB per call");
+  cfg.add_choice("parallel.device_comm", &device_comm, {"auto", "nccl", "mpi"},
+                 "on GPUs, the TP and DP groups' communicator: 'nccl'; 'mpi', through pinned host memory (slow; "
+                 "for ranks sharing a GPU or a build without NCCL); 'auto', NCCL unless the group's ranks share a GPU "
+                 "or the build has no NCCL");
   cfg.add("snapshot.snapshot_every", &snapshot_every, "in-memory snapshot after every N-th step; 0 disables");
   cfg.add("snapshot.snapshot_job", &snapshot_job, "job id of the snapshot daemons; empty = derived from config and folder");
   cfg.add("snapshot.snapshot_budget_mb", &snapshot_budget_mb,

@@ -39,6 +39,7 @@ struct TrainConfig {
   int64_t ranks_per_node = 0;  // 0: real nodes; >0: emulated nodes of this many ranks
   bool fused_kernel = false;   // the fused all-reduce + RMSNorm as one CUDA IPC kernel on the GPUs of a node
   std::string fused_tuning;    // its algorithm table (parallel/fused_tuning.h); empty: the built-in default
+  std::string device_comm = "auto";  // the GPU groups' communicator: auto | nccl | mpi (host-staged)
   // [snapshot]
   int64_t snapshot_every = 1;          // in-memory snapshot after every N-th step; 0 disables
   std::string snapshot_job;            // job id of the daemons' memory; "" -> derived from the config and folder

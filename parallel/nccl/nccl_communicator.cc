@@ -3,14 +3,12 @@
 #include "core/cuda/cuda_backend.h"
 #include "core/cuda/cuda_check.h"
 #include "core/log.h"
-#include "parallel/cuda/ipc_fused_norm.h"
+#include "parallel/cuda/fused_path.h"
 #include "parallel/mpi_check.h"
 
 namespace loom {
 namespace {
 
-// The fused kernel's waits give up after this long (a dead or hung peer becomes an error, not a hang).
-constexpr double kFusedTimeoutS = 30.0;
 ncclDataType_t nccl_type(DType t) {
   switch (t) {
     case DType::kF32: return ncclFloat32;
@@ -46,8 +44,7 @@ int mpi_size(MPI_Comm c) {
 NcclCommunicator::NcclCommunicator(MPI_Comm comm, std::string name, uint32_t group_id, cuda::CudaBackend& backend,
                                    bool fused_kernel, FusedTuning tuning)
     : Communicator(std::move(name), mpi_rank(comm), mpi_size(comm), group_id),
-      backend_(backend),
-      tuning_(std::move(tuning)) {
+      backend_(backend) {
   ncclUniqueId id{};
   if (rank() == 0) LOOM_NCCL_CHECK(this, ncclGetUniqueId(&id));
   LOOM_MPI_CHECK(MPI_Bcast(&id, sizeof(id), MPI_BYTE, 0, comm));
@@ -55,16 +52,7 @@ NcclCommunicator::NcclCommunicator(MPI_Comm comm, std::string name, uint32_t gro
   config.blocking = 1;
   LOOM_NCCL_CHECK(this, ncclCommInitRankConfig(&comm_, size(), id, rank(), &config));
   LOOM_CUDA_CHECK(cudaMalloc(&barrier_buf_, sizeof(float)));
-  if (fused_kernel && size() > 1) {
-    const std::string why = cuda::IpcFusedNorm::unavailable_reason(comm);
-    if (why.empty()) {
-      fused_ = std::make_unique<cuda::IpcFusedNorm>(comm, stream(), 0, kFusedTimeoutS, this->name());
-      if (rank() == 0) LOOM_INFO("group '" << this->name() << "': fused all-reduce + RMSNorm kernel over CUDA IPC");
-    } else if (rank() == 0) {
-      LOOM_WARN("group '" << this->name() << "': no fused all-reduce + RMSNorm kernel (" << why
-                          << "); NCCL all-reduce + norm instead");
-    }
-  }
+  if (fused_kernel && size() > 1) fused_ = cuda::FusedNormPath::create(comm, stream(), this->name(), std::move(tuning));
 }
 
 NcclCommunicator::~NcclCommunicator() {
@@ -83,25 +71,23 @@ NcclCommunicator::~NcclCommunicator() {
 }
 
 bool NcclCommunicator::has_fused_path(const Tensor& partial) const {
-  return fused_ != nullptr && partial.dtype() == DType::kBF16 && partial.size(1) % 8 == 0;
+  return fused_ != nullptr && fused_->fits_forward(partial);
 }
 
 void NcclCommunicator::do_fused_allreduce_add_rmsnorm(const Tensor& partial, const Tensor& residual,
                                                       const Tensor& weight, float eps, const Tensor& residual_out,
                                                       const Tensor& normed, const Tensor& rstd) {
-  fused_->set_stream(stream());
-  fused_->run(partial, residual, weight, eps, residual_out, normed, rstd, fused_algo(partial));
+  fused_->forward(stream(), partial, residual, weight, eps, residual_out, normed, rstd);
 }
 
 bool NcclCommunicator::has_fused_backward_path(const Tensor& dnormed) const {
-  return has_fused_path(dnormed) && dnormed.size(1) <= cuda::fused_backward_max_d();
+  return fused_ != nullptr && fused_->fits_backward(dnormed);
 }
 
 void NcclCommunicator::do_fused_rmsnorm_backward(const Tensor& dnormed, const Tensor& x, const Tensor& weight,
                                                  const Tensor& rstd, const Tensor& dx, bool accumulate,
                                                  const Tensor& dw) {
-  fused_->set_stream(stream());
-  fused_->run_backward(dnormed, x, weight, rstd, dx, accumulate, dw, fused_algo(dnormed));
+  fused_->backward(stream(), dnormed, x, weight, rstd, dx, accumulate, dw);
 }
 
 void NcclCommunicator::abort() {
@@ -112,12 +98,6 @@ void NcclCommunicator::abort() {
 }
 
 cudaStream_t NcclCommunicator::stream() { return backend_.collective_stream(); }
-
-// One-shot (every rank reduces every row) up to the table's size of partial, two-shot above.
-cuda::FusedAlgo NcclCommunicator::fused_algo(const Tensor& t) const {
-  return tuning_.one_shot(size(), static_cast<int64_t>(t.nbytes())) ? cuda::FusedAlgo::kOneShot
-                                                                     : cuda::FusedAlgo::kTwoShot;
-}
 
 bool NcclCommunicator::supports(DType dtype, bool reduction) const {
   return !reduction || dtype != DType::kU16;

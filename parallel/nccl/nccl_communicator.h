@@ -12,11 +12,13 @@
 // over MPI. A failed NCCL call marks the communicator broken; it is then aborted (ncclCommAbort) rather than
 // destroyed, so a dead peer cannot hang the teardown. NVLink multicast (NVLS) is never requested.
 //
-// With fused_kernel, a group whose ranks are on one node (CUDA IPC reachable: cuda::IpcFusedNorm) also offers
-// the fused all-reduce + residual add + RMSNorm as one kernel (Communicator::fused_allreduce_add_rmsnorm), and
-// its backward as one (fused_rmsnorm_backward, width <= cuda::fused_backward_max_d()), for
-// bf16 rows whose width is a multiple of 8; otherwise, or when the group cannot map its peers' memory (the
-// reason is logged once), the fused op composes NCCL's all-reduce with the norm kernels.
+// With fused_kernel, a group whose ranks are on one node (CUDA IPC reachable) also offers the fused all-reduce +
+// residual add + RMSNorm as one kernel, and its backward as one (parallel/cuda/fused_path.h says for which
+// tensors); otherwise, or when the group cannot map its peers' memory (the reason is logged once), the fused op
+// composes NCCL's all-reduce with the norm kernels.
+//
+// NCCL refuses two ranks of a communicator on one GPU: a group whose ranks share a GPU takes
+// HostStagedCommunicator instead (parallel/cuda/host_staged_communicator.h; the choice is in loom/session.cc).
 #pragma once
 
 #include <cuda_runtime.h>
@@ -43,8 +45,7 @@ namespace loom {
 
 namespace cuda {
 class CudaBackend;
-class IpcFusedNorm;
-enum class FusedAlgo;
+class FusedNormPath;
 }
 
 class NcclCommunicator final : public Communicator {
@@ -79,14 +80,12 @@ class NcclCommunicator final : public Communicator {
 
  private:
   cudaStream_t stream();  // where the next call goes (CudaBackend::collective_stream)
-  cuda::FusedAlgo fused_algo(const Tensor& t) const;
 
   ncclComm_t comm_ = nullptr;
   cuda::CudaBackend& backend_;
   void* barrier_buf_ = nullptr;
   bool broken_ = false;
-  std::unique_ptr<cuda::IpcFusedNorm> fused_;  // null: no one-kernel fused path
-  FusedTuning tuning_;
+  std::unique_ptr<cuda::FusedNormPath> fused_;  // null: no one-kernel fused path
 };
 
 }  // namespace loom

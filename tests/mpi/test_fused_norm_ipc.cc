@@ -13,8 +13,8 @@
 //     dx and dw bit-identical on every rank and between the algorithms.
 //   - The op (ops::fused_allreduce_add_rmsnorm, forward and backward through the tape on the CUDA backend) with
 //     the kernels equals the op composed of an all-reduce and the backend's norm kernels, within bf16 rounding,
-//     and is bit-identical on every rank (a test communicator offers the kernels as NcclCommunicator does; NCCL
-//     itself refuses two ranks on one GPU).
+//     and is bit-identical on every rank (HostStagedCommunicator offers the kernels as NcclCommunicator does;
+//     NCCL itself refuses two ranks on one GPU).
 //   - A CUDA graph of forward and backward calls on the group's stream, replayed 100 times between eager calls:
 //     correct results, no error.
 #include <gtest/gtest.h>
@@ -42,8 +42,10 @@
 #include "core/context.h"
 #include "core/cuda/cuda_backend.h"
 #include "parallel/communicator.h"
+#include "parallel/cuda/host_staged_communicator.h"
 #include "parallel/cuda/ipc_fused_norm.h"
 #include "parallel/fused_norm.h"
+#include "parallel/fused_tuning.h"
 #endif
 
 namespace loom {
@@ -448,59 +450,15 @@ TEST_F(FusedNormIpc, TheBackwardMatchesTheReferenceAndGraphReplaysWork) {
   cudaStreamDestroy(stream);
 }
 
-// The op's communicator for this test: sums through host memory over MPI (the op's reference path), and, when
-// `fused`, offers the one-kernel path through an IpcFusedNorm exactly as NcclCommunicator does (which cannot
-// run here: NCCL refuses two ranks on one GPU).
-class HostSumIpcCommunicator : public Communicator {
- public:
-  HostSumIpcCommunicator(Backend& be, cudaStream_t stream, bool fused, cuda::FusedAlgo algo)
-      : Communicator("tp", test::world_rank(), test::world_size(), 1), be_(be), algo_(algo) {
-    if (fused) fused_ = std::make_unique<cuda::IpcFusedNorm>(MPI_COMM_WORLD, stream, 0, 20.0, "tp");
-  }
-  Device device() const override { return Device::kCuda; }
-  const char* backend_name() const override { return "host-sum test"; }
-
- protected:
-  bool supports(DType t, bool) const override { return t == DType::kBF16 || t == DType::kF32; }
-  void do_all_reduce(const Tensor& t, ReduceOp op) override {
-    LOOM_CHECK(op == ReduceOp::kSum, kComm, "test communicator: sums only");
-    std::vector<float> host(static_cast<size_t>(t.numel()));
-    Tensor h(host.data(), t.shape(), DType::kF32, Device::kCpu);
-    be_.copy(h, t);
-    be_.synchronize();
-    MPI_Allreduce(MPI_IN_PLACE, host.data(), static_cast<int>(host.size()), MPI_FLOAT, MPI_SUM, MPI_COMM_WORLD);
-    be_.copy(t, h);
-    be_.synchronize();
-  }
-  void do_reduce_scatter(const Tensor&, const Tensor&, ReduceOp) override { LOOM_THROW(kComm, "not in this test"); }
-  void do_all_gather(const Tensor&, const Tensor&) override { LOOM_THROW(kComm, "not in this test"); }
-  void do_broadcast(const Tensor&, int) override { LOOM_THROW(kComm, "not in this test"); }
-  void do_send(const Tensor&, int) override { LOOM_THROW(kComm, "not in this test"); }
-  void do_recv(const Tensor&, int) override { LOOM_THROW(kComm, "not in this test"); }
-  void do_barrier() override { MPI_Barrier(MPI_COMM_WORLD); }
-  bool has_fused_path(const Tensor& partial) const override { return fused_ != nullptr && partial.dtype() == DType::kBF16; }
-  bool has_fused_backward_path(const Tensor& dn) const override { return has_fused_path(dn); }
-  void do_fused_allreduce_add_rmsnorm(const Tensor& partial, const Tensor& residual, const Tensor& weight, float eps,
-                                      const Tensor& residual_out, const Tensor& normed, const Tensor& rstd) override {
-    fused_->set_stream(static_cast<cuda::CudaBackend&>(be_).collective_stream());
-    fused_->run(partial, residual, weight, eps, residual_out, normed, rstd, algo_);
-    ++fused_calls;
-  }
-  void do_fused_rmsnorm_backward(const Tensor& dn, const Tensor& x, const Tensor& weight, const Tensor& rstd,
-                                 const Tensor& dx, bool accumulate, const Tensor& dw) override {
-    fused_->set_stream(static_cast<cuda::CudaBackend&>(be_).collective_stream());
-    fused_->run_backward(dn, x, weight, rstd, dx, accumulate, dw, algo_);
-    ++fused_calls;
-  }
-
- public:
-  int fused_calls = 0;
-
- private:
-  Backend& be_;
-  cuda::FusedAlgo algo_;
-  std::unique_ptr<cuda::IpcFusedNorm> fused_;
-};
+// The op's communicator for this test: HostStagedCommunicator, which sums through host memory over MPI (the op's
+// reference path) and, with fused_kernel, offers the one-kernel path exactly as NcclCommunicator does (which
+// cannot run here: NCCL refuses two ranks on one GPU). The table forces the algorithm.
+std::unique_ptr<HostStagedCommunicator> op_communicator(Backend& be, bool fused, cuda::FusedAlgo algo) {
+  FusedTuning tuning;
+  tuning.set(test::world_size(), algo == cuda::FusedAlgo::kOneShot ? (int64_t{1} << 40) : 0);
+  return std::make_unique<HostStagedCommunicator>(MPI_COMM_WORLD, "tp", 1, static_cast<cuda::CudaBackend&>(be), fused,
+                                                  tuning);
+}
 
 struct OpResult {
   std::vector<float> normed, residual, d_partial, d_residual, d_weight;
@@ -556,7 +514,6 @@ TEST_F(FusedNormIpc, TheOpWithTheKernelsEqualsTheOpWithout) {
   int n = 0;
   cudaGetDeviceCount(&n);
   std::unique_ptr<Backend> be = make_cuda_backend(me % n);
-  cudaStream_t stream = static_cast<cuda::CudaBackend&>(*be).stream();
   struct Case {
     int64_t tokens, hidden;
     cuda::FusedAlgo algo;
@@ -564,20 +521,20 @@ TEST_F(FusedNormIpc, TheOpWithTheKernelsEqualsTheOpWithout) {
   for (const Case& k : {Case{16, 1024, cuda::FusedAlgo::kOneShot}, Case{300, 2048, cuda::FusedAlgo::kTwoShot}}) {
     SCOPED_TRACE(std::to_string(k.tokens) + " x " + std::to_string(k.hidden));
     OpResult ref, fused, on_side;
-    int fused_calls = 0, side_calls = 0;
+    uint64_t fused_calls = 0, side_calls = 0;
     {
-      HostSumIpcCommunicator tp(*be, stream, false, k.algo);
-      ref = run_op(*be, tp, k.tokens, k.hidden, 600 + static_cast<uint64_t>(k.tokens));
+      auto tp = op_communicator(*be, false, k.algo);
+      ref = run_op(*be, *tp, k.tokens, k.hidden, 600 + static_cast<uint64_t>(k.tokens));
     }
     {
-      HostSumIpcCommunicator tp(*be, stream, true, k.algo);
-      fused = run_op(*be, tp, k.tokens, k.hidden, 600 + static_cast<uint64_t>(k.tokens));
-      fused_calls = tp.fused_calls;
-      on_side = run_op(*be, tp, k.tokens, k.hidden, 600 + static_cast<uint64_t>(k.tokens), true);
-      side_calls = tp.fused_calls - fused_calls;
+      auto tp = op_communicator(*be, true, k.algo);
+      fused = run_op(*be, *tp, k.tokens, k.hidden, 600 + static_cast<uint64_t>(k.tokens));
+      fused_calls = tp->fused_calls();
+      on_side = run_op(*be, *tp, k.tokens, k.hidden, 600 + static_cast<uint64_t>(k.tokens), true);
+      side_calls = tp->fused_calls() - fused_calls;
     }
-    EXPECT_EQ(fused_calls, 2) << "the forward and the backward each took the kernel path";
-    EXPECT_EQ(side_calls, 2) << "on the side stream too";
+    EXPECT_EQ(fused_calls, 2u) << "the forward and the backward each took the kernel path";
+    EXPECT_EQ(side_calls, 2u) << "on the side stream too";
     const std::pair<const char*, double> tol[] = {{"normed", 1e-2},   {"residual", 1e-2}, {"d_partial", 2e-2},
                                                   {"d_residual", 2e-2}, {"d_weight", 1e-2}};
     const std::vector<float>* got[] = {&fused.normed, &fused.residual, &fused.d_partial, &fused.d_residual,
