@@ -39,6 +39,9 @@ Session::Session(int& argc, char**& argv) {
 }
 
 Session::~Session() {
+  // The monitor's last heartbeat and BYE go out while the communicators (whose trace rings it counts) still exist:
+  // a finished rank then reports its collectives, not 0. (No-op after an error path's stop("error").)
+  if (monitor_) monitor_->stop();
   // Communicators must be freed before MPI_Finalize, and before the backend whose streams they use.
   groups_.reset();
   backend_.reset();
