@@ -643,3 +643,30 @@ TEST(MonitorServer, RefusesGarbageWrongTokenAndStaleEpochAndKeepsServing) {
             std::string::npos);
   s.stop();
 }
+
+// A client in run_queue mode "on" switches the process-wide reads around each collective on once it beats, and
+// off again when it stops (nobody reads the figures then); the server sees its BYE.
+TEST(MonitorClient, TurnsTheRunQueueReadsOffWhenItStops) {
+  MonitorOptions o;
+  o.job = "jobR";
+  o.token = "tok";
+  o.bind = "127.0.0.1";
+  MonitorServer s(o);
+  s.start();
+  set_run_delay_accounting(false);
+  {
+    ClientOptions c;
+    c.address = "127.0.0.1:" + std::to_string(s.port());
+    c.job = "jobR";
+    c.token = "tok";
+    c.heartbeat_s = 0.02;
+    c.run_queue = RunQueueMeter::Mode::kOn;
+    MonitorClient client(c);
+    client.set_progress(3, 1.0, 10.0);
+    EXPECT_TRUE(eventually([&] { return run_delay_accounting() && s.progress().max_step == 3; }));
+    client.stop();
+    EXPECT_FALSE(run_delay_accounting());
+  }
+  EXPECT_TRUE(eventually([&] { return s.status_json().find("\"state\":\"done\"") != std::string::npos; }));
+  s.stop();
+}
