@@ -9,8 +9,10 @@
 //   arguments and the group's size, so when they are the same everywhere every rank throws the same error
 //   before any communication starts, and no rank is left waiting.
 // - Tensors are contiguous views (core/tensor.h) on this communicator's device(). The call reads and writes
-//   them in place; on a host backend they are complete when the call returns. (A device backend will write
-//   its stream contract here.)
+//   them in place; on a host backend they are complete when the call returns. Device backends order each call
+//   on the CUDA backend's collective stream after the kernels enqueued before it: NcclCommunicator returns at
+//   once (the results are ready in stream order), HostStagedCommunicator returns with the results on the
+//   device, except its fused calls, which are enqueued like NCCL's (their headers say more).
 // - Errors: sizes that do not fit the group -> kShape; a tensor on the wrong device, a dtype the backend cannot
 //   handle, a root or peer out of range, overlapping buffers -> kComm. Each message names the call, the group
 //   and the argument. A failure inside the backend (kComm) leaves its trace record in flight: the group is

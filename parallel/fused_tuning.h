@@ -1,6 +1,6 @@
 // The fused all-reduce + RMSNorm kernels' algorithm table (docs/fused_norm.md): for each TP group size, one-shot
 // up to one_shot_max_bytes of partial per call, two-shot above. bench/fused_norm_bench --tuning-out writes it
-// after timing both algorithms; NcclCommunicator reads it (parallel.fused_tuning). A text file:
+// after timing both algorithms; the device communicators read it (parallel.fused_tuning, through cuda::FusedNormPath). A text file:
 //
 //   # comment
 //   ranks 2 one_shot_max_bytes 1048576

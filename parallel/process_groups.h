@@ -38,7 +38,7 @@ class ProcessGroups {
   static std::unique_ptr<ProcessGroups> create(MPI_Comm world, const ParallelConfig& cfg);
 
   // The communicators of the training tensors: MPI on host memory, or the device communicators installed by
-  // use_device_communicators() (NCCL) when training on GPUs. world() and node() always stay on MPI: they carry
+  // use_device_communicators() (NCCL, or host-staged MPI) when training on GPUs. world() and node() always stay on MPI: they carry
   // control traffic (start-up agreement, barriers), never tensors of the model.
   Communicator& world() { return *world_; }
   Communicator& tp() { return tp_device_ ? *tp_device_ : *tp_; }

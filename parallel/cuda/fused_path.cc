@@ -35,8 +35,10 @@ bool FusedNormPath::fits_backward(const Tensor& dnormed) const {
 }
 
 // One-shot (every rank reduces every row) up to the table's size of partial, two-shot above.
-bool FusedNormPath::one_shot(const Tensor& t) const {
-  return tuning_.one_shot(ipc_->size(), static_cast<int64_t>(t.nbytes()));
+bool FusedNormPath::one_shot(const Tensor& t) {
+  const bool one = tuning_.one_shot(ipc_->size(), static_cast<int64_t>(t.nbytes()));
+  one_shot_calls_ += one ? 1 : 0;
+  return one;
 }
 
 void FusedNormPath::forward(cudaStream_t stream, const Tensor& partial, const Tensor& residual, const Tensor& weight,

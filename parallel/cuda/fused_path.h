@@ -40,13 +40,15 @@ class FusedNormPath {
   // The group's waiting kernels give up now (IpcFusedNorm::abort).
   void abort();
   uint64_t calls() const;  // forward and backward calls enqueued so far
+  uint64_t one_shot_calls() const { return one_shot_calls_; }  // of them, one-shot (the rest: two-shot)
 
  private:
   FusedNormPath(std::unique_ptr<IpcFusedNorm> ipc, FusedTuning tuning);
-  bool one_shot(const Tensor& t) const;
+  bool one_shot(const Tensor& t);  // the table's choice for a call of t (counted)
 
   std::unique_ptr<IpcFusedNorm> ipc_;
   FusedTuning tuning_;
+  uint64_t one_shot_calls_ = 0;
 };
 
 }  // namespace loom::cuda

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <fstream>
 #include <vector>
 
 #include "core/cuda/cuda_backend.h"
@@ -20,8 +21,6 @@ HostStagedCommunicator::HostStagedCommunicator(MPI_Comm comm, std::string name, 
 }
 
 HostStagedCommunicator::~HostStagedCommunicator() = default;
-
-uint64_t HostStagedCommunicator::fused_calls() const { return fused_ ? fused_->calls() : 0; }
 
 void* HostStagedCommunicator::Pinned::reserve(size_t n) {
   if (n <= bytes) return ptr;
@@ -51,11 +50,18 @@ std::string HostStagedCommunicator::nccl_unusable_reason(MPI_Comm comm) {
     cudaGetLastError();
     std::snprintf(mine, kIdChars, "?rank%d", rank);  // unknown: counts as a GPU of its own
   }
-  char host[MPI_MAX_PROCESSOR_NAME] = {};
-  int len = 0;
-  LOOM_MPI_CHECK(MPI_Get_processor_name(host, &len));
-  // A GPU is named by host and bus id: ranks of two hosts never share one.
-  std::string key = std::string(host) + "/" + mine;
+  // The machine: its boot id (one per running kernel, shared by its containers), else its host name.
+  std::string machine;
+  std::ifstream boot("/proc/sys/kernel/random/boot_id");
+  if (!(boot >> machine) || machine.empty()) {
+    char host[MPI_MAX_PROCESSOR_NAME] = {};
+    int len = 0;
+    LOOM_MPI_CHECK(MPI_Get_processor_name(host, &len));
+    machine = host;
+  }
+  for (char& c : machine)
+    if (c == '/') c = '_';
+  std::string key = machine + "/" + mine;
   key.resize(MPI_MAX_PROCESSOR_NAME + kIdChars, '\0');
   const size_t stride = key.size();
   std::vector<char> all(stride * static_cast<size_t>(n));
@@ -116,7 +122,14 @@ void HostStagedCommunicator::to_device(const Tensor& dev, const Tensor& host) {
   LOOM_CUDA_CHECK(cudaStreamSynchronize(s));  // the pinned buffer is reused by the next call
 }
 
+// A group of one rank: out = in on the device, in stream order (nothing when they are the same memory).
+void HostStagedCommunicator::copy_on_device(const Tensor& out, const Tensor& in) {
+  if (out.data() != in.data() && out.nbytes() > 0)
+    LOOM_CUDA_CHECK(cudaMemcpyAsync(out.data(), in.data(), out.nbytes(), cudaMemcpyDeviceToDevice, stream()));
+}
+
 void HostStagedCommunicator::do_all_reduce(const Tensor& t, ReduceOp op) {
+  if (size() == 1) return;
   const bool wide = t.dtype() == DType::kBF16;
   const Tensor h = host_buffer(t.dtype(), wide, t.numel());
   to_host(h, t);
@@ -125,6 +138,7 @@ void HostStagedCommunicator::do_all_reduce(const Tensor& t, ReduceOp op) {
 }
 
 void HostStagedCommunicator::do_reduce_scatter(const Tensor& out, const Tensor& in, ReduceOp op) {
+  if (size() == 1) return copy_on_device(out, in);
   const bool wide = in.dtype() == DType::kBF16;
   const int64_t block = out.numel();
   const Tensor h = host_buffer(in.dtype(), wide, in.numel());
@@ -135,6 +149,7 @@ void HostStagedCommunicator::do_reduce_scatter(const Tensor& out, const Tensor& 
 }
 
 void HostStagedCommunicator::do_all_gather(const Tensor& out, const Tensor& in) {
+  if (size() == 1) return copy_on_device(out, in);
   const int64_t block = in.numel();
   const Tensor h = host_buffer(out.dtype(), false, out.numel());
   const Tensor mine = h.flat_range(rank() * block, (rank() + 1) * block);  // the in-place form
@@ -144,6 +159,7 @@ void HostStagedCommunicator::do_all_gather(const Tensor& out, const Tensor& in) 
 }
 
 void HostStagedCommunicator::do_broadcast(const Tensor& t, int root) {
+  if (size() == 1) return;
   const Tensor h = host_buffer(t.dtype(), false, t.numel());
   if (rank() == root) to_host(h, t);
   MpiCommunicator::do_broadcast(h, root);

@@ -8,10 +8,10 @@
 // converted to f32 on the host, reduced there in the ring's fixed order, rounded back to bf16 once; identical on
 // every rank); u16 moves only.
 //
-// Stream contract: unlike NcclCommunicator, a call blocks the host. It waits for the backend's collective stream
-// (CudaBackend::collective_stream: the compute stream after it has joined all side work, or the side stream
-// inside a side region), so the tensors hold what the kernels enqueued before it wrote, and it returns after
-// the result is back on the device. A slow path for development and for machines with fewer GPUs than ranks; it
+// Stream contract: unlike NcclCommunicator, a call blocks the host. Its copies run on the backend's collective
+// stream (CudaBackend::collective_stream: the compute stream after it has joined all side work, or the side
+// stream inside a side region), so it reads what the kernels enqueued before it wrote, and it returns after the
+// result is back on the device. A group of one rank copies on the device only, without waiting. A slow path for development and for machines with fewer GPUs than ranks; it
 // serialises communication with compute.
 //
 // With fused_kernel, the group also offers the one-kernel fused all-reduce + RMSNorm over CUDA IPC
@@ -46,11 +46,12 @@ class HostStagedCommunicator final : public MpiCommunicator {
   Device device() const override { return Device::kCuda; }
   const char* backend_name() const override { return "MPI via host"; }
 
-  // Calls that took the one-kernel fused path (forward and backward) so far.
-  uint64_t fused_calls() const;
+  // The one-kernel fused path (its call counts), or null when the group has none.
+  const cuda::FusedNormPath* fused_path() const { return fused_.get(); }
 
-  // Collective over comm: why NCCL cannot serve this group ("" when it can): which ranks share which GPU. The
-  // same answer on every rank.
+  // Collective over comm: why NCCL cannot serve this group ("" when it can): which ranks share which GPU. A GPU
+  // is named by its machine (the kernel's boot id, so containers with one host name on two machines differ;
+  // the host name where there is none) and its PCI bus id. The same answer on every rank.
   static std::string nccl_unusable_reason(MPI_Comm comm);
 
  protected:
@@ -75,6 +76,9 @@ class HostStagedCommunicator final : public MpiCommunicator {
     void* ptr = nullptr;
     size_t bytes = 0;
     void* reserve(size_t n);
+    Pinned() = default;
+    Pinned(const Pinned&) = delete;
+    Pinned& operator=(const Pinned&) = delete;
     ~Pinned();
   };
   // A host buffer of n elements for device tensors of dtype `dtype`: of that dtype, or of f32 for a bf16
@@ -84,6 +88,7 @@ class HostStagedCommunicator final : public MpiCommunicator {
   void to_host(const Tensor& host, const Tensor& dev);
   // dev = host, waiting until the copy is done.
   void to_device(const Tensor& dev, const Tensor& host);
+  void copy_on_device(const Tensor& out, const Tensor& in);
   cudaStream_t stream();
 
   cuda::CudaBackend& backend_;

@@ -3,8 +3,9 @@
 # steps as one process does — TP=2, DP=2, and TP=2 with the fused all-reduce + RMSNorm kernel and with the
 # token-split overlap on top. Two ranks on one GPU cannot use NCCL (it refuses ranks sharing a device), so there
 # the groups take the host-staged MPI communicator and the log says why; with a GPU per rank they take NCCL, and
-# a run that insists on NCCL where it cannot serve fails with a clear error on every rank. The fused kernel runs
-# over CUDA IPC in both cases (ranks sharing a GPU map each other's memory too).
+# a run that insists on NCCL where it cannot serve fails with a clear error on every rank; there the script also
+# compares the host-staged communicator with NCCL. Last, TP=2 x DP=2 with 4 ranks. The fused kernel runs over
+# CUDA IPC in every case (ranks sharing a GPU map each other's memory too).
 # Tolerances: the per-step loss within 2e-2 relative between layouts (bf16 rounding of a different summation
 # order grows over the steps, as in tests/cuda/test_cuda_training.cc) and within 1e-2 between the fused and the
 # unfused TP=2 runs (the same sums, rounded in another place). Skipped (77) without a usable GPU.
@@ -26,10 +27,10 @@ first=$(losses "$WORK/single.jsonl" | head -1)
 last=$(losses "$WORK/single.jsonl" | tail -1)
 awk -v a="$first" -v b="$last" 'BEGIN { exit !(b < a - 0.3) }' || fail "one rank did not learn: loss $first -> $last"
 
-run() {  # run NAME ARGS... : two ranks; metrics in NAME.jsonl, log in NAME.log
+run() {  # run NAME ARGS... : $NP ranks (default 2); metrics in NAME.jsonl, log in NAME.log
   local name=$1
   shift
-  mpi 2 "$gpt" "${args[@]}" "$@" --metrics-file "$WORK/$name.jsonl" >"$WORK/$name.log" 2>&1 || {
+  mpi "${NP:-2}" "$gpt" "${args[@]}" "$@" --metrics-file "$WORK/$name.jsonl" >"$WORK/$name.log" 2>&1 || {
     cat "$WORK/$name.log"
     fail "run $name ($*) failed"
   }
@@ -65,4 +66,9 @@ else
   echo -n "tp 2 host-staged against NCCL: "
   same_losses "$WORK/tp2_mpi.jsonl" "$WORK/tp2.jsonl" 1e-2 || fail "the host-staged communicator diverges from NCCL"
 fi
+# 4 ranks, TP=2 x DP=2 with the kernel and the overlap: on one GPU every group is host-staged; on 2 or 3 GPUs the
+# TP groups get NCCL and the DP groups (ranks sharing a GPU) the host-staged one; on 4 or more, NCCL throughout.
+NP=4 run tp2dp2 --tp 2 --fused-kernel true --overlap true
+echo -n "tp 2 x dp 2 (fused, overlap) against one rank: "
+same_losses "$WORK/tp2dp2.jsonl" "$WORK/single.jsonl" 2e-2 || fail "TP=2 x DP=2 diverges from one rank"
 echo "ok"

@@ -42,6 +42,7 @@
 #include "core/context.h"
 #include "core/cuda/cuda_backend.h"
 #include "parallel/communicator.h"
+#include "parallel/cuda/fused_path.h"
 #include "parallel/cuda/host_staged_communicator.h"
 #include "parallel/cuda/ipc_fused_norm.h"
 #include "parallel/fused_norm.h"
@@ -518,23 +519,28 @@ TEST_F(FusedNormIpc, TheOpWithTheKernelsEqualsTheOpWithout) {
     int64_t tokens, hidden;
     cuda::FusedAlgo algo;
   };
-  for (const Case& k : {Case{16, 1024, cuda::FusedAlgo::kOneShot}, Case{300, 2048, cuda::FusedAlgo::kTwoShot}}) {
+  // Each size with the algorithm the default table would not pick (asserted through the path's counts).
+  for (const Case& k : {Case{16, 1024, cuda::FusedAlgo::kTwoShot}, Case{300, 2048, cuda::FusedAlgo::kOneShot}}) {
     SCOPED_TRACE(std::to_string(k.tokens) + " x " + std::to_string(k.hidden));
     OpResult ref, fused, on_side;
-    uint64_t fused_calls = 0, side_calls = 0;
+    uint64_t fused_calls = 0, side_calls = 0, one_shot_calls = 0;
     {
       auto tp = op_communicator(*be, false, k.algo);
+      ASSERT_EQ(tp->fused_path(), nullptr);
       ref = run_op(*be, *tp, k.tokens, k.hidden, 600 + static_cast<uint64_t>(k.tokens));
     }
     {
       auto tp = op_communicator(*be, true, k.algo);
+      ASSERT_NE(tp->fused_path(), nullptr);
       fused = run_op(*be, *tp, k.tokens, k.hidden, 600 + static_cast<uint64_t>(k.tokens));
-      fused_calls = tp->fused_calls();
+      fused_calls = tp->fused_path()->calls();
       on_side = run_op(*be, *tp, k.tokens, k.hidden, 600 + static_cast<uint64_t>(k.tokens), true);
-      side_calls = tp->fused_calls() - fused_calls;
+      side_calls = tp->fused_path()->calls() - fused_calls;
+      one_shot_calls = tp->fused_path()->one_shot_calls();
     }
     EXPECT_EQ(fused_calls, 2u) << "the forward and the backward each took the kernel path";
     EXPECT_EQ(side_calls, 2u) << "on the side stream too";
+    EXPECT_EQ(one_shot_calls, k.algo == cuda::FusedAlgo::kOneShot ? 4u : 0u) << "the table's algorithm was used";
     const std::pair<const char*, double> tol[] = {{"normed", 1e-2},   {"residual", 1e-2}, {"d_partial", 2e-2},
                                                   {"d_residual", 2e-2}, {"d_weight", 1e-2}};
     const std::vector<float>* got[] = {&fused.normed, &fused.residual, &fused.d_partial, &fused.d_residual,

@@ -5,7 +5,9 @@
 //   - bf16 reductions through f32: each element the bf16 rounding of the f32 ring's sum (the host reference
 //     runs the same ring on f32 copies), bit-identical on every rank;
 //   - ordering: a value written by a kernel still in flight on the backend's stream when the call is made is
-//     the one that is reduced, and a kernel enqueued after it sees the result; the same inside a side region;
+//     the one that is reduced, and a kernel enqueued after it sees the result; the same inside a side region,
+//     and for side work not yet joined; three calls in a row with nothing read in between;
+//   - bf16 moves (all_gather, broadcast) bit-exact; empty tensors; a group of one rank (device copies only);
 //   - one trace record per call, as every communicator;
 //   - nccl_unusable_reason names the shared GPU when ranks share one, and is empty otherwise;
 //   - bad arguments are refused before any communication, as on every communicator.
@@ -260,6 +262,81 @@ TEST_F(HostStaged, WaitsForTheKernelsBeforeItAndIsSeenByTheKernelsAfterIt) {
     for (float x : got) wrong += x != want;
     EXPECT_EQ(wrong, 0) << "elements that missed the fill or the result";
   }
+  // Side work left un-joined: a call on the compute stream must still see it (collective_stream joins it).
+  {
+    Buf a;
+    std::vector<float> zeros(static_cast<size_t>(n), 0.f);
+    Tensor t = upload(a, zeros.data(), n, DType::kF32);
+    be_->begin_side();
+    be_->fill(t, static_cast<float>(me + 1));
+    be_->end_side();  // no join_side
+    staged_->all_reduce(t, ReduceOp::kSum);
+    const std::vector<float> got = download<float>(t);
+    int64_t wrong = 0;
+    for (float x : got) wrong += x != static_cast<float>(p * (p + 1) / 2);
+    EXPECT_EQ(wrong, 0) << "elements that missed the un-joined side fill";
+  }
+  // Back to back, nothing read in between: each call's result is the next one's input, through the same
+  // pinned buffer.
+  {
+    Buf a, b;
+    std::vector<float> zeros(static_cast<size_t>(n), 0.f);
+    Tensor t = upload(a, zeros.data(), n, DType::kF32);
+    Tensor u = upload(b, zeros.data(), n, DType::kF32);
+    be_->fill(t, static_cast<float>(me + 1));
+    staged_->all_reduce(t, ReduceOp::kSum);
+    be_->copy(u, t);
+    staged_->all_reduce(u, ReduceOp::kSum);
+    staged_->all_reduce(t, ReduceOp::kMax);
+    const std::vector<float> got_u = download<float>(u), got_t = download<float>(t);
+    const float s = static_cast<float>(p * (p + 1) / 2);
+    int64_t wrong = 0;
+    for (int64_t i = 0; i < n; ++i)
+      wrong += got_u[static_cast<size_t>(i)] != p * s || got_t[static_cast<size_t>(i)] != s;
+    EXPECT_EQ(wrong, 0) << "elements wrong after three calls in a row";
+  }
+}
+
+TEST_F(HostStaged, Bf16MovesEmptyTensorsAndGroupsOfOneRank) {
+  const int me = test::world_rank(), p = test::world_size();
+  // bf16 moves as raw 16-bit elements: all_gather and broadcast give the exact bits.
+  const int64_t block = 513;
+  std::vector<uint16_t> mine(static_cast<size_t>(block)), want;
+  for (int r = 0; r < p; ++r)
+    for (int64_t i = 0; i < block; ++i) {
+      const auto v = f32_to_bf16(static_cast<float>(i) * 0.37f - static_cast<float>(r) * 3.1f).bits;
+      want.push_back(v);
+      if (r == me) mine[static_cast<size_t>(i)] = v;
+    }
+  Buf bi, bo;
+  Tensor in = upload(bi, mine.data(), block, DType::kBF16);
+  std::vector<uint16_t> zeros(static_cast<size_t>(block * p), 0);
+  Tensor out = upload(bo, zeros.data(), block * p, DType::kBF16);
+  staged_->all_gather(out, in);
+  EXPECT_TRUE(download<uint16_t>(out) == want) << "bf16 all_gather";
+  staged_->broadcast(in, p - 1);
+  EXPECT_TRUE(download<uint16_t>(in) == std::vector<uint16_t>(want.end() - block, want.end())) << "bf16 broadcast";
+  // Empty tensors: every call is a no-op that still keeps the ranks in step.
+  Tensor empty(nullptr, Shape{0}, DType::kF32, Device::kCuda);
+  staged_->all_reduce(empty, ReduceOp::kSum);
+  staged_->broadcast(empty, 0);
+  staged_->barrier();
+  // A group of one rank (MPI_COMM_SELF): all_reduce leaves the tensor alone, the out-of-place forms copy.
+  HostStagedCommunicator self(MPI_COMM_SELF, "dp", 2, static_cast<cuda::CudaBackend&>(*be_));
+  std::vector<float> v = values(100, me, 6);
+  Buf bs, bt;
+  Tensor t = upload(bs, v.data(), 100, DType::kF32);
+  std::vector<float> fz(100, 0.f);
+  Tensor o = upload(bt, fz.data(), 100, DType::kF32);
+  self.all_reduce(t, ReduceOp::kSum);
+  self.reduce_scatter(o, t, ReduceOp::kSum);
+  EXPECT_TRUE(download<float>(t) == v) << "all_reduce over one rank";
+  EXPECT_TRUE(download<float>(o) == v) << "reduce_scatter over one rank";
+  std::vector<float> fz2(100, 0.f);
+  Buf bg;
+  Tensor g = upload(bg, fz2.data(), 100, DType::kF32);
+  self.all_gather(g, t);
+  EXPECT_TRUE(download<float>(g) == v) << "all_gather over one rank";
 }
 
 TEST_F(HostStaged, OneTraceRecordPerCallAndArgumentErrorsBeforeCommunicating) {
