@@ -59,11 +59,23 @@ void Communicator::check_rank_arg(int r, const char* call, const char* arg, bool
                   << " is this rank; a rank cannot send to or receive from itself");
 }
 
+template <class Body>
+void Communicator::traced(CollectiveOp op, int32_t peer, uint64_t bytes, Body&& body) {
+  const uint64_t seq = trace_.begin(op, group_id_, peer, bytes);
+  const bool device = device_timed();
+  if (device) before_enqueue();
+  body();
+  // A failure in body leaves the record in flight (the contract above); a device-timed one is closed by the
+  // backend once its completion event fires.
+  if (device)
+    after_enqueue(seq);
+  else
+    trace_.end(seq);
+}
+
 void Communicator::all_reduce(const Tensor& t, ReduceOp op) {
   check_tensor(t, "all_reduce", "t", true);
-  uint64_t seq = trace_.begin(CollectiveOp::kAllReduce, group_id_, -1, t.nbytes());
-  do_all_reduce(t, op);
-  trace_.end(seq);
+  traced(CollectiveOp::kAllReduce, -1, t.nbytes(), [&] { do_all_reduce(t, op); });
 }
 
 void Communicator::check_like(const Tensor& t, const Tensor& like, const char* call, const char* arg) const {
@@ -87,9 +99,8 @@ bool Communicator::fused_allreduce_add_rmsnorm(const Tensor& partial, const Tens
   LOOM_CHECK(weight.numel() == partial.size(1) && rstd.numel() == partial.size(0) && rstd.dtype() == DType::kF32,
              kShape, call << " on '" << name_ << "': weight must be [" << partial.size(1) << "] and rstd f32 ["
                           << partial.size(0) << "]");
-  uint64_t seq = trace_.begin(CollectiveOp::kAllReduce, group_id_, -1, partial.nbytes());
-  do_fused_allreduce_add_rmsnorm(partial, residual, weight, eps, residual_out, normed, rstd);
-  trace_.end(seq);
+  traced(CollectiveOp::kAllReduce, -1, partial.nbytes(),
+         [&] { do_fused_allreduce_add_rmsnorm(partial, residual, weight, eps, residual_out, normed, rstd); });
   return true;
 }
 
@@ -108,9 +119,8 @@ bool Communicator::fused_rmsnorm_backward(const Tensor& dnormed, const Tensor& x
                  (dw.dtype() == DType::kF32 || dw.dtype() == DType::kBF16),
              kShape, call << " on '" << name_ << "': weight and dw (f32 or bf16) must be [" << dnormed.size(1)
                           << "] and rstd f32 [" << dnormed.size(0) << "]");
-  uint64_t seq = trace_.begin(CollectiveOp::kAllReduce, group_id_, -1, dnormed.nbytes());
-  do_fused_rmsnorm_backward(dnormed, x, weight, rstd, dx, accumulate, dw);
-  trace_.end(seq);
+  traced(CollectiveOp::kAllReduce, -1, dnormed.nbytes(),
+         [&] { do_fused_rmsnorm_backward(dnormed, x, weight, rstd, dx, accumulate, dw); });
   return true;
 }
 
@@ -126,9 +136,7 @@ void Communicator::reduce_scatter(const Tensor& out, const Tensor& in, ReduceOp 
              call << " on '" << name_ << "': argument 'out' has " << out.numel() << " elements, expected in.numel() / "
                   << size_ << " = " << in.numel() / size_);
   check_overlap(out, "out", in, "in", call);
-  uint64_t seq = trace_.begin(CollectiveOp::kReduceScatter, group_id_, -1, in.nbytes());
-  do_reduce_scatter(out, in, op);
-  trace_.end(seq);
+  traced(CollectiveOp::kReduceScatter, -1, in.nbytes(), [&] { do_reduce_scatter(out, in, op); });
 }
 
 void Communicator::all_gather(const Tensor& out, const Tensor& in) {
@@ -140,39 +148,29 @@ void Communicator::all_gather(const Tensor& out, const Tensor& in) {
              call << " on '" << name_ << "': argument 'out' has " << out.numel() << " elements, expected " << size_
                   << " x in.numel() = " << in.numel() * size_);
   check_overlap(in, "in", out, "out", call);
-  uint64_t seq = trace_.begin(CollectiveOp::kAllGather, group_id_, -1, out.nbytes());
-  do_all_gather(out, in);
-  trace_.end(seq);
+  traced(CollectiveOp::kAllGather, -1, out.nbytes(), [&] { do_all_gather(out, in); });
 }
 
 void Communicator::broadcast(const Tensor& t, int root) {
   check_tensor(t, "broadcast", "t", false);
   check_rank_arg(root, "broadcast", "root", true);
-  uint64_t seq = trace_.begin(CollectiveOp::kBroadcast, group_id_, -1, t.nbytes());
-  do_broadcast(t, root);
-  trace_.end(seq);
+  traced(CollectiveOp::kBroadcast, -1, t.nbytes(), [&] { do_broadcast(t, root); });
 }
 
 void Communicator::send(const Tensor& t, int peer) {
   check_tensor(t, "send", "t", false);
   check_rank_arg(peer, "send", "peer", false);
-  uint64_t seq = trace_.begin(CollectiveOp::kSend, group_id_, peer, t.nbytes());
-  do_send(t, peer);
-  trace_.end(seq);
+  traced(CollectiveOp::kSend, peer, t.nbytes(), [&] { do_send(t, peer); });
 }
 
 void Communicator::recv(const Tensor& t, int peer) {
   check_tensor(t, "recv", "t", false);
   check_rank_arg(peer, "recv", "peer", false);
-  uint64_t seq = trace_.begin(CollectiveOp::kRecv, group_id_, peer, t.nbytes());
-  do_recv(t, peer);
-  trace_.end(seq);
+  traced(CollectiveOp::kRecv, peer, t.nbytes(), [&] { do_recv(t, peer); });
 }
 
 void Communicator::barrier() {
-  uint64_t seq = trace_.begin(CollectiveOp::kBarrier, group_id_, -1, 0);
-  do_barrier();
-  trace_.end(seq);
+  traced(CollectiveOp::kBarrier, -1, 0, [&] { do_barrier(); });
 }
 
 void CommReducer::all_reduce_sum(const Tensor& t) {

@@ -83,6 +83,15 @@ class Communicator {
  protected:
   Communicator(std::string name, int rank, int size, uint32_t group_id);
 
+  // Timing of the trace records. By default a record spans the do_* call on the host (complete when it returns).
+  // A backend whose calls only enqueue work (NCCL) returns true from device_timed(): each call is then wrapped in
+  // before_enqueue() and after_enqueue(seq) instead, and the backend closes the record itself once the work is
+  // done (TraceRing::end(seq, start, end), from device events: start = when its stream reached the call).
+  virtual bool device_timed() const { return false; }
+  virtual void before_enqueue() {}
+  virtual void after_enqueue(uint64_t /*seq*/) {}
+  TraceRing& trace_ring() { return trace_; }
+
   // Whether the backend can move (reduction == false) or reduce (true) elements of this dtype.
   virtual bool supports(DType dtype, bool reduction) const = 0;
 
@@ -112,6 +121,9 @@ class Communicator {
   void check_overlap(const Tensor& part, const char* part_arg, const Tensor& whole, const char* whole_arg,
                      const char* call) const;
   void check_rank_arg(int r, const char* call, const char* arg, bool allow_self) const;
+  // One traced call: the trace record around body (see device_timed()).
+  template <class Body>
+  void traced(CollectiveOp op, int32_t peer, uint64_t bytes, Body&& body);
 
   std::string name_;
   int rank_;

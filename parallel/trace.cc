@@ -113,20 +113,25 @@ uint64_t TraceRing::begin(CollectiveOp op, uint32_t group_id, int32_t peer, uint
 }
 
 void TraceRing::end(uint64_t seq) {
-  finish(seq, trace_clock_s(), true);
+  finish(seq, -1, trace_clock_s(), true);
 }
 
 void TraceRing::end(uint64_t seq, double end_s) {
-  finish(seq, end_s, false);
+  finish(seq, -1, end_s, false);
 }
 
-void TraceRing::finish(uint64_t seq, double end_s, bool host_timed) {
+void TraceRing::end(uint64_t seq, double start_s, double end_s) {
+  finish(seq, start_s, end_s, false);
+}
+
+void TraceRing::finish(uint64_t seq, double start_s, double end_s, bool host_timed) {
   std::lock_guard<std::mutex> lock(mutex_);
   uint64_t launched = launched_.load(std::memory_order_relaxed);
   LOOM_CHECK(seq < launched, kInternal, "trace: end() of record " << seq << ", but only " << launched << " began");
   TraceRecord& r = records_[seq % records_.size()];
   if (r.seq == seq) {
     LOOM_CHECK(r.end_s == 0, kInternal, "trace: record " << seq << " ended twice");
+    if (start_s > r.start_s) r.start_s = start_s;
     // A record must not end before it started, even if a backend hands in a time from a coarser clock.
     r.end_s = end_s > r.start_s ? end_s : r.start_s;
     busy_s_.store(busy_s_.load(std::memory_order_relaxed) + (r.end_s - r.start_s), std::memory_order_release);

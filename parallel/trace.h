@@ -4,8 +4,9 @@
 // whose launched count lags the others is stuck outside communication; a record that stays in flight names the
 // collective (and for send/recv, the peer) a rank is stuck in.
 //
-// Assumes one writer thread per ring (the thread that issues the collectives, or on GPU the side thread that
-// reads completion events) and any number of concurrent readers. A mutex guards the records; it is held for a
+// Assumes one thread that begins the records (the thread that issues the collectives) and one that ends them:
+// the same thread for host-timed calls, a side thread that reads completion events for device-timed ones
+// (parallel/cuda/device_trace_timer.h); any number of concurrent readers. A mutex guards the records; it is held for a
 // few stores per call, which is noise next to the cost of any collective.
 #pragma once
 
@@ -68,8 +69,11 @@ class TraceRing {
   // host's scheduler, not the rank) from its own time.
   uint64_t begin(CollectiveOp op, uint32_t group_id, int32_t peer, uint64_t bytes);
   void end(uint64_t seq);
-  // With an explicit completion time, for backends that learn it later (GPU events read by a side thread).
+  // With an explicit completion time, for backends that learn it later (GPU events read by a side thread);
+  // with start_s too, the record's start moves to it (when the device reached the call, which is after
+  // begin() enqueued it: a start before begin()'s stamp is taken as that stamp).
   void end(uint64_t seq, double end_s);
+  void end(uint64_t seq, double start_s, double end_s);
 
   // Reader side. The records with seq >= since_seq that are still in the ring, oldest first (in-flight ones
   // included, with end_s == 0). A reader that keeps up passes the seq after the last one it saw.
@@ -93,7 +97,7 @@ class TraceRing {
   std::atomic<uint64_t> launched_{0};
   std::atomic<uint64_t> completed_{0};
   std::atomic<double> busy_s_{0};
-  void finish(uint64_t seq, double end_s, bool host_timed);  // end() under one lock
+  void finish(uint64_t seq, double start_s, double end_s, bool host_timed);  // end() under one lock (start_s < 0: keep)
 
   std::atomic<double> run_delay_inside_s_{0};
   std::atomic<int> writer_tid_{0};

@@ -3,6 +3,7 @@
 #include "core/cuda/cuda_backend.h"
 #include "core/cuda/cuda_check.h"
 #include "core/log.h"
+#include "parallel/cuda/device_trace_timer.h"
 #include "parallel/cuda/fused_path.h"
 #include "parallel/mpi_check.h"
 
@@ -53,7 +54,12 @@ NcclCommunicator::NcclCommunicator(MPI_Comm comm, std::string name, uint32_t gro
   LOOM_NCCL_CHECK(this, ncclCommInitRankConfig(&comm_, size(), id, rank(), &config));
   LOOM_CUDA_CHECK(cudaMalloc(&barrier_buf_, sizeof(float)));
   if (fused_kernel && size() > 1) fused_ = cuda::FusedNormPath::create(comm, stream(), this->name(), std::move(tuning));
+  timer_ = std::make_unique<cuda::DeviceTraceTimer>(trace_ring());
 }
+
+void NcclCommunicator::before_enqueue() { timer_->before(stream()); }
+
+void NcclCommunicator::after_enqueue(uint64_t seq) { timer_->after(stream(), seq); }
 
 NcclCommunicator::~NcclCommunicator() {
   if (comm_) {

@@ -5,8 +5,8 @@
 // with the kernels that produce and consume their tensors and the host never blocks — except barrier(), which
 // waits for the stream. A call on the compute stream first joins all side work (CudaBackend::collective_stream),
 // so the group's collectives run in the order they were enqueued, the same on every rank, whichever stream
-// they are on. The trace records of this communicator therefore time the enqueue, not the transfer
-// (event-based timing belongs to the monitor).
+// they are on. Its trace records are closed from CUDA events (parallel/cuda/device_trace_timer.h): they span
+// from when the stream reached the call to when the collective completed, not the enqueue.
 //
 // Creation is collective over the group's MPI communicator: rank 0 makes the NCCL unique id and broadcasts it
 // over MPI. A failed NCCL call marks the communicator broken; it is then aborted (ncclCommAbort) rather than
@@ -45,6 +45,7 @@ namespace loom {
 
 namespace cuda {
 class CudaBackend;
+class DeviceTraceTimer;
 class FusedNormPath;
 }
 
@@ -71,6 +72,9 @@ class NcclCommunicator final : public Communicator {
   void do_send(const Tensor& t, int peer) override;
   void do_recv(const Tensor& t, int peer) override;
   void do_barrier() override;
+  bool device_timed() const override { return timer_ != nullptr; }
+  void before_enqueue() override;
+  void after_enqueue(uint64_t seq) override;
   bool has_fused_path(const Tensor& partial) const override;
   void do_fused_allreduce_add_rmsnorm(const Tensor& partial, const Tensor& residual, const Tensor& weight, float eps,
                                       const Tensor& residual_out, const Tensor& normed, const Tensor& rstd) override;
@@ -86,6 +90,7 @@ class NcclCommunicator final : public Communicator {
   void* barrier_buf_ = nullptr;
   bool broken_ = false;
   std::unique_ptr<cuda::FusedNormPath> fused_;  // null: no one-kernel fused path
+  std::unique_ptr<cuda::DeviceTraceTimer> timer_;
 };
 
 }  // namespace loom
