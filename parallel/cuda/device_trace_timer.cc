@@ -64,13 +64,23 @@ cudaEvent_t DeviceTraceTimer::take_event() {
 }
 
 void DeviceTraceTimer::before(cudaStream_t stream) {
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  LOOM_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
   std::lock_guard<std::mutex> lock(mu_);
+  open_captured_ = capture != cudaStreamCaptureStatusNone;
+  if (open_captured_) return;
   if (!open_start_) open_start_ = take_event();  // else: a call that failed before after(); reuse its event
   LOOM_CUDA_CHECK(cudaEventRecord(open_start_, stream));
 }
 
 void DeviceTraceTimer::after(cudaStream_t stream, uint64_t seq) {
-  std::lock_guard<std::mutex> lock(mu_);
+  std::unique_lock<std::mutex> lock(mu_);
+  if (open_captured_) {  // captured, not run: timed at its enqueue
+    open_captured_ = false;
+    lock.unlock();
+    ring_.end(seq, trace_clock_s());
+    return;
+  }
   LOOM_CHECK(open_start_ != nullptr, kInternal, "DeviceTraceTimer::after() without before()");
   cudaEvent_t end = take_event();
   LOOM_CUDA_CHECK(cudaEventRecord(end, stream));
@@ -84,7 +94,8 @@ size_t DeviceTraceTimer::pending() const {
 }
 
 void DeviceTraceTimer::watch() {
-  if (cudaSetDevice(device_) != cudaSuccess) {
+  cudaStreamCaptureMode relaxed = cudaStreamCaptureModeRelaxed;
+  if (cudaSetDevice(device_) != cudaSuccess || cudaThreadExchangeStreamCaptureMode(&relaxed) != cudaSuccess) {
     LOOM_WARN("collective timing: cannot use GPU " << device_ << " on the watcher thread; records stay in flight");
     return;
   }

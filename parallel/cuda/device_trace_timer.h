@@ -13,6 +13,10 @@
 // cudaEventElapsedTime keep microsecond resolution; each pending pair keeps the anchor that was current when it
 // was recorded (so the anchor is always the older event).
 //
+// A call enqueued while its stream is being captured into a CUDA graph is not run then: its record is closed at
+// once, timed at its enqueue (the graph's replays are not traced). The watcher thread works in the relaxed
+// capture mode, so its queries never interfere with a capture another thread runs.
+//
 // Events come from a pool (no allocation per call after warm-up). If an event query fails (a sticky CUDA error),
 // the watcher logs it once and stops: the records stay in flight, as the collectives of a broken context do.
 // Destruction stops the watcher; pending events are released without waiting for them.
@@ -74,6 +78,7 @@ class DeviceTraceTimer {
   bool stop_ = false;
   std::shared_ptr<Anchor> anchor_;       // the current one
   cudaEvent_t open_start_ = nullptr;     // before()'s event, until after()
+  bool open_captured_ = false;           // before() found its stream capturing
   std::deque<Pending> pending_;
   std::vector<cudaEvent_t> free_;        // the pool
   std::thread thread_;

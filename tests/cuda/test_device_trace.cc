@@ -4,7 +4,9 @@
 //     and an empty call takes ~0 s;
 //   - a call around ~20 ms of kernels spans them;
 //   - 2000 calls in a row are all closed, in order, each starting no earlier than the previous one ended, with
-//     the pool reused (nothing left pending).
+//     the pool reused (nothing left pending);
+//   - a call captured into a CUDA graph (global capture mode) is closed at once, the capture is not disturbed by
+//     the watcher, and timing goes on after it.
 // Times are on the trace clock, compared with the host's view of the same stream (enqueue before, synchronize
 // after). Skips with the reason where there is no usable GPU.
 #include <gtest/gtest.h>
@@ -116,6 +118,43 @@ TEST_F(DeviceTrace, ManyCallsAreClosedInOrderFromAReusedPool) {
     if (i > 0) out_of_order += recs[i].start_s < recs[i - 1].end_s - 1e-6;
   }
   EXPECT_EQ(out_of_order, 0) << "calls of one stream overlap in the trace";
+}
+
+// A call captured into a CUDA graph does not run then: its record closes at once (timed at its enqueue), the
+// graph replays, and calls after the capture are device-timed again.
+TEST_F(DeviceTrace, ACapturedCallIsClosedAtOnceAndTimingGoesOnAfterIt) {
+  TraceRing ring;
+  cuda::DeviceTraceTimer timer(ring);
+  cudaStream_t s = nullptr;
+  ASSERT_EQ(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking), cudaSuccess);
+  ASSERT_EQ(cudaStreamBeginCapture(s, cudaStreamCaptureModeGlobal), cudaSuccess);
+  const uint64_t captured = ring.begin(CollectiveOp::kAllReduce, 1, -1, 0);
+  timer.before(s);
+  ASSERT_EQ(cudaMemsetAsync(big_, 0, 1 << 18, s), cudaSuccess);
+  timer.after(s, captured);
+  EXPECT_EQ(ring.completed(), 1u) << "closed at once";
+  EXPECT_EQ(timer.pending(), 0u);
+  std::this_thread::sleep_for(std::chrono::milliseconds(20));  // the watcher polls during the global capture
+  cudaGraph_t graph = nullptr;
+  ASSERT_EQ(cudaStreamEndCapture(s, &graph), cudaSuccess) << "the capture was invalidated";
+  cudaGraphExec_t exec = nullptr;
+  ASSERT_EQ(cudaGraphInstantiate(&exec, graph, 0), cudaSuccess);
+  ASSERT_EQ(cudaGraphLaunch(exec, s), cudaSuccess);
+  ASSERT_EQ(cudaStreamSynchronize(s), cudaSuccess);
+  cudaGraphExecDestroy(exec);
+  cudaGraphDestroy(graph);
+  cudaStreamDestroy(s);
+  ASSERT_EQ(cudaStreamSynchronize(stream_), cudaSuccess);
+  const double t0 = trace_clock_s();
+  busy();
+  const uint64_t after = ring.begin(CollectiveOp::kAllReduce, 1, -1, 0);
+  timer.before(stream_);
+  timer.after(stream_, after);
+  ASSERT_EQ(cudaStreamSynchronize(stream_), cudaSuccess);
+  const double t1 = trace_clock_s();
+  ASSERT_TRUE(wait_completed(ring, 2));
+  const TraceRecord r = ring.snapshot(after)[0];
+  EXPECT_GE(r.start_s, t0 + 0.7 * (t1 - t0)) << "device-timed again after the capture";
 }
 
 #else
