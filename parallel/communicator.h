@@ -79,6 +79,10 @@ class Communicator {
                               const Tensor& dx, bool accumulate, const Tensor& dw);
 
   const TraceRing& trace() const { return trace_; }
+  // Closes the trace records of calls that have completed but whose completion the backend has not read yet
+  // (device-timed backends: waits up to timeout_s for them, never blocking on the device). Before a last report
+  // to the monitor. Host backends have nothing to do.
+  virtual void flush_trace(double /*timeout_s*/) {}
 
  protected:
   Communicator(std::string name, int rank, int size, uint32_t group_id);

@@ -109,7 +109,16 @@ uint64_t TraceRing::begin(CollectiveOp op, uint32_t group_id, int32_t peer, uint
   open_seq_ = seq;
   open_run_delay_ = run_delay;
   open_tid_ = this_tid();
+  if (device_timed_) {  // the beginning thread is the writer; it never waits inside these calls
+    const int writer = writer_tid_.load(std::memory_order_relaxed);
+    if (writer != -1) writer_tid_.store(writer == 0 || writer == open_tid_ ? open_tid_ : -1, std::memory_order_release);
+  }
   return seq;
+}
+
+void TraceRing::set_device_timed(bool on) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  device_timed_ = on;
 }
 
 void TraceRing::end(uint64_t seq) {

@@ -4,9 +4,9 @@
 // whose launched count lags the others is stuck outside communication; a record that stays in flight names the
 // collective (and for send/recv, the peer) a rank is stuck in.
 //
-// Assumes one thread that begins the records (the thread that issues the collectives) and one that ends them:
-// the same thread for host-timed calls, a side thread that reads completion events for device-timed ones
-// (parallel/cuda/device_trace_timer.h); any number of concurrent readers. A mutex guards the records; it is held for a
+// Assumes one thread that begins the records (the thread that issues the collectives); they are ended by that
+// thread (host-timed calls, and device-timed calls captured into a CUDA graph) or by a side thread that reads
+// completion events (device-timed calls: parallel/cuda/device_trace_timer.h); any number of concurrent readers. A mutex guards the records; it is held for a
 // few stores per call, which is noise next to the cost of any collective.
 #pragma once
 
@@ -47,7 +47,7 @@ struct TraceRecord {
   uint32_t group_id = 0;  // which communicator (ProcessGroups: world 0, tp 1, dp 2, node 3)
   int32_t peer = -1;      // rank in the group of the other side of a send/recv; -1 for collectives
   uint64_t bytes = 0;     // size of the full (unsharded) buffer: all_gather's out, reduce_scatter's in
-  double start_s = 0;     // trace_clock_s() when launched
+  double start_s = 0;     // trace_clock_s() when launched (device-timed: when the device reached the call)
   double end_s = 0;       // trace_clock_s() when completed; 0 while in flight
 };
 
@@ -81,7 +81,7 @@ class TraceRing {
   uint64_t launched() const { return launched_.load(std::memory_order_acquire); }    // begin() calls
   uint64_t completed() const { return completed_.load(std::memory_order_acquire); }  // end() calls
   size_t capacity() const { return records_.size(); }
-  // Total seconds between begin() and end() of the completed calls.
+  // Total seconds between start and end of the completed calls.
   double busy_s() const { return busy_s_.load(std::memory_order_acquire); }
   // Run-queue delay of the writer thread inside the host-timed collectives that ran with accounting on, and that
   // thread's kernel id: 0 until the first host-timed end() (and for rings closed only by end(seq, t): GPU events
@@ -89,6 +89,10 @@ class TraceRing {
   // for the ring then).
   double run_delay_inside_s() const { return run_delay_inside_s_.load(std::memory_order_acquire); }
   int writer_tid() const { return writer_tid_.load(std::memory_order_acquire); }
+  // For a ring whose records another thread ends (device-timed): the thread that begins them is the writer from
+  // now on (it never waits inside them, so run_delay_inside_s() stays 0 for them), so the monitor client still
+  // gets that thread's run-queue figure.
+  void set_device_timed(bool on);
 
  private:
   mutable std::mutex mutex_;
@@ -100,6 +104,7 @@ class TraceRing {
   void finish(uint64_t seq, double start_s, double end_s, bool host_timed);  // end() under one lock (start_s < 0: keep)
 
   std::atomic<double> run_delay_inside_s_{0};
+  bool device_timed_ = false;
   std::atomic<int> writer_tid_{0};
   // The open host-timed call: its seq and the writer's run-queue delay at begin() (-1: none or unknown).
   uint64_t open_seq_ = 0;

@@ -6,20 +6,25 @@
 // is what the monitor's slow-rank rule reads; a collective that never completes stays in flight.
 //
 // Around each call: before(stream) records a start event, after(stream, seq) an end event and queues the pair. A
-// watcher thread (one per timer) polls the oldest pending end event every kPollS; when it has fired, the two
-// events' times, converted with an anchor event whose trace-clock time is known, close the record with
-// TraceRing::end(seq, start, end). Anchors: one at construction (recorded on a private stream and waited for; its
-// time is taken right after, a few microseconds late), renewed every kAnchorS so the float milliseconds of
-// cudaEventElapsedTime keep microsecond resolution; each pending pair keeps the anchor that was current when it
-// was recorded (so the anchor is always the older event).
+// watcher thread (one per timer) polls the oldest pending end event every kPollS while any is pending (and sleeps
+// otherwise); when it has fired, the two events' times, converted with an anchor event whose trace-clock time is
+// known, close the record with TraceRing::end(seq, start, end). Anchors: recorded on a private stream; the time
+// is read between two clock readings around the moment the event is seen done, and the tightest of a few tries
+// is kept; renewed every kAnchorS (never waited for without a way out) so the float milliseconds of
+// cudaEventElapsedTime keep microsecond resolution. Each pair keeps the anchor that was current at before(),
+// which was recorded before the pair's start event.
 //
+// flush(timeout) closes, on the calling thread, every record whose end event fires within the timeout (the
+// Session calls it before the monitor's last heartbeat, so a finished rank reports its collectives completed).
 // A call enqueued while its stream is being captured into a CUDA graph is not run then: its record is closed at
 // once, timed at its enqueue (the graph's replays are not traced). The watcher thread works in the relaxed
 // capture mode, so its queries never interfere with a capture another thread runs.
 //
-// Events come from a pool (no allocation per call after warm-up). If an event query fails (a sticky CUDA error),
-// the watcher logs it once and stops: the records stay in flight, as the collectives of a broken context do.
-// Destruction stops the watcher; pending events are released without waiting for them.
+// Events come from a pool (no allocation per call after warm-up). If the watcher fails (an event query or an
+// anchor fails: a broken context), it logs once and stops; from then on each call's record is closed at its
+// enqueue and no events are recorded, and the records it left pending stay in flight, as the collectives of a
+// broken context do. Destruction stops the watcher, closes the records whose events have fired, and releases the
+// others without waiting for them (stop it before aborting the collectives: they then stay in flight).
 #pragma once
 
 #include <cuda_runtime.h>
@@ -52,8 +57,12 @@ class DeviceTraceTimer {
   // Called by the writer thread around one enqueued call (before() first, then the call's work on `stream`).
   void before(cudaStream_t stream);
   void after(cudaStream_t stream, uint64_t seq);
+  // Closes every pending record whose end event fires within timeout_s (on the calling thread; polls, never
+  // blocks on the device).
+  void flush(double timeout_s);
   // Records queued and not yet closed.
   size_t pending() const;
+  bool failed() const;  // the watcher stopped on an error
 
  private:
   struct Anchor {
@@ -66,8 +75,13 @@ class DeviceTraceTimer {
     cudaEvent_t start, end;
     std::shared_ptr<Anchor> anchor;
   };
-  std::shared_ptr<Anchor> make_anchor();
+  // A new anchor; null when CUDA failed (error says how) or, with can_stop (the watcher), when stop_ came first.
+  std::shared_ptr<Anchor> make_anchor(cudaError_t* error, bool can_stop);
   cudaEvent_t take_event();  // under mu_
+  // Closes the pending records whose end events have fired, oldest first; false on a CUDA error. Takes
+  // drain_mu_ (one drainer at a time: the watcher or flush()), mu_ only around the queue.
+  bool drain(cudaError_t* error);
+  void fail(const char* what, cudaError_t error);
   void watch();
 
   TraceRing& ring_;
@@ -76,9 +90,12 @@ class DeviceTraceTimer {
   mutable std::mutex mu_;
   std::condition_variable cv_;
   bool stop_ = false;
+  bool failed_ = false;
+  std::mutex drain_mu_;
   std::shared_ptr<Anchor> anchor_;       // the current one
   cudaEvent_t open_start_ = nullptr;     // before()'s event, until after()
-  bool open_captured_ = false;           // before() found its stream capturing
+  std::shared_ptr<Anchor> open_anchor_;  // the anchor current at before()
+  bool open_untimed_ = false;            // before() found its stream capturing, or the watcher failed
   std::deque<Pending> pending_;
   std::vector<cudaEvent_t> free_;        // the pool
   std::thread thread_;

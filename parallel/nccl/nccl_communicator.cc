@@ -55,6 +55,11 @@ NcclCommunicator::NcclCommunicator(MPI_Comm comm, std::string name, uint32_t gro
   LOOM_CUDA_CHECK(cudaMalloc(&barrier_buf_, sizeof(float)));
   if (fused_kernel && size() > 1) fused_ = cuda::FusedNormPath::create(comm, stream(), this->name(), std::move(tuning));
   timer_ = std::make_unique<cuda::DeviceTraceTimer>(trace_ring());
+  trace_ring().set_device_timed(true);
+}
+
+void NcclCommunicator::flush_trace(double timeout_s) {
+  if (timer_) timer_->flush(timeout_s);
 }
 
 void NcclCommunicator::before_enqueue() { timer_->before(stream()); }
@@ -97,6 +102,7 @@ void NcclCommunicator::do_fused_rmsnorm_backward(const Tensor& dnormed, const Te
 }
 
 void NcclCommunicator::abort() {
+  timer_.reset();  // first: the cancelled collectives' records stay in flight instead of closing as completed
   if (fused_) fused_->abort();
   if (comm_) ncclCommAbort(comm_);
   comm_ = nullptr;

@@ -62,6 +62,7 @@ class NcclCommunicator final : public Communicator {
   // Aborts the NCCL communicator (idempotent): in-flight collectives are cancelled and peers see an error.
   void abort();
   void mark_broken() { broken_ = true; }
+  void flush_trace(double timeout_s) override;
 
  protected:
   bool supports(DType dtype, bool reduction) const override;

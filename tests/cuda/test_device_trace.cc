@@ -67,7 +67,8 @@ TEST_F(DeviceTrace, ACallStartsWhenTheStreamReachesItNotWhenItIsEnqueued) {
   timer.after(stream_, seq);  // nothing in between: an empty call
   ASSERT_EQ(cudaStreamSynchronize(stream_), cudaSuccess);
   const double t1 = trace_clock_s();
-  ASSERT_TRUE(wait_completed(ring, 1)) << "the record was not closed";
+  timer.flush(2.0);  // closes it on this thread, without waiting for the watcher's next poll
+  ASSERT_EQ(ring.completed(), 1u) << "flush() did not close the record";
   const TraceRecord r = ring.snapshot()[0];
   EXPECT_GT(t1 - enqueued, 5e-3) << "the kernels before the call ran too briefly for this test";
   // It arrived when the kernels were done: near t1, long after its enqueue.
@@ -127,16 +128,23 @@ TEST_F(DeviceTrace, ACapturedCallIsClosedAtOnceAndTimingGoesOnAfterIt) {
   cuda::DeviceTraceTimer timer(ring);
   cudaStream_t s = nullptr;
   ASSERT_EQ(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking), cudaSuccess);
+  // A call still running on the backend's stream, so the watcher queries its event during the capture.
+  ASSERT_EQ(cudaStreamSynchronize(stream_), cudaSuccess);
+  const uint64_t running = ring.begin(CollectiveOp::kAllReduce, 1, -1, 0);
+  timer.before(stream_);
+  busy();
+  timer.after(stream_, running);
   ASSERT_EQ(cudaStreamBeginCapture(s, cudaStreamCaptureModeGlobal), cudaSuccess);
   const uint64_t captured = ring.begin(CollectiveOp::kAllReduce, 1, -1, 0);
   timer.before(s);
   ASSERT_EQ(cudaMemsetAsync(big_, 0, 1 << 18, s), cudaSuccess);
   timer.after(s, captured);
-  EXPECT_EQ(ring.completed(), 1u) << "closed at once";
-  EXPECT_EQ(timer.pending(), 0u);
-  std::this_thread::sleep_for(std::chrono::milliseconds(20));  // the watcher polls during the global capture
+  EXPECT_EQ(timer.pending(), 1u) << "only the running call is pending";
+  std::this_thread::sleep_for(std::chrono::milliseconds(30));  // the watcher polls during the global capture
   cudaGraph_t graph = nullptr;
   ASSERT_EQ(cudaStreamEndCapture(s, &graph), cudaSuccess) << "the capture was invalidated";
+  EXPECT_FALSE(timer.failed()) << "the watcher's queries failed during the capture";
+  EXPECT_GT(ring.snapshot(captured)[0].end_s, 0) << "the captured call was closed at once";
   cudaGraphExec_t exec = nullptr;
   ASSERT_EQ(cudaGraphInstantiate(&exec, graph, 0), cudaSuccess);
   ASSERT_EQ(cudaGraphLaunch(exec, s), cudaSuccess);
@@ -152,7 +160,7 @@ TEST_F(DeviceTrace, ACapturedCallIsClosedAtOnceAndTimingGoesOnAfterIt) {
   timer.after(stream_, after);
   ASSERT_EQ(cudaStreamSynchronize(stream_), cudaSuccess);
   const double t1 = trace_clock_s();
-  ASSERT_TRUE(wait_completed(ring, 2));
+  ASSERT_TRUE(wait_completed(ring, 3));
   const TraceRecord r = ring.snapshot(after)[0];
   EXPECT_GE(r.start_s, t0 + 0.7 * (t1 - t0)) << "device-timed again after the capture";
 }

@@ -14,6 +14,7 @@
 #include <functional>
 #include <sstream>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "core/error.h"
@@ -510,6 +511,34 @@ TEST(TraceRing, KeepsTheNewestRecordsAndCountsAll) {
   ring.end(open, 0.0);  // an end time before the start is clamped to the start
   EXPECT_EQ(ring.snapshot(open)[0].end_s, ring.snapshot(open)[0].start_s);
   EXPECT_EQ(ring.completed(), 21u);
+}
+
+// Device-timed records: ended by another thread with the device's start and end. The start moves forward to the
+// device's (never back before the enqueue), busy_s counts the device span, and the thread that begins the
+// records is the ring's writer, with nothing inside (it never waits in these calls).
+TEST(TraceRing, DeviceTimedRecordsTakeTheDeviceTimesAndTheBeginningThreadAsWriter) {
+  TraceRing ring(8);
+  ring.set_device_timed(true);
+  const uint64_t a = ring.begin(CollectiveOp::kAllReduce, 1, -1, 64);
+  const double enqueued = ring.snapshot(a)[0].start_s;
+  const uint64_t b = ring.begin(CollectiveOp::kAllReduce, 1, -1, 64);
+  std::thread side([&] {
+    ring.end(a, enqueued + 0.5, enqueued + 0.75);
+    ring.end(b, enqueued - 1.0, enqueued + 1.0);  // a device start before the enqueue: the enqueue stands
+  });
+  side.join();
+  const std::vector<TraceRecord> r = ring.snapshot();
+  ASSERT_EQ(r.size(), 2u);
+  EXPECT_DOUBLE_EQ(r[0].start_s, enqueued + 0.5);
+  EXPECT_DOUBLE_EQ(r[0].end_s, enqueued + 0.75);
+  EXPECT_EQ(r[1].start_s, ring.snapshot(b)[0].start_s);
+  EXPECT_GE(r[1].start_s, enqueued);
+  EXPECT_NEAR(ring.busy_s(), 0.25 + (enqueued + 1.0 - r[1].start_s), 1e-9);
+  EXPECT_EQ(ring.writer_tid(), static_cast<int>(::syscall(SYS_gettid))) << "the beginning thread";
+  EXPECT_EQ(ring.run_delay_inside_s(), 0.0);
+  std::thread other([&] { ring.begin(CollectiveOp::kBarrier, 1, -1, 0); });
+  other.join();
+  EXPECT_EQ(ring.writer_tid(), -1) << "records begun by two threads: no writer";
 }
 
 TEST(TraceRing, RejectsMisuse) {
