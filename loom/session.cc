@@ -39,11 +39,10 @@ Session::Session(int& argc, char**& argv) {
 }
 
 Session::~Session() {
-  // The monitor's last heartbeat and BYE go out while the communicators (whose trace rings it counts) still exist:
-  // a finished rank then reports its collectives, not 0. (No-op after an error path's stop("error").)
+  // The monitor's last heartbeat and BYE go out while the communicators (whose trace rings it counts) still exist,
+  // after the device-timed records of completed collectives are closed (at most 1 s per group): a finished rank
+  // reports its collectives, all completed. (After an error path's stop("error") nothing changes what it saw.)
   if (monitor_) {
-    // Device-timed records of collectives that completed are closed first (at most 1 s per group; after an error
-    // path's stop("error") the monitor has had its last heartbeat and this changes nothing it sees).
     if (groups_) {
       groups_->tp().flush_trace(1.0);
       groups_->dp().flush_trace(1.0);

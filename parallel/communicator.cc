@@ -88,7 +88,7 @@ void Communicator::check_like(const Tensor& t, const Tensor& like, const char* c
 bool Communicator::fused_allreduce_add_rmsnorm(const Tensor& partial, const Tensor& residual, const Tensor& weight,
                                               float eps, const Tensor& residual_out, const Tensor& normed,
                                               const Tensor& rstd) {
-  if (size_ == 1 || partial.ndim() != 2 || !has_fused_path(partial)) return false;
+  if (size_ == 1 || partial.ndim() != 2 || !fused_ || !fused_->fits_forward(partial)) return false;
   const char* call = "fused_allreduce_add_rmsnorm";
   check_tensor(partial, call, "partial", true);
   for (const Tensor* t : {&residual, &residual_out, &normed})
@@ -100,13 +100,13 @@ bool Communicator::fused_allreduce_add_rmsnorm(const Tensor& partial, const Tens
              kShape, call << " on '" << name_ << "': weight must be [" << partial.size(1) << "] and rstd f32 ["
                           << partial.size(0) << "]");
   traced(CollectiveOp::kAllReduce, -1, partial.nbytes(),
-         [&] { do_fused_allreduce_add_rmsnorm(partial, residual, weight, eps, residual_out, normed, rstd); });
+         [&] { fused_->forward(partial, residual, weight, eps, residual_out, normed, rstd); });
   return true;
 }
 
 bool Communicator::fused_rmsnorm_backward(const Tensor& dnormed, const Tensor& x, const Tensor& weight,
                                           const Tensor& rstd, const Tensor& dx, bool accumulate, const Tensor& dw) {
-  if (size_ == 1 || dnormed.ndim() != 2 || !has_fused_backward_path(dnormed)) return false;
+  if (size_ == 1 || dnormed.ndim() != 2 || !fused_ || !fused_->fits_backward(dnormed)) return false;
   const char* call = "fused_rmsnorm_backward";
   check_tensor(dnormed, call, "dnormed", true);
   for (const Tensor* t : {&x, &dx}) check_like(*t, dnormed, call, "x/dx");
@@ -120,7 +120,7 @@ bool Communicator::fused_rmsnorm_backward(const Tensor& dnormed, const Tensor& x
              kShape, call << " on '" << name_ << "': weight and dw (f32 or bf16) must be [" << dnormed.size(1)
                           << "] and rstd f32 [" << dnormed.size(0) << "]");
   traced(CollectiveOp::kAllReduce, -1, dnormed.nbytes(),
-         [&] { do_fused_rmsnorm_backward(dnormed, x, weight, rstd, dx, accumulate, dw); });
+         [&] { fused_->backward(dnormed, x, weight, rstd, dx, accumulate, dw); });
   return true;
 }
 

@@ -20,6 +20,7 @@
 #pragma once
 
 #include <cstdint>
+#include <memory>
 #include <string>
 
 #include "core/ops.h"
@@ -31,6 +32,21 @@ namespace loom {
 enum class ReduceOp : uint8_t { kSum, kMax, kMin };
 
 const char* reduce_op_name(ReduceOp op);  // "sum", "max", "min"
+
+// The one-kernel device path of the fused op and of its backward (Communicator::fused_allreduce_add_rmsnorm,
+// fused_rmsnorm_backward), which a device communicator installs (cuda::FusedNormPath, parallel/cuda/fused_path.h).
+// fits_*() depend only on the tensors' shapes and dtypes, so every rank of a group gives the same answer.
+class FusedKernels {
+ public:
+  virtual ~FusedKernels() = default;
+  virtual bool fits_forward(const Tensor& partial) const = 0;
+  virtual bool fits_backward(const Tensor& dnormed) const = 0;
+  virtual void forward(const Tensor& partial, const Tensor& residual, const Tensor& weight, float eps,
+                       const Tensor& residual_out, const Tensor& normed, const Tensor& rstd) = 0;
+  virtual void backward(const Tensor& dnormed, const Tensor& x, const Tensor& weight, const Tensor& rstd,
+                        const Tensor& dx, bool accumulate, const Tensor& dw) = 0;
+  virtual void abort() = 0;  // waiting kernels give up now
+};
 
 class Communicator {
  public:
@@ -107,15 +123,9 @@ class Communicator {
   virtual void do_send(const Tensor& t, int peer) = 0;
   virtual void do_recv(const Tensor& t, int peer) = 0;
   virtual void do_barrier() = 0;
-  // The fused path (see fused_allreduce_add_rmsnorm); none by default.
-  virtual bool has_fused_path(const Tensor& /*partial*/) const { return false; }
-  virtual void do_fused_allreduce_add_rmsnorm(const Tensor& /*partial*/, const Tensor& /*residual*/,
-                                              const Tensor& /*weight*/, float /*eps*/, const Tensor& /*residual_out*/,
-                                              const Tensor& /*normed*/, const Tensor& /*rstd*/) {}
-  virtual bool has_fused_backward_path(const Tensor& /*dnormed*/) const { return false; }
-  virtual void do_fused_rmsnorm_backward(const Tensor& /*dnormed*/, const Tensor& /*x*/, const Tensor& /*weight*/,
-                                         const Tensor& /*rstd*/, const Tensor& /*dx*/, bool /*accumulate*/,
-                                         const Tensor& /*dw*/) {}
+  // The fused path (see fused_allreduce_add_rmsnorm): none unless the backend installs one (null: none).
+  void set_fused_kernels(std::unique_ptr<FusedKernels> kernels) { fused_ = std::move(kernels); }
+  FusedKernels* fused_kernels() const { return fused_.get(); }
 
  private:
   void check_tensor(const Tensor& t, const char* call, const char* arg, bool reduction) const;
@@ -134,6 +144,7 @@ class Communicator {
   int size_;
   uint32_t group_id_;
   TraceRing trace_;
+  std::unique_ptr<FusedKernels> fused_;
 };
 
 // The tensor-parallel all-reduce that the vocab-parallel cross-entropy (core/ops.h) needs, over a Communicator.

@@ -196,21 +196,22 @@ void DeviceTraceTimer::watch() {
   if (error == cudaSuccess) error = cudaThreadExchangeStreamCaptureMode(&relaxed);
   if (error != cudaSuccess) return fail("the watcher thread cannot use the GPU", error);
   double last_anchor = trace_clock_s();
-  std::unique_lock<std::mutex> lock(mu_);
-  while (!stop_) {
-    lock.unlock();
+  for (;;) {
     if (!drain(&error)) return fail("an event query failed", error);
     if (trace_clock_s() - last_anchor > kAnchorS) {
       std::shared_ptr<Anchor> a = make_anchor(&error, true);
       if (!a && error != cudaSuccess) return fail("a clock anchor failed", error);
-      lock.lock();
-      if (a) anchor_ = std::move(a);
       last_anchor = trace_clock_s();
-      lock.unlock();
+      std::lock_guard<std::mutex> lock(mu_);
+      if (a) anchor_ = std::move(a);
     }
-    lock.lock();
-    const double wait = pending_.empty() ? kAnchorS : kPollS;
-    cv_.wait_for(lock, std::chrono::duration<double>(wait), [&] { return stop_ || (wait > kPollS && !pending_.empty()); });
+    // Poll while something is pending; otherwise sleep until after() queues a call (or the anchor is due).
+    std::unique_lock<std::mutex> lock(mu_);
+    if (pending_.empty())
+      cv_.wait_for(lock, std::chrono::duration<double>(kAnchorS), [&] { return stop_ || !pending_.empty(); });
+    else
+      cv_.wait_for(lock, std::chrono::duration<double>(kPollS), [&] { return stop_; });
+    if (stop_) return;
   }
 }
 

@@ -1,11 +1,12 @@
 #include "parallel/cuda/fused_path.h"
 
+#include "core/cuda/cuda_backend.h"
 #include "core/log.h"
 #include "parallel/cuda/ipc_fused_norm.h"
 
 namespace loom::cuda {
 
-std::unique_ptr<FusedNormPath> FusedNormPath::create(MPI_Comm comm, cudaStream_t stream,
+std::unique_ptr<FusedNormPath> FusedNormPath::create(MPI_Comm comm, CudaBackend& backend,
                                                      const std::string& group_name, FusedTuning tuning) {
   int rank = 0;
   LOOM_MPI_CHECK(MPI_Comm_rank(comm, &rank));
@@ -16,13 +17,13 @@ std::unique_ptr<FusedNormPath> FusedNormPath::create(MPI_Comm comm, cudaStream_t
                           << "); all-reduce + norm kernels instead");
     return nullptr;
   }
-  auto ipc = std::make_unique<IpcFusedNorm>(comm, stream, 0, kTimeoutS, group_name);
+  auto ipc = std::make_unique<IpcFusedNorm>(comm, backend.collective_stream(), 0, kTimeoutS, group_name);
   if (rank == 0) LOOM_INFO("group '" << group_name << "': fused all-reduce + RMSNorm kernel over CUDA IPC");
-  return std::unique_ptr<FusedNormPath>(new FusedNormPath(std::move(ipc), std::move(tuning)));
+  return std::unique_ptr<FusedNormPath>(new FusedNormPath(std::move(ipc), backend, std::move(tuning)));
 }
 
-FusedNormPath::FusedNormPath(std::unique_ptr<IpcFusedNorm> ipc, FusedTuning tuning)
-    : ipc_(std::move(ipc)), tuning_(std::move(tuning)) {}
+FusedNormPath::FusedNormPath(std::unique_ptr<IpcFusedNorm> ipc, CudaBackend& backend, FusedTuning tuning)
+    : ipc_(std::move(ipc)), backend_(backend), tuning_(std::move(tuning)) {}
 
 FusedNormPath::~FusedNormPath() = default;
 
@@ -41,16 +42,16 @@ bool FusedNormPath::one_shot(const Tensor& t) {
   return one;
 }
 
-void FusedNormPath::forward(cudaStream_t stream, const Tensor& partial, const Tensor& residual, const Tensor& weight,
-                            float eps, const Tensor& residual_out, const Tensor& normed, const Tensor& rstd) {
-  ipc_->set_stream(stream);
+void FusedNormPath::forward(const Tensor& partial, const Tensor& residual, const Tensor& weight, float eps,
+                            const Tensor& residual_out, const Tensor& normed, const Tensor& rstd) {
+  ipc_->set_stream(backend_.collective_stream());
   ipc_->run(partial, residual, weight, eps, residual_out, normed, rstd,
             one_shot(partial) ? FusedAlgo::kOneShot : FusedAlgo::kTwoShot);
 }
 
-void FusedNormPath::backward(cudaStream_t stream, const Tensor& dnormed, const Tensor& x, const Tensor& weight,
-                             const Tensor& rstd, const Tensor& dx, bool accumulate, const Tensor& dw) {
-  ipc_->set_stream(stream);
+void FusedNormPath::backward(const Tensor& dnormed, const Tensor& x, const Tensor& weight, const Tensor& rstd,
+                             const Tensor& dx, bool accumulate, const Tensor& dw) {
+  ipc_->set_stream(backend_.collective_stream());
   ipc_->run_backward(dnormed, x, weight, rstd, dx, accumulate, dw,
                      one_shot(dnormed) ? FusedAlgo::kOneShot : FusedAlgo::kTwoShot);
 }

@@ -2,7 +2,6 @@
 
 #include <algorithm>
 #include <cstring>
-#include <fstream>
 #include <vector>
 
 #include "core/cuda/cuda_backend.h"
@@ -10,6 +9,7 @@
 #include "core/dtype.h"
 #include "core/error.h"
 #include "parallel/cuda/fused_path.h"
+#include "parallel/cuda/ipc_fused_norm.h"
 
 namespace loom {
 
@@ -17,7 +17,12 @@ HostStagedCommunicator::HostStagedCommunicator(MPI_Comm comm, std::string name, 
                                                cuda::CudaBackend& backend, bool fused_kernel, FusedTuning tuning)
     : MpiCommunicator(comm, std::move(name), group_id), backend_(backend) {
   if (fused_kernel && size() > 1)
-    fused_ = cuda::FusedNormPath::create(this->comm(), stream(), this->name(), std::move(tuning));
+    set_fused_kernels(cuda::FusedNormPath::create(this->comm(), backend_, this->name(), std::move(tuning)));
+}
+
+// The only kernels this communicator installs.
+const cuda::FusedNormPath* HostStagedCommunicator::fused_path() const {
+  return static_cast<const cuda::FusedNormPath*>(fused_kernels());
 }
 
 HostStagedCommunicator::~HostStagedCommunicator() = default;
@@ -40,40 +45,11 @@ HostStagedCommunicator::Pinned::~Pinned() {
 }
 
 std::string HostStagedCommunicator::nccl_unusable_reason(MPI_Comm comm) {
-  int rank = 0, n = 0;
-  LOOM_MPI_CHECK(MPI_Comm_rank(comm, &rank));
-  LOOM_MPI_CHECK(MPI_Comm_size(comm, &n));
-  constexpr int kIdChars = 32;
-  char mine[kIdChars] = {};
-  int dev = -1;
-  if (cudaGetDevice(&dev) != cudaSuccess || cudaDeviceGetPCIBusId(mine, kIdChars, dev) != cudaSuccess) {
-    cudaGetLastError();
-    std::snprintf(mine, kIdChars, "?rank%d", rank);  // unknown: counts as a GPU of its own
-  }
-  // The machine: its boot id (one per running kernel, shared by its containers), else its host name.
-  std::string machine;
-  std::ifstream boot("/proc/sys/kernel/random/boot_id");
-  if (!(boot >> machine) || machine.empty()) {
-    char host[MPI_MAX_PROCESSOR_NAME] = {};
-    int len = 0;
-    LOOM_MPI_CHECK(MPI_Get_processor_name(host, &len));
-    machine = host;
-  }
-  for (char& c : machine)
-    if (c == '/') c = '_';
-  std::string key = machine + "/" + mine;
-  key.resize(MPI_MAX_PROCESSOR_NAME + kIdChars, '\0');
-  const size_t stride = key.size();
-  std::vector<char> all(stride * static_cast<size_t>(n));
-  LOOM_MPI_CHECK(MPI_Allgather(key.data(), static_cast<int>(stride), MPI_CHAR, all.data(), static_cast<int>(stride),
-                               MPI_CHAR, comm));
-  for (int a = 0; a < n; ++a)
-    for (int b = a + 1; b < n; ++b)
-      if (std::memcmp(&all[stride * static_cast<size_t>(a)], &all[stride * static_cast<size_t>(b)], stride) == 0) {
-        const char* id = &all[stride * static_cast<size_t>(a)];
-        return "ranks " + std::to_string(a) + " and " + std::to_string(b) + " of the group share GPU " +
-               std::string(std::strchr(id, '/') + 1);
-      }
+  const std::vector<cuda::RankGpu> all = cuda::gather_rank_gpus(comm);
+  for (size_t a = 0; a < all.size(); ++a)
+    for (size_t b = a + 1; b < all.size(); ++b)
+      if (!all[a].bus_id.empty() && all[a].bus_id == all[b].bus_id && all[a].machine == all[b].machine)
+        return "ranks " + std::to_string(a) + " and " + std::to_string(b) + " of the group share GPU " + all[a].bus_id;
   return {};
 }
 
@@ -181,27 +157,6 @@ void HostStagedCommunicator::do_recv(const Tensor& t, int peer) {
 void HostStagedCommunicator::do_barrier() {
   LOOM_CUDA_CHECK(cudaStreamSynchronize(stream()));
   MpiCommunicator::do_barrier();
-}
-
-bool HostStagedCommunicator::has_fused_path(const Tensor& partial) const {
-  return fused_ != nullptr && fused_->fits_forward(partial);
-}
-
-void HostStagedCommunicator::do_fused_allreduce_add_rmsnorm(const Tensor& partial, const Tensor& residual,
-                                                            const Tensor& weight, float eps,
-                                                            const Tensor& residual_out, const Tensor& normed,
-                                                            const Tensor& rstd) {
-  fused_->forward(stream(), partial, residual, weight, eps, residual_out, normed, rstd);
-}
-
-bool HostStagedCommunicator::has_fused_backward_path(const Tensor& dnormed) const {
-  return fused_ != nullptr && fused_->fits_backward(dnormed);
-}
-
-void HostStagedCommunicator::do_fused_rmsnorm_backward(const Tensor& dnormed, const Tensor& x, const Tensor& weight,
-                                                       const Tensor& rstd, const Tensor& dx, bool accumulate,
-                                                       const Tensor& dw) {
-  fused_->backward(stream(), dnormed, x, weight, rstd, dx, accumulate, dw);
 }
 
 }  // namespace loom

@@ -47,7 +47,7 @@ class HostStagedCommunicator final : public MpiCommunicator {
   const char* backend_name() const override { return "MPI via host"; }
 
   // The one-kernel fused path (its call counts), or null when the group has none.
-  const cuda::FusedNormPath* fused_path() const { return fused_.get(); }
+  const cuda::FusedNormPath* fused_path() const;
 
   // Collective over comm: why NCCL cannot serve this group ("" when it can): which ranks share which GPU. A GPU
   // is named by its machine (the kernel's boot id, so containers with one host name on two machines differ;
@@ -63,12 +63,6 @@ class HostStagedCommunicator final : public MpiCommunicator {
   void do_send(const Tensor& t, int peer) override;
   void do_recv(const Tensor& t, int peer) override;
   void do_barrier() override;
-  bool has_fused_path(const Tensor& partial) const override;
-  void do_fused_allreduce_add_rmsnorm(const Tensor& partial, const Tensor& residual, const Tensor& weight, float eps,
-                                      const Tensor& residual_out, const Tensor& normed, const Tensor& rstd) override;
-  bool has_fused_backward_path(const Tensor& dnormed) const override;
-  void do_fused_rmsnorm_backward(const Tensor& dnormed, const Tensor& x, const Tensor& weight, const Tensor& rstd,
-                                 const Tensor& dx, bool accumulate, const Tensor& dw) override;
 
  private:
   // A pinned host buffer that only grows.
@@ -94,7 +88,6 @@ class HostStagedCommunicator final : public MpiCommunicator {
   cuda::CudaBackend& backend_;
   Pinned raw_;   // the device's elements
   Pinned wide_;  // f32 values of a bf16 reduction
-  std::unique_ptr<cuda::FusedNormPath> fused_;  // null: no one-kernel fused path
 };
 
 }  // namespace loom

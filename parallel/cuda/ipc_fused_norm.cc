@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cstring>
+#include <fstream>
 #include <thread>
 
 #include "core/cuda/cuda_check.h"
@@ -17,66 +18,86 @@ constexpr int64_t kHeaderBytes = kFlagBytes + 256;  // the flags, then the epoch
 constexpr double kDestroyWaitS = 10.0;
 constexpr int kReasonChars = 256;
 
-// This rank's facts that decide whether the group can map each other's memory.
+// One rank's GPU as sent to its peers (fixed size for the all-gather).
 struct Facts {
+  char machine[MPI_MAX_PROCESSOR_NAME];
   char host[MPI_MAX_PROCESSOR_NAME];
   char bus_id[32];
   int compute_mode;
 };
 
+// The kernel's boot id: one per running machine, shared by its containers (which may also share a host name
+// across machines); "" where the kernel does not say.
+std::string boot_id() {
+  std::string id;
+  std::ifstream in("/proc/sys/kernel/random/boot_id");
+  in >> id;
+  return id;
+}
+
 // Why this rank cannot use the group's memory ("" when it can).
-std::string local_reason(const std::vector<Facts>& all, int rank) {
+std::string local_reason(const std::vector<RankGpu>& all, int rank) {
   const int n = static_cast<int>(all.size());
   if (n > kFusedMaxRanks)
     return "the group has " + std::to_string(n) + " ranks; the fused kernels take at most " +
            std::to_string(kFusedMaxRanks);
+  const RankGpu& me = all[static_cast<size_t>(rank)];
   int mine = -1;
-  if (cudaGetDevice(&mine) != cudaSuccess) return "no current CUDA device";
+  if (me.bus_id.empty() || cudaGetDevice(&mine) != cudaSuccess)
+    return "rank " + std::to_string(rank) + " has no usable CUDA device";
   for (int p = 0; p < n; ++p) {
-    const Facts& f = all[static_cast<size_t>(p)];
-    if (std::strcmp(f.host, all[static_cast<size_t>(rank)].host) != 0)
-      return std::string("ranks on different hosts (") + all[static_cast<size_t>(rank)].host + " and " + f.host +
-             "): CUDA IPC maps memory of one node only";
+    const RankGpu& f = all[static_cast<size_t>(p)];
+    if (f.machine != me.machine)
+      return "ranks on different hosts (" + me.host + " and " + f.host + "): CUDA IPC maps memory of one node only";
     if (p == rank) continue;
-    if (std::strcmp(f.bus_id, all[static_cast<size_t>(rank)].bus_id) == 0) {
+    if (f.bus_id == me.bus_id) {
       if (f.compute_mode == cudaComputeModeExclusiveProcess)
-        return std::string("ranks share GPU ") + f.bus_id + ", which is in exclusive-process mode";
+        return "ranks share GPU " + f.bus_id + ", which is in exclusive-process mode";
       continue;  // the same GPU: IPC works without peer access
     }
     int dev = -1;
-    if (cudaDeviceGetByPCIBusId(&dev, f.bus_id) != cudaSuccess) {
+    if (cudaDeviceGetByPCIBusId(&dev, f.bus_id.c_str()) != cudaSuccess) {
       cudaGetLastError();
-      return std::string("rank ") + std::to_string(p) + "'s GPU " + f.bus_id + " is not visible to rank " +
-             std::to_string(rank) + " (CUDA_VISIBLE_DEVICES)";
+      return "rank " + std::to_string(p) + "'s GPU " + f.bus_id + " is not visible to rank " + std::to_string(rank) +
+             " (CUDA_VISIBLE_DEVICES)";
     }
     int can = 0;
     if (cudaDeviceCanAccessPeer(&can, mine, dev) != cudaSuccess || !can)
-      return std::string("GPU ") + all[static_cast<size_t>(rank)].bus_id + " cannot access GPU " + f.bus_id +
-             " peer-to-peer";
+      return "GPU " + me.bus_id + " cannot access GPU " + f.bus_id + " peer-to-peer";
   }
   return {};
 }
 
 }  // namespace
 
-std::string IpcFusedNorm::unavailable_reason(MPI_Comm comm) {
-  int rank = 0, n = 0;
-  LOOM_MPI_CHECK(MPI_Comm_rank(comm, &rank));
+std::vector<RankGpu> gather_rank_gpus(MPI_Comm comm) {
+  int n = 0;
   LOOM_MPI_CHECK(MPI_Comm_size(comm, &n));
   Facts mine{};
   int len = 0;
   LOOM_MPI_CHECK(MPI_Get_processor_name(mine.host, &len));
+  const std::string boot = boot_id();
+  const std::string machine = boot.empty() ? std::string(mine.host) : boot;
+  machine.copy(mine.machine, sizeof mine.machine - 1);  // zero-terminated by mine{}
   int dev = -1;
-  std::string reason;
-  if (cudaGetDevice(&dev) != cudaSuccess ||
-      cudaDeviceGetPCIBusId(mine.bus_id, sizeof mine.bus_id, dev) != cudaSuccess ||
+  if (cudaGetDevice(&dev) != cudaSuccess || cudaDeviceGetPCIBusId(mine.bus_id, sizeof mine.bus_id, dev) != cudaSuccess ||
       cudaDeviceGetAttribute(&mine.compute_mode, cudaDevAttrComputeMode, dev) != cudaSuccess) {
     cudaGetLastError();
-    reason = "rank " + std::to_string(rank) + " has no usable CUDA device";
+    mine.bus_id[0] = 0;  // no usable device
   }
   std::vector<Facts> all(static_cast<size_t>(n));
   LOOM_MPI_CHECK(MPI_Allgather(&mine, sizeof(Facts), MPI_BYTE, all.data(), sizeof(Facts), MPI_BYTE, comm));
-  if (reason.empty()) reason = local_reason(all, rank);
+  std::vector<RankGpu> out;
+  out.reserve(all.size());
+  for (const Facts& f : all) out.push_back(RankGpu{f.machine, f.host, f.bus_id, f.compute_mode});
+  return out;
+}
+
+std::string IpcFusedNorm::unavailable_reason(MPI_Comm comm) {
+  int rank = 0, n = 0;
+  LOOM_MPI_CHECK(MPI_Comm_rank(comm, &rank));
+  LOOM_MPI_CHECK(MPI_Comm_size(comm, &n));
+  const std::string reason = local_reason(gather_rank_gpus(comm), rank);
   // Every rank reports the lowest failing rank's reason.
   char buf[kReasonChars] = {};
   std::strncpy(buf, reason.c_str(), kReasonChars - 1);

@@ -35,6 +35,16 @@
 
 namespace loom::cuda {
 
+// Each rank's GPU as every rank of comm sees it (collective; the same vector on every rank): its machine (the
+// kernel's boot id, shared by the containers of one machine, which may share a host name with another machine;
+// the host name where the kernel gives none), host name, PCI bus id ("" when the rank has no usable device) and
+// compute mode. Ranks share a GPU when machine and bus id are equal.
+struct RankGpu {
+  std::string machine, host, bus_id;
+  int compute_mode = 0;
+};
+std::vector<RankGpu> gather_rank_gpus(MPI_Comm comm);
+
 class IpcFusedNorm {
  public:
   // Collective over comm: "" when the group can use CUDA IPC with this process's current device; otherwise why

@@ -53,7 +53,8 @@ NcclCommunicator::NcclCommunicator(MPI_Comm comm, std::string name, uint32_t gro
   config.blocking = 1;
   LOOM_NCCL_CHECK(this, ncclCommInitRankConfig(&comm_, size(), id, rank(), &config));
   LOOM_CUDA_CHECK(cudaMalloc(&barrier_buf_, sizeof(float)));
-  if (fused_kernel && size() > 1) fused_ = cuda::FusedNormPath::create(comm, stream(), this->name(), std::move(tuning));
+  if (fused_kernel && size() > 1)
+    set_fused_kernels(cuda::FusedNormPath::create(comm, backend_, this->name(), std::move(tuning)));
   timer_ = std::make_unique<cuda::DeviceTraceTimer>(trace_ring());
   trace_ring().set_device_timed(true);
 }
@@ -81,29 +82,9 @@ NcclCommunicator::~NcclCommunicator() {
   if (barrier_buf_) cudaFree(barrier_buf_);
 }
 
-bool NcclCommunicator::has_fused_path(const Tensor& partial) const {
-  return fused_ != nullptr && fused_->fits_forward(partial);
-}
-
-void NcclCommunicator::do_fused_allreduce_add_rmsnorm(const Tensor& partial, const Tensor& residual,
-                                                      const Tensor& weight, float eps, const Tensor& residual_out,
-                                                      const Tensor& normed, const Tensor& rstd) {
-  fused_->forward(stream(), partial, residual, weight, eps, residual_out, normed, rstd);
-}
-
-bool NcclCommunicator::has_fused_backward_path(const Tensor& dnormed) const {
-  return fused_ != nullptr && fused_->fits_backward(dnormed);
-}
-
-void NcclCommunicator::do_fused_rmsnorm_backward(const Tensor& dnormed, const Tensor& x, const Tensor& weight,
-                                                 const Tensor& rstd, const Tensor& dx, bool accumulate,
-                                                 const Tensor& dw) {
-  fused_->backward(stream(), dnormed, x, weight, rstd, dx, accumulate, dw);
-}
-
 void NcclCommunicator::abort() {
   timer_.reset();  // first: the cancelled collectives' records stay in flight instead of closing as completed
-  if (fused_) fused_->abort();
+  if (fused_kernels()) fused_kernels()->abort();
   if (comm_) ncclCommAbort(comm_);
   comm_ = nullptr;
   broken_ = true;

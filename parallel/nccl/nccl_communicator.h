@@ -46,7 +46,6 @@ namespace loom {
 namespace cuda {
 class CudaBackend;
 class DeviceTraceTimer;
-class FusedNormPath;
 }
 
 class NcclCommunicator final : public Communicator {
@@ -76,12 +75,6 @@ class NcclCommunicator final : public Communicator {
   bool device_timed() const override { return timer_ != nullptr; }
   void before_enqueue() override;
   void after_enqueue(uint64_t seq) override;
-  bool has_fused_path(const Tensor& partial) const override;
-  void do_fused_allreduce_add_rmsnorm(const Tensor& partial, const Tensor& residual, const Tensor& weight, float eps,
-                                      const Tensor& residual_out, const Tensor& normed, const Tensor& rstd) override;
-  bool has_fused_backward_path(const Tensor& dnormed) const override;
-  void do_fused_rmsnorm_backward(const Tensor& dnormed, const Tensor& x, const Tensor& weight, const Tensor& rstd,
-                                 const Tensor& dx, bool accumulate, const Tensor& dw) override;
 
  private:
   cudaStream_t stream();  // where the next call goes (CudaBackend::collective_stream)
@@ -90,7 +83,6 @@ class NcclCommunicator final : public Communicator {
   cuda::CudaBackend& backend_;
   void* barrier_buf_ = nullptr;
   bool broken_ = false;
-  std::unique_ptr<cuda::FusedNormPath> fused_;  // null: no one-kernel fused path
   std::unique_ptr<cuda::DeviceTraceTimer> timer_;
 };
 
