@@ -63,6 +63,15 @@ void TrainConfig::declare(Config& cfg) {
                  "hold the host's scheduler against a rank): auto = read around each collective only while that "
                  "thread waits for a CPU (> 1 % of a heartbeat interval; off again below 0.5 %); on = always "
                  "(~0.6 us a collective); off = never");
+  cfg.add_choice("monitor.link_probe", &link_probe, {"auto", "on", "off"},
+                 "when the job is monitored, measure each TP and DP group's links with small point-to-point probes "
+                 "after the step (the slow-link rule's evidence where the communicator does not time its own "
+                 "transfers): auto = groups on NCCL; on = every group; off = none");
+  cfg.add("monitor.probe_every", &probe_every, "steps between link probes");
+  cfg.add("monitor.probe_bytes", &probe_bytes, "bytes of each link probe transfer (a multiple of 4)");
+  cfg.add("monitor.probe_rounds", &probe_rounds,
+          "schedule rounds per link probe (each round: disjoint pairs of ranks, both directions; all pairs of a "
+          "group of up to 8 ranks meet over 7-8 rounds, larger groups probe ring neighbours over 2-3)");
   cfg.add_choice("fault.fault_kind", &fault_kind, {"none", "crash", "kill_daemon", "hang", "hang_comm", "slow", "slow_link"},
                  "inject a fault (tests, benchmarks, demo): crash = SIGKILL the rank; kill_daemon = SIGKILL its node's "
                  "snapshot daemon; hang = stop outside communication; hang_comm = stop inside a collective (a dead "
@@ -81,6 +90,11 @@ void TrainConfig::declare(Config& cfg) {
   cfg.add("runtime.threads", &threads, "CPU threads per rank; 0 = the host's cores / the ranks on the host");
   cfg.allow_env("LOOM_FORTUNES_DIR");  // read by core/data.cc: where the fortunes corpus lives
   cfg.allow_env("LOOM_MPIRUN");        // read by `loom run` (and the tests): the mpirun command line
+  // Read by Loom's scripts and test harness (scripts/, tests/e2e/lib.sh), which export them to the programs they
+  // run: where the programs, sources, Python and build are, and the demo's crash step. Not settings.
+  for (const char* name : {"LOOM_BIN", "LOOM_SOURCE_DIR", "LOOM_PYTHON3", "LOOM_BUILD_DIR",
+                           "LOOM_DEMO_CRASH_STEP", "LOOM_CMAKE_ARGS"})
+    cfg.allow_env(name);
   cfg.add_choice("runtime.log_level", &log_level, {"debug", "info", "warn", "error"}, "log level");
 }
 
@@ -153,6 +167,10 @@ void TrainConfig::validate(int world_size) const {
              "fault.fault_rank " << fault_rank << " is not a rank of this job (0.." << world_size - 1 << ")");
   LOOM_CHECK(heartbeat_s > 0, kConfig, "monitor.heartbeat_s must be positive, got " << heartbeat_s);
   LOOM_CHECK(epoch >= 0, kConfig, "monitor.epoch must be >= 0, got " << epoch);
+  LOOM_CHECK(probe_every >= 1 && probe_rounds >= 1, kConfig,
+             "monitor.probe_every and monitor.probe_rounds must be >= 1, got " << probe_every << " and " << probe_rounds);
+  LOOM_CHECK(probe_bytes >= 4 && probe_bytes % 4 == 0 && probe_bytes <= (int64_t{1} << 30), kConfig,
+             "monitor.probe_bytes must be a multiple of 4 between 4 and 1 GiB, got " << probe_bytes);
   LOOM_CHECK(fault_delay_ms >= 0 && fault_slowdown >= 0 && fault_after_s >= 0, kConfig,
              "fault.fault_delay_ms, fault.fault_slowdown and fault.fault_after_s must be >= 0");
   for (const FaultSpec& f : fault_specs())

@@ -58,6 +58,10 @@ struct TrainConfig {
   int64_t epoch = 0;                   // incarnation of the job (`loom run` counts restarts)
   double heartbeat_s = 1.0;            // seconds between heartbeats
   std::string run_queue = "auto";      // monitor.run_queue: auto, on, off (launch/monitor/client.h)
+  std::string link_probe = "auto";     // monitor.link_probe: auto, on, off (parallel/link_probe.h)
+  int64_t probe_every = 1;             // steps between link probes
+  int64_t probe_bytes = 1 << 20;       // data per probe transfer
+  int64_t probe_rounds = 1;            // schedule rounds per probe
   // [fault] (fault injection, for tests, benchmarks and the demo)
   std::string fault_kind = "none";     // none | crash | kill_daemon | hang | hang_comm | slow | slow_link
   int64_t fault_rank = 0;

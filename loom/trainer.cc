@@ -18,6 +18,7 @@
 #include "checkpoint/hdf5_format.h"
 #include "core/error.h"
 #include "core/log.h"
+#include "parallel/link_probe.h"
 #include "parallel/link_trace.h"
 
 namespace loom {
@@ -86,9 +87,30 @@ Trainer::Trainer(Session& session, LanguageModel& model) : s_(session), cfg_(ses
   }
   LOOM_INFO0("batch: " << cfg_.batch_size << " sequences x " << model_.seq_len() << " tokens per step; " << local_batch_
                        << " per data-parallel rank in micro-batches of " << micro_batch_);
+  setup_link_probes();
+}
+
+void Trainer::setup_link_probes() {
+  // Decided from the configuration and the groups' backends (agreed per group at start-up), so every rank of a
+  // group probes or none does; TP first, then DP, everywhere.
+  if (cfg_.monitor.empty()) return;
+  ProcessGroups& g = s_.groups();
+  LinkProbeOptions opt;
+  opt.bytes = cfg_.probe_bytes;
+  opt.rounds = static_cast<int>(cfg_.probe_rounds);
+  std::string which;
+  for (Communicator* c : {&g.tp(), &g.dp()}) {
+    if (!link_probe_wanted(cfg_.link_probe, *c)) continue;
+    probes_.push_back(std::make_unique<LinkProbe>(*c, s_.backend(), opt));
+    which += (which.empty() ? "" : ", ") + c->name() + " (" + c->backend_name() + ")";
+  }
+  if (!which.empty())
+    LOOM_INFO0("link probes on " << which << ": " << cfg_.probe_bytes << " bytes, " << cfg_.probe_rounds
+                                 << " round(s) every " << cfg_.probe_every << " step(s)");
 }
 
 Trainer::~Trainer() {
+  probes_.clear();  // before the backend they allocated from
   snap_.reset();  // joins its staging thread before the arena goes
   if (loss_buf_) s_.backend().deallocate(loss_buf_);
 }
@@ -389,6 +411,8 @@ void Trainer::end_step(const StepStats& last) {
     snap_->stage(step_, params_->master().flat_range(b, e), params_->adam_m().flat_range(b, e),
                  params_->adam_v().flat_range(b, e));
   }
+  if (step_ % cfg_.probe_every == 0)
+    for (auto& p : probes_) p->run();
   if (mon::MonitorClient* m = s_.monitor()) {
     m->set_progress(step_, last.loss, last.tokens_per_s);
     if (snap_ && step_ % cfg_.snapshot_every == 0) m->set_snapshot(step_);

@@ -24,6 +24,7 @@
 #include "core/optimizer.h"
 #include "core/param_arena.h"
 #include "loom/session.h"
+#include "parallel/link_probe.h"
 
 namespace loom {
 
@@ -57,8 +58,8 @@ class Trainer {
   double fit();
   // One optimizer step. fit() then writes its metrics and calls end_step().
   StepStats train_step();
-  // Stages the snapshot of the step just taken (every snapshot.snapshot_every steps), reports progress to the
-  // monitor and injects the configured faults.
+  // Stages the snapshot of the step just taken (every snapshot.snapshot_every steps), probes the links
+  // (monitor.probe_every), reports progress to the monitor and injects the configured faults.
   void end_step(const StepStats& last);
   // Mean validation loss over `batches` global batches of the held-out split.
   double evaluate(int64_t batches);
@@ -74,6 +75,8 @@ class Trainer {
  private:
   void open_data();
   void setup_snapshots();
+  // Link probes (parallel/link_probe.h) for the TP and DP groups that monitor.link_probe selects, when monitored.
+  void setup_link_probes();
   // The restore ladder: newest version in every rank's shared memory (CRC-checked, older in-memory versions
   // next), then the newest complete HDF5 version, else a fresh start. Every rank takes the same rung.
   void restore();
@@ -115,6 +118,7 @@ class Trainer {
   Tensor loss_sum_;
   std::ofstream metrics_;
   std::unique_ptr<snap::SnapshotClient> snap_;
+  std::vector<std::unique_ptr<LinkProbe>> probes_;
   std::string resumed_from_ = "fresh";
   double snapshot_stall_s_ = 0;
 };

@@ -1,5 +1,6 @@
 #include "parallel/communicator.h"
 
+#include <numeric>
 #include <utility>
 
 #include "core/error.h"
@@ -19,9 +20,34 @@ Communicator::Communicator(std::string name, int rank, int size, uint32_t group_
     : name_(std::move(name)), rank_(rank), size_(size), group_id_(group_id) {
   LOOM_CHECK(size >= 1 && rank >= 0 && rank < size, kInternal,
              "communicator '" << name_ << "': rank " << rank << " out of range for size " << size);
+  world_ranks_.resize(static_cast<size_t>(size));
+  std::iota(world_ranks_.begin(), world_ranks_.end(), 0);
 }
 
 Communicator::~Communicator() = default;
+
+void Communicator::set_world_ranks(std::vector<int> ranks) {
+  LOOM_CHECK(ranks.size() == static_cast<size_t>(size_), kInternal,
+             "communicator '" << name_ << "': " << ranks.size() << " world ranks for a group of " << size_);
+  world_ranks_ = std::move(ranks);
+}
+
+namespace {
+// Host-timed receives: the call has completed when it returns.
+class HostTransferTimer final : public TransferTimer {
+ public:
+  void start() override { start_ = wall_clock_s(); }
+  void stop() override { stop_ = wall_clock_s(); }
+  std::optional<double> seconds() override { return stop_ - start_; }
+
+ private:
+  double start_ = 0, stop_ = 0;
+};
+}  // namespace
+
+std::unique_ptr<TransferTimer> Communicator::make_transfer_timer() {
+  return std::make_unique<HostTransferTimer>();
+}
 
 void Communicator::check_tensor(const Tensor& t, const char* call, const char* arg, bool reduction) const {
   LOOM_CHECK(

@@ -21,7 +21,9 @@
 
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <string>
+#include <vector>
 
 #include "core/ops.h"
 #include "core/tensor.h"
@@ -48,6 +50,18 @@ class FusedKernels {
   virtual void abort() = 0;  // waiting kernels give up now
 };
 
+// Times one receive as its transfer ran (the link probe, parallel/link_probe.h): start() just before the recv is
+// issued, stop() just after it. seconds() is the time between the two in the order the work ran: at once on a
+// host backend, once the stream got there on a device backend (nullopt until then). Reusable after seconds()
+// returned a value.
+class TransferTimer {
+ public:
+  virtual ~TransferTimer() = default;
+  virtual void start() = 0;
+  virtual void stop() = 0;
+  virtual std::optional<double> seconds() = 0;
+};
+
 class Communicator {
  public:
   virtual ~Communicator();
@@ -58,6 +72,8 @@ class Communicator {
   int size() const { return size_; }
   const std::string& name() const { return name_; }  // "world", "tp", "dp", "node"
   uint32_t group_id() const { return group_id_; }
+  // The world rank (MPI_COMM_WORLD) of rank r of this group: the monitor names ranks and links by world rank.
+  int world_rank(int r) const { return world_ranks_.at(static_cast<size_t>(r)); }
   // Where the tensors of this communicator live, and the backend's name for messages ("MPI", "NCCL").
   virtual Device device() const = 0;
   virtual const char* backend_name() const = 0;
@@ -99,6 +115,11 @@ class Communicator {
   // (device-timed backends: waits up to timeout_s for them, never blocking on the device). Before a last report
   // to the monitor. Host backends have nothing to do.
   virtual void flush_trace(double /*timeout_s*/) {}
+  // Whether the backend times its own transfers per link (process_link_trace(): MpiCommunicator's rings). A
+  // group whose backend does not (NCCL) has its links measured by probes instead (parallel/link_probe.h).
+  virtual bool traces_links() const { return false; }
+  // A timer for receives on this communicator; by default the host's clock (the calls complete on return).
+  virtual std::unique_ptr<TransferTimer> make_transfer_timer();
 
  protected:
   Communicator(std::string name, int rank, int size, uint32_t group_id);
@@ -111,6 +132,8 @@ class Communicator {
   virtual void before_enqueue() {}
   virtual void after_enqueue(uint64_t /*seq*/) {}
   TraceRing& trace_ring() { return trace_; }
+  // The world rank of each rank of the group (see world_rank()); identity until a backend sets it.
+  void set_world_ranks(std::vector<int> ranks);
 
   // Whether the backend can move (reduction == false) or reduce (true) elements of this dtype.
   virtual bool supports(DType dtype, bool reduction) const = 0;
@@ -143,6 +166,7 @@ class Communicator {
   int rank_;
   int size_;
   uint32_t group_id_;
+  std::vector<int> world_ranks_;
   TraceRing trace_;
   std::unique_ptr<FusedKernels> fused_;
 };

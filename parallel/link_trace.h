@@ -70,6 +70,15 @@ class CommFaults {
   void set_slow_link(int dst, double delay_s);
   // This rank's next transfer receives its input and then never sends (a dead link inside a collective).
   void arm_hang() { hang_.store(true); }
+  // The delay every transfer from this rank to world rank dst gets (0: none).
+  double send_delay_s(int dst) const {
+    return slow_dst_.load(std::memory_order_relaxed) == dst ? slow_delay_s_.load(std::memory_order_relaxed) : 0.0;
+  }
+  // Point-to-point sends on the host (Communicator::send): sleeps for a slow link to dst. Device backends enqueue
+  // send_delay_s(dst) on their stream instead. An armed hang is for ring transfers only.
+  void delay_send(int dst) {
+    if (send_delay_s(dst) > 0) sleep_for_slow_link();
+  }
   // Called by a transfer before it sends to dst, after its receive was posted; `wait_recv` completes the
   // receive. Sleeps for a slow link; never returns for an armed hang.
   template <class WaitRecv>
@@ -78,7 +87,7 @@ class CommFaults {
       wait_recv();
       hang_forever(dst);
     }
-    if (slow_dst_.load(std::memory_order_relaxed) == dst) {
+    if (send_delay_s(dst) > 0) {
       wait_recv();  // the delay is on this rank's outgoing link only: its own receive is timed without it
       sleep_for_slow_link();
     }

@@ -93,19 +93,24 @@ MpiComm MpiComm::dup(MPI_Comm parent) {
 MpiCommunicator::MpiCommunicator(MPI_Comm comm, std::string name, uint32_t group_id)
     : MpiCommunicator(MpiComm::dup(comm), std::move(name), group_id) {}
 
+std::vector<int> world_ranks_of(MPI_Comm comm) {
+  MPI_Group group = MPI_GROUP_NULL, world = MPI_GROUP_NULL;
+  LOOM_MPI_CHECK(MPI_Comm_group(comm, &group));
+  LOOM_MPI_CHECK(MPI_Comm_group(MPI_COMM_WORLD, &world));
+  std::vector<int> mine(static_cast<size_t>(comm_size(comm)));
+  for (size_t i = 0; i < mine.size(); ++i) mine[i] = static_cast<int>(i);
+  std::vector<int> out(mine.size());
+  const int rc = MPI_Group_translate_ranks(group, static_cast<int>(mine.size()), mine.data(), world, out.data());
+  MPI_Group_free(&group);
+  MPI_Group_free(&world);
+  LOOM_MPI_CHECK(rc);
+  return out;
+}
+
 MpiCommunicator::MpiCommunicator(MpiComm owned, std::string name, uint32_t group_id)
     : Communicator(std::move(name), comm_rank(owned.get()), comm_size(owned.get()), group_id),
       comm_(std::move(owned)) {
-  // World rank of each group rank: transfers are attributed to pairs of world ranks.
-  MPI_Group group = MPI_GROUP_NULL, world = MPI_GROUP_NULL;
-  LOOM_MPI_CHECK(MPI_Comm_group(comm_.get(), &group));
-  LOOM_MPI_CHECK(MPI_Comm_group(MPI_COMM_WORLD, &world));
-  std::vector<int> mine(static_cast<size_t>(size()));
-  for (int i = 0; i < size(); ++i) mine[static_cast<size_t>(i)] = i;
-  world_ranks_.resize(mine.size());
-  LOOM_MPI_CHECK(MPI_Group_translate_ranks(group, size(), mine.data(), world, world_ranks_.data()));
-  MPI_Group_free(&group);
-  MPI_Group_free(&world);
+  set_world_ranks(world_ranks_of(comm_.get()));  // transfers are attributed to pairs of world ranks
 }
 
 MpiCommunicator::~MpiCommunicator() = default;
@@ -163,7 +168,7 @@ constexpr int kRingClockTag = 12;
 void MpiCommunicator::transfer(void* recv_buf, const void* send_buf, int64_t recv_count, int64_t send_count,
                                DType dtype, uint64_t seq, int step) {
   LinkTrace& links = process_link_trace();
-  const int src = world_ranks_[static_cast<size_t>(left())], dst = world_ranks_[static_cast<size_t>(right())];
+  const int src = world_rank(left()), dst = world_rank(right());
   links.begin_transfer(group_id(), seq, step, src, dst);
   const size_t esize = dtype_size(dtype);
   const MPI_Datatype dt = mpi_dtype(dtype);
@@ -279,6 +284,7 @@ void MpiCommunicator::do_broadcast(const Tensor& t, int root) {
 }
 
 void MpiCommunicator::do_send(const Tensor& t, int peer) {
+  process_comm_faults().delay_send(world_rank(peer));
   for_each_chunk(t.numel(), [&](int64_t off, int count) {
     LOOM_MPI_CHECK(MPI_Send(element(t, off), count, mpi_dtype(t.dtype()), peer, kSendRecvTag, comm()));
   });

@@ -50,6 +50,9 @@ class MpiComm {
   MPI_Comm comm_ = MPI_COMM_NULL;
 };
 
+// The world rank (MPI_COMM_WORLD) of each rank of comm, in comm's rank order.
+std::vector<int> world_ranks_of(MPI_Comm comm);
+
 class MpiCommunicator : public Communicator {
  public:
   // Collective over comm (every rank of it must construct one): the communicator works on its own duplicate,
@@ -60,6 +63,7 @@ class MpiCommunicator : public Communicator {
   MPI_Comm comm() const { return comm_.get(); }
   Device device() const override { return Device::kCpu; }
   const char* backend_name() const override { return "MPI"; }
+  bool traces_links() const override { return true; }
 
   // The most elements one MPI call carries (default INT_MAX). Tests lower it to run the chunked paths on small
   // tensors; n <= 0 restores the default. Every rank must use the same value.
@@ -92,7 +96,6 @@ class MpiCommunicator : public Communicator {
   int right() const { return (rank() + 1) % size(); }
 
   MpiComm comm_;
-  std::vector<int> world_ranks_;   // world rank of each rank of the group
   std::vector<char> recv_scratch_, acc_scratch_;
   std::vector<MPI_Request> recv_requests_, send_requests_;  // of the transfer in flight (reused: no allocation)
 };

@@ -5,7 +5,10 @@
 #include "core/log.h"
 #include "parallel/cuda/device_trace_timer.h"
 #include "parallel/cuda/fused_path.h"
+#include "parallel/cuda/transfer_timer.h"
+#include "parallel/link_trace.h"
 #include "parallel/mpi_check.h"
+#include "parallel/mpi_communicator.h"
 
 namespace loom {
 namespace {
@@ -46,6 +49,7 @@ NcclCommunicator::NcclCommunicator(MPI_Comm comm, std::string name, uint32_t gro
                                    bool fused_kernel, FusedTuning tuning)
     : Communicator(std::move(name), mpi_rank(comm), mpi_size(comm), group_id),
       backend_(backend) {
+  set_world_ranks(world_ranks_of(comm));
   ncclUniqueId id{};
   if (rank() == 0) LOOM_NCCL_CHECK(this, ncclGetUniqueId(&id));
   LOOM_MPI_CHECK(MPI_Bcast(&id, sizeof(id), MPI_BYTE, 0, comm));
@@ -116,7 +120,13 @@ void NcclCommunicator::do_broadcast(const Tensor& t, int root) {
                                       comm_, stream()));
 }
 
+std::unique_ptr<TransferTimer> NcclCommunicator::make_transfer_timer() {
+  return std::make_unique<cuda::EventTransferTimer>([this] { return stream(); });
+}
+
 void NcclCommunicator::do_send(const Tensor& t, int peer) {
+  // An injected slow link: held on the stream after the trace record's start event, before the transfer.
+  cuda::enqueue_delay(stream(), process_comm_faults().send_delay_s(world_rank(peer)));
   LOOM_NCCL_CHECK(this,
                   ncclSend(t.data(), static_cast<size_t>(t.numel()), nccl_type(t.dtype()), peer, comm_, stream()));
 }

@@ -62,6 +62,8 @@ class NcclCommunicator final : public Communicator {
   void abort();
   void mark_broken() { broken_ = true; }
   void flush_trace(double timeout_s) override;
+  // Receives timed from CUDA events on the collective stream (the link probe).
+  std::unique_ptr<TransferTimer> make_transfer_timer() override;
 
  protected:
   bool supports(DType dtype, bool reduction) const override;

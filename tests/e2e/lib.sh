@@ -101,29 +101,37 @@ start_monitor() {
   MON_PORT=$(cat "$d/port")
 }
 
-# monitored_fault NAME KIND RANK [GPT ARGS...]: starts `loom monitor` (exits at its first verdict) and a 4-rank
-# TP2 x DP2 run on 2 emulated nodes with the fault KIND at RANK after step $FAULT_STEP (default 300, ~3 s in; or
-# $FAULT_AFTER_S seconds in); returns when the monitor reached a
-# verdict (or after 120 s), kills the job, and leaves $WORK/NAME/verdict.json and $WORK/NAME/fault_at (the unix
-# time the trainer logged for the injection).
+# monitored_fault NAME KIND RANK [GPT ARGS...]: starts `loom monitor` (exits at its first verdict) and a run of
+# $NP ranks (default 4), TP $TP (default 2) x DP the rest, on emulated nodes of $RPN ranks (default 2), with the
+# fault KIND at RANK after step $FAULT_STEP (default 300, ~3 s in; or $FAULT_AFTER_S seconds in); returns when the
+# monitor reached a verdict (or after 120 s), kills the job, and leaves $WORK/NAME/verdict.json and
+# $WORK/NAME/fault_at (the unix time the trainer logged for the injection).
 monitored_fault() {
   local name=$1 kind=$2 rank=$3
   shift 3
   local d=$WORK/$name
   start_monitor "$d" "m$name$$" "tok$$" --exit-on-verdict
   local mon=$MON_PID
-  timeout 150 $LOOM_MPIRUN -np 4 "$LOOM_BIN/gpt-train" "${SMALL[@]}" --steps 100000 --tp 2 --ranks-per-node 2 \
+  timeout 150 $LOOM_MPIRUN -np "${NP:-4}" "$LOOM_BIN/gpt-train" "${SMALL[@]}" --steps 100000 --tp "${TP:-2}" --ranks-per-node "${RPN:-2}" \
     --log-level warn --snapshot-job "s$name$$" --monitor "127.0.0.1:$MON_PORT" --monitor-job "m$name$$" \
     --monitor-token "tok$$" --fault-kind "$kind" --fault-rank "$rank" --fault-step "${FAULT_STEP:-300}" --fault-after-s "${FAULT_AFTER_S:-0}" "$@" >"$d/run.log" 2>&1 &
   local job=$!
-  ( sleep 120; kill "$mon" 2>/dev/null ) &
-  local guard=$!
-  wait "$mon" || true
-  kill "$guard" 2>/dev/null || true
+  # Waits up to 120 s for the verdict (the monitor exits on it), and at most 5 s more once the job has ended (a
+  # crash ends it before the verdict; a job that failed on its own gets none). Polled, not a background
+  # `sleep 120; kill`: a leftover sleep would hold the test's output open, and ctest waits for that.
+  local waited=0 ended=0
+  while kill -0 "$mon" 2>/dev/null && [ "$waited" -lt 1200 ] && [ "$ended" -lt 50 ]; do
+    sleep 0.1
+    waited=$((waited + 1))
+    kill -0 "$job" 2>/dev/null || ended=$((ended + 1))
+  done
+  kill "$mon" 2>/dev/null || true
+  wait "$mon" 2>/dev/null || true
   pkill -TERM -f -- "--monitor-job m$name$$" 2>/dev/null || true
   wait "$job" 2>/dev/null || true
   stop_daemons "s$name$$"
-  [ -f "$d/v/verdict-e0.json" ] || fail "$name: no verdict within 120 s; trainer log: $(grep -v '^[a-z_]*\.' "$d/run.log" | tail -5)"
+  [ -f "$d/v/verdict-e0.json" ] || fail "$name: no verdict within 120 s; trainer log: $(grep -m3 ' error: ' "$d/run.log" ||
+    grep -v '^[a-z_]*\.' "$d/run.log" | tail -5)"
   cp "$d/v/verdict-e0.json" "$d/verdict.json"
   sed -n 's/.*fault injection: .* at unix time \([0-9.]*\).*/\1/p' "$d/run.log" | head -1 >"$d/fault_at"
   [ -s "$d/fault_at" ] || fail "$name: the fault was not injected"

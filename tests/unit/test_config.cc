@@ -21,6 +21,7 @@
 #include "core/env.h"
 #include "core/error.h"
 #include "core/rng.h"
+#include "loom/train_config.h"
 
 namespace loom {
 namespace {
@@ -590,6 +591,20 @@ TEST_F(ConfigTest, UnknownEnvVariablesAreReportedNotFatal) {
   EXPECT_EQ(cfg.unknown_env(), std::vector<std::string>{"LOOM_STEPZ"});
   EXPECT_EQ(v.steps, 200);
   cfg.warn_unknown_env();
+}
+
+// The harness's and scripts' own variables (LOOM_BIN, ...) reach every program they start; the trainer's keys do
+// not warn about them, but still about a misspelt setting.
+TEST_F(ConfigTest, TrainerKnowsTheScriptsVariables) {
+  setenv("LOOM_STEPZ", "5", 1);
+  setenv("LOOM_BIN", "/somewhere/bin", 1);
+  setenv("LOOM_SOURCE_DIR", "/src", 1);
+  setenv("LOOM_MPIRUN", "mpirun", 1);
+  Config cfg;
+  TrainConfig train;
+  train.declare(cfg);
+  parse(cfg, {});
+  EXPECT_EQ(cfg.unknown_env(), std::vector<std::string>{"LOOM_STEPZ"});
 }
 
 }  // namespace
