@@ -260,12 +260,22 @@ void Session::make_device_communicators() {
                  "parallel.device_comm is 'nccl' but NCCL cannot serve this rank's groups: " << mine
                                                                                              << " (use 'auto' or 'mpi')");
     });
-  if (rank_ == 0) {
-    if (!tp_why.empty() && groups_->tp_size() > 1)
-      LOOM_WARN("group 'tp': host-staged MPI communicator instead of NCCL (" << tp_why << "); expect it to run slowly");
-    if (!dp_why.empty() && groups_->dp_size() > 1)
-      LOOM_WARN("group 'dp': host-staged MPI communicator instead of NCCL (" << dp_why << "); expect it to run slowly");
-  }
+  // One warning per kind of group, by the lowest world rank whose group is staged (not necessarily rank 0's:
+  // on an uneven layout only some groups share a GPU), with how many of the groups are.
+  auto warn_staged = [&](const char* name, const std::string& why, int group_size, int group_rank, int groups) {
+    const bool staged = !why.empty() && group_size > 1;
+    const int mine = staged && group_rank == 0 ? 1 : 0, lowest = staged ? rank_ : INT_MAX;
+    int count = 0, first = INT_MAX;
+    MPI_Allreduce(&mine, &count, 1, MPI_INT, MPI_SUM, MPI_COMM_WORLD);
+    MPI_Allreduce(&lowest, &first, 1, MPI_INT, MPI_MIN, MPI_COMM_WORLD);
+    if (first != rank_) return;
+    std::string which;
+    if (groups > 1) which = " (" + std::to_string(count) + " of " + std::to_string(groups) + " such groups)";
+    LOOM_WARN("group '" << name << "'" << which << ": host-staged MPI communicator instead of NCCL (" << why
+                        << "); expect it to run slowly");
+  };
+  warn_staged("tp", tp_why, groups_->tp_size(), groups_->tp_rank(), world_size_ / groups_->tp_size());
+  warn_staged("dp", dp_why, groups_->dp_size(), groups_->dp_rank(), groups_->tp_size());
   groups_->use_device_communicators([&](MpiCommunicator& group, const std::string& name,
                                         uint32_t id) -> std::unique_ptr<Communicator> {
     const bool fused = fused_kernel && name == "tp";
