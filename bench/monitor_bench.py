@@ -1,14 +1,29 @@
 #!/usr/bin/env python3
-"""Monitor benchmark (issue 7): randomised fault-injection trials against `loom monitor`, on CPU ranks.
+"""Monitor benchmark (issue 7): randomised fault-injection trials against `loom monitor`, on CPU ranks or GPUs.
 
 Protocol
 --------
 Job: the SMALL model of tests/e2e/lib.sh (dim 64, 2 layers, seq 32, batch 8; in-memory snapshots every step,
-nothing persisted), 4 ranks, TP 2 x DP 2 on 2 emulated nodes (--ranks-per-node 2), one mpirun at a time; every
-run has its own --snapshot-job (a reused one would resume from old snapshots) and its own monitor job id and
-token. Environment: OMPI_MCA_btl_vader_single_copy_mechanism=none, LOOM_PERSIST_EVERY=0, LOOM_LOG_LEVEL=warn,
-LOOM_THREADS=1 (one CPU thread per rank: what the 2-core VM gives them anyway; on a larger host the tiny model
-gains nothing from more), LOOM_DEVICE=cpu (CPU ranks also on a GPU machine: NCCL refuses ranks sharing a GPU).
+nothing persisted), --ranks ranks, TP --tp x DP ranks/tp (rank = dp_rank * tp + tp_rank), on nodes of
+--ranks-per-node ranks (a TP group inside one node), one mpirun at a time; every run has its own --snapshot-job
+(a reused one would resume from old snapshots) and its own monitor job id and token. Environment:
+OMPI_MCA_btl_vader_single_copy_mechanism=none, LOOM_PERSIST_EVERY=0, LOOM_LOG_LEVEL=warn, and per --device:
+- cpu (the default): 4 ranks, TP 2 x DP 2 on 2 emulated nodes (--ranks-per-node 2) unless told otherwise;
+  LOOM_THREADS=1 (one CPU thread per rank: what the 2-core VM gives them anyway; on a larger host the tiny model
+  gains nothing from more), LOOM_DEVICE=cpu (CPU ranks also on a GPU machine: NCCL refuses ranks sharing a GPU).
+- cuda: gpt-train --device cuda, one GPU per rank (the trainer picks it by the rank's place on the machine);
+  --ranks defaults to the GPUs `nvidia-smi -L` lists (at least 2), --tp to 2, --ranks-per-node to --ranks (one
+  real node: with 2 ranks TP 2 needs one node). LOOM_THREADS and LOOM_DEVICE are not set (the trainer's default
+  CPU threads: the host's cores / its ranks). The TP and DP groups run on NCCL (ranks sharing a GPU would get
+  the host-staged MPI communicator instead: the bench warns when --ranks exceeds the GPUs). NCCL's collectives
+  are traced per collective, closed from CUDA events (no transfer-level data), so a slow link reaches the
+  monitor only through the link probes (monitor.link_probe=auto, the default: after every step, one round of
+  1 MiB point-to-point transfers per TP and DP group, only in a monitored job; docs/monitor.md "Link probes"),
+  and an injected slow_link holds the sender's stream before each of its point-to-point sends (the probes').
+  hang_comm is implemented for the host (MPI) ring only (docs/monitor.md, Fault injection), so --kinds leaves
+  it out by default.
+The result records device, ranks, tp, ranks_per_node, the kinds, the hostname and, on cuda, the GPUs
+(`nvidia-smi -L`).
 
 0. Isolation: the bench runs private copies of build/bin/{loom,gpt-train} (a rebuild of the checkout during the
    bench cannot mix versions). Before every run it waits (up to --quiet-wait s) until other work uses < 0.5 of
@@ -19,17 +34,22 @@ gains nothing from more), LOOM_DEVICE=cpu (CPU ranks also on a GPU machine: NCCL
    a. Step rate: one monitored fault-free run of --calib-steps steps; steps/s over the steps after the first 50,
       from the rank-0 metrics file (`elapsed_s`). The fault step of the trials is drawn uniformly from the steps
       that land 3-8 s after the first step at that rate.
-   b. Slow link (no monitor): for a TP pair (0 -> 1) and a DP pair (0 -> 2) and each candidate delay
-      (--link-delays, ms), a 550-step run with `--fault-kind slow_link` at step 300; slowdown = time per step
-      after the injection / time per step before it − 1 (time per step from `elapsed_s`, steps 50..300 against
-      310..550). The trials draw their delay uniformly from the candidates whose measured slowdown is >= 10 % on
-      both pair kinds.
-2. Injected trials: --trials per kind of crash, hang, hang_comm, slow, slow_link, in a seeded random order, each
-   with a random rank (0..3) and fault step; slow: --fault-slowdown stratified over [0.1, 0.4] (trial i of N
+   b. Slow link (only when --kinds has slow_link): for one TP pair (0 -> its TP ring neighbour) and one DP pair
+      (0 -> its DP ring neighbour), those that exist (4 ranks TP 2: 0 -> 1 and 0 -> 2; 2 ranks TP 2: 0 -> 1
+      only), and each candidate delay (--link-delays, ms), a 550-step run with `--fault-kind slow_link` at step
+      300; on cpu without a monitor, on cuda with one that does not stop the job at a verdict (the probes that
+      carry the delay run only in a monitored job); slowdown = time per step after the injection / time per
+      step before it − 1 (time per step from `elapsed_s`, steps 50..300 against 310..550). The trials draw
+      their delay uniformly from the candidates whose measured slowdown is >= 10 % on every calibrated pair.
+2. Injected trials: --trials per kind of --kinds (default crash, hang, hang_comm, slow, slow_link on cpu; the
+   same without hang_comm on cuda), in a seeded random order, each with a random rank (0..ranks-1) and fault
+   step; slow: --fault-slowdown stratified over [0.1, 0.4] (trial i of N
    uniform in the i-th of N equal parts, so the smallest slowdowns are always tried), injected at a time
    (--fault-after-s uniform in [30, 38] s) rather than a step: the monitor learns each rank's baseline deviation
    in its first ~25 s and a slowdown already present then is part of the baseline; slow_link: peer = the
-   rank's TP or DP ring neighbour (coin flip; TP pairs {0,1},{2,3}, DP pairs {0,2},{1,3}). The monitor runs with
+   rank's TP ring neighbour (same dp_rank, tp_rank + 1 mod tp) or DP ring neighbour (same tp_rank, dp_rank + 1
+   mod dp), a coin flip where both exist, else the one that does (4 ranks TP 2: TP pairs {0,1},{2,3}, DP pairs
+   {0,2},{1,3}; 2 ranks TP 2: 0 -> 1 or 1 -> 0). The monitor runs with
    --exit-on-verdict; the trial ends at the first verdict or 90 s after the injection (the trainer's log line
    "fault injection: ... at unix time T"). Recorded: detected, correct (kind: crash->crash, hang/hang_comm->hang,
    slow->slow_rank, slow_link->slow_link; culprit: ranks == [R] for crash/hang/slow, link == {src: R, dst: peer}
@@ -54,10 +74,18 @@ gains nothing from more), LOOM_DEVICE=cpu (CPU ranks also on a GPU machine: NCCL
    ranks' other CPU time, plus trace_cost's added ns per collective (a TraceRing begin/end pair with the
    run-queue reads against one without, same run) × the collectives per step the monitor saw / the median step
    (an upper bound where auto has switched the reads off).
+   On cuda, monitor on also adds the link probes (GPU and link time: in the A/B only). trace_cost's term is
+   host-side there (the record's begin/end on the issuing thread; labelled so). The records of NCCL calls are
+   closed from CUDA events by each NCCL communicator's watcher thread (named loom-cuda-trace,
+   parallel/cuda/device_trace_timer.cc), which runs with the monitor off too: overhead_bottom_up does not
+   include its CPU time (it counts the monitor process and the threads named loom-monitor only). The bench
+   samples those threads as well and reports their CPU time (device_trace_cpu_s, kept out of the ranks' other
+   CPU time on cuda), its share (device_trace_share) and overhead_bottom_up_with_device_trace (the sum).
 
-Usage: python3 bench/monitor_bench.py [--trials N] [--fault-free N] [--quick] [--seed S]
-                                      [--out bench/results/monitor_cpu.json] [--only-overhead | --skip-overhead]
-                                      [--bin DIR]
+Usage: python3 bench/monitor_bench.py [--device cpu|cuda] [--ranks N] [--tp T] [--ranks-per-node R]
+                                      [--kinds KIND ...] [--trials N] [--fault-free N] [--quick] [--seed S]
+                                      [--out bench/results/monitor_cpu.json | monitor_gpu.json on cuda]
+                                      [--only-overhead | --skip-overhead] [--bin DIR]
 Standard library only. Progress goes to stdout, one line per trial, and a table at the end; after every trial the
 trials so far are written to <out without .json>.partial.json (removed when the full result is written), so an
 interrupted run leaves them with its command.
@@ -71,6 +99,7 @@ import random
 import re
 import shutil
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -84,11 +113,10 @@ ROOT = os.path.dirname(HERE)
 SMALL = ["--dim", "64", "--n-layers", "2", "--n-heads", "4", "--ffn-hidden", "128", "--seq-len", "32",
          "--vocab-size", "256", "--batch-size", "8", "--eval-batches", "0", "--log-level", "warn",
          "--persist-every", "0", "--snapshot-idle-timeout", "20"]
-LAYOUT = ["--tp", "2", "--ranks-per-node", "2"]
+LAYOUT = ["--tp", "2", "--ranks-per-node", "2"]  # the CPU default (bench/monitor_arms.py sets and uses it too)
 KINDS = ["crash", "hang", "hang_comm", "slow", "slow_link"]
+GPU_KINDS = [k for k in KINDS if k != "hang_comm"]  # hang_comm is injected into the host (MPI) ring only
 EXPECTED = {"crash": "crash", "hang": "hang", "hang_comm": "hang", "slow": "slow_rank", "slow_link": "slow_link"}
-TP_PEER = {0: 1, 1: 0, 2: 3, 3: 2}
-DP_PEER = {0: 2, 2: 0, 1: 3, 3: 1}
 VERDICT_TIMEOUT_S = 90.0
 INJECT_WINDOW_S = (3.0, 8.0)
 SLOW_AFTER_S = (30.0, 38.0)  # slow: after the monitor's baseline windows (start-up + 4 × 5 s)
@@ -99,6 +127,86 @@ SKIP = 50  # warm-up steps excluded from step-time figures
 PROTOCOL = __doc__.split("Protocol\n--------\n", 1)[1].split("\nUsage:")[0].strip()
 
 
+# ---- layout: ranks, their ring neighbours, the pairs to calibrate (pure; rank = dp_rank * tp + tp_rank) --------
+
+def tp_peer(rank, ranks, tp):
+    """The rank's TP ring neighbour (same dp_rank, tp_rank + 1 mod tp); None when tp == 1."""
+    if tp < 2:
+        return None
+    return rank - rank % tp + (rank % tp + 1) % tp
+
+
+def dp_peer(rank, ranks, tp):
+    """The rank's DP ring neighbour (same tp_rank, dp_rank + 1 mod dp); None when dp == 1."""
+    if ranks // tp < 2:
+        return None
+    return (rank + tp) % ranks
+
+
+def ring_peers(rank, ranks, tp):
+    """{"tp": peer, "dp": peer} for the kinds of ring neighbour that exist, TP first."""
+    out = {}
+    for ring, peer in (("tp", tp_peer(rank, ranks, tp)), ("dp", dp_peer(rank, ranks, tp))):
+        if peer is not None:
+            out[ring] = peer
+    return out
+
+
+def calibration_pairs(ranks, tp):
+    """[(ring, src, dst)]: one TP pair and one DP pair from rank 0, where they exist (4 ranks TP 2: 0 -> 1, 0 -> 2)."""
+    return [(ring, 0, peer) for ring, peer in ring_peers(0, ranks, tp).items()]
+
+
+def check_layout(ranks, tp, ranks_per_node):
+    """None, or what is wrong with the layout."""
+    if ranks < 2:
+        return f"--ranks must be >= 2 (got {ranks})"
+    if tp < 1 or ranks % tp:
+        return f"--tp {tp} does not divide --ranks {ranks}"
+    if ranks_per_node < 1 or ranks % ranks_per_node:
+        return f"--ranks-per-node {ranks_per_node} does not divide --ranks {ranks}"
+    if ranks_per_node % tp:
+        return f"a TP group of {tp} ranks must sit inside one node of --ranks-per-node {ranks_per_node}"
+    return None
+
+
+def draw_specs(rng, kinds, trials, ranks, tp, lo_step, hi_step, delays):
+    """The injected trials, shuffled: per kind (in KINDS order), `trials` specs with a random rank and fault step
+    (step 2 of the protocol). With the CPU defaults this draws what the 4-rank bench always drew for a seed."""
+    specs = []
+    for kind in [k for k in KINDS if k in kinds]:
+        for i in range(trials):
+            s = {"kind": kind, "rank": rng.randrange(ranks), "step": rng.randint(lo_step, hi_step)}
+            if kind == "slow":  # stratified: trial i draws from the i-th of `trials` equal parts of [0.1, 0.4]
+                s["slowdown"] = round(0.1 + 0.3 * (i + rng.random()) / trials, 3)
+                s["after_s"] = round(rng.uniform(*SLOW_AFTER_S), 1)
+                s["step"] = 0  # the first step after after_s (recorded as injected_step)
+            if kind == "slow_link":
+                peers = ring_peers(s["rank"], ranks, tp)
+                s["ring"] = rng.choice(list(peers))
+                s["peer"] = peers[s["ring"]]
+                s["delay_ms"] = rng.choice(delays)
+            specs.append(s)
+    rng.shuffle(specs)
+    return specs
+
+
+def describe_layout(device, ranks, ranks_per_node):
+    nodes = ranks // ranks_per_node
+    if device == "cpu":
+        return f"({ranks} ranks, {nodes} emulated node{'s' if nodes != 1 else ''})"
+    return f"({ranks} ranks, one GPU each, {'one node' if nodes == 1 else f'{nodes} emulated nodes'})"
+
+
+def gpu_list():
+    """`nvidia-smi -L` lines without their UUIDs ("GPU 0: NVIDIA H100 80GB HBM3"); [] when it fails."""
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [re.sub(r"\s*\(UUID:.*\)\s*$", "", line).strip() for line in out.splitlines() if line.startswith("GPU ")]
+
+
 def write_json(path, result):
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
@@ -106,8 +214,19 @@ def write_json(path, result):
         f.write("\n")
 
 
+def setup_fields(a):
+    """What the result records of the run's setup: device, layout, kinds, host (and the GPUs on cuda)."""
+    out = {"device": a.device, "ranks": a.ranks, "tp": a.tp, "ranks_per_node": a.ranks_per_node, "kinds": a.kinds,
+           "hostname": socket.gethostname()}
+    if a.device == "cuda":
+        out["gpus"] = a.gpus
+        if "CUDA_VISIBLE_DEVICES" in os.environ:
+            out["cuda_visible_devices"] = os.environ["CUDA_VISIBLE_DEVICES"]
+    return out
+
+
 def write_partial(a, path, trials, fault_free, calibration):
-    write_json(path, {"benchmark": "monitor", "partial": True, "device": "cpu",
+    write_json(path, {"benchmark": "monitor", "partial": True, **setup_fields(a),
                       "command": "python3 " + " ".join([os.path.relpath(__file__, ROOT)] + sys.argv[1:]),
                       "git_head": a.git, "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
                       "calibration": {k: v for k, v in calibration.items() if k != "verdicts"},
@@ -177,11 +296,16 @@ def wait_quiet(max_wait_s, threshold=0.5):
 
 
 class Runner:
-    """Starts monitors and jobs of `ranks` ranks (4 unless told), and cleans up after them (only the processes it started)."""
+    """Starts monitors and jobs of `ranks` ranks (4 unless told), and cleans up after them (only the processes it started).
+    device "cpu": CPU ranks (LOOM_DEVICE=cpu, LOOM_THREADS=1); "cuda": gpt-train --device cuda, neither variable set.
+    layout: the trainer's --tp/--ranks-per-node flags; None = the module's LAYOUT, read at each start."""
 
-    def __init__(self, bindir, work, keep, ranks=4):
+    def __init__(self, bindir, work, keep, ranks=4, device="cpu", layout=None, tp=2):
         self.bindir = bindir
         self.ranks = ranks
+        self.device = device
+        self.layout = layout
+        self.tp = tp
         self.work = work
         self.keep = keep
         self.uid = os.getuid()
@@ -189,8 +313,9 @@ class Runner:
         self.count = 0
         self.env = dict(os.environ)
         self.env.update({"OMPI_MCA_btl_vader_single_copy_mechanism": "none", "LOOM_PERSIST_EVERY": "0",
-                         "LOOM_LOG_LEVEL": "warn", "LOOM_CACHE_DIR": os.path.join(work, "cache"),
-                         "LOOM_THREADS": "1", "LOOM_DEVICE": "cpu"})
+                         "LOOM_LOG_LEVEL": "warn", "LOOM_CACHE_DIR": os.path.join(work, "cache")})
+        if device == "cpu":
+            self.env.update({"LOOM_THREADS": "1", "LOOM_DEVICE": "cpu"})
         self.mpirun = ["mpirun", "--oversubscribe", "--allow-run-as-root"]
         if "LD_LIBRARY_PATH" in self.env:  # the GPU machine's runtime libraries (.device/env.sh)
             self.mpirun += ["-x", "LD_LIBRARY_PATH"]
@@ -241,7 +366,9 @@ class Runner:
 
     def start_job(self, d, job, steps, extra, port=None, metrics=True):
         cmd = self.mpirun + ["-np", str(self.ranks), os.path.join(self.bindir, "gpt-train")] + SMALL + ["--steps", str(steps)]
-        cmd += LAYOUT + ["--snapshot-job", "s" + job]
+        cmd += (LAYOUT if self.layout is None else self.layout) + ["--snapshot-job", "s" + job]
+        if self.device == "cuda":
+            cmd += ["--device", "cuda"]
         if metrics:
             cmd += ["--metrics-file", os.path.join(d, "metrics.jsonl")]
         if port is not None:
@@ -437,14 +564,21 @@ def calibrate_rate(rn, steps):
 
 
 def calibrate_links(rn, delays, at=300, steps_after=250):
+    """Step 1b over calibration_pairs(): on cpu without a monitor; on cuda with one (not stopping at a verdict),
+    since only a monitored job runs the link probes, the only point-to-point sends an NCCL job makes."""
     out = []
-    for pair, (src, dst) in (("tp", (0, 1)), ("dp", (0, 2))):
+    monitored = rn.device == "cuda"
+    for pair, src, dst in calibration_pairs(rn.ranks, rn.tp):
         for dms in delays:
             d, job = rn.new_dir(f"calib-link-{pair}-{dms}")
             busy, _ = wait_quiet(rn.quiet_wait_s)
+            mon, port = rn.start_monitor(d, job, exit_on_verdict=False) if monitored else (None, None)
             p = rn.start_job(d, job, at + steps_after, ["--fault-kind", "slow_link", "--fault-rank", str(src), "--fault-step",
-                                              str(at), "--fault-peer", str(dst), "--fault-delay-ms", str(dms)])
+                                              str(at), "--fault-peer", str(dst), "--fault-delay-ms", str(dms)],
+                             port=port)
             foreign, names = rn.wait_job(p, 300)
+            if mon is not None:
+                rn.stop_monitor(mon)
             rn.stop_job(p, job)
             rows = read_metrics(os.path.join(d, "metrics.jsonl"))
             if not rn.keep and rows:
@@ -453,6 +587,8 @@ def calibrate_links(rn, delays, at=300, steps_after=250):
             out.append({"pair": pair, "src": src, "dst": dst, "delay_ms": dms, "slowdown": s,
                         "time_per_step_before_s": before, "time_per_step_after_s": after, "other_busy_cores": busy,
                         "other_work_seen": foreign, "other_work": names})
+            if monitored:
+                out[-1]["monitored"] = True
             log(f"  calib slow_link {pair} {src}->{dst} delay {dms} ms: slowdown "
                 f"{'n/a' if s is None else f'{s * 100:.0f} %'}")
     return out
@@ -566,14 +702,19 @@ def cpu_s(path):
     return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
 
 
+DEVICE_TRACE_THREAD = "loom-cuda-trace"  # the NCCL communicators' CUDA-event watcher (parallel/cuda/device_trace_timer.cc)
+
+
 class CpuSampler:
     """The newest CPU times seen of the monitor process, of the ranks (gpt-train processes of the job) and of
-    their monitor-client threads (named loom-monitor): cumulative counters, so the last sample before a process
-    exits is its total (to within one 0.2 s poll)."""
+    their monitor-client threads (named loom-monitor), and on cuda of their device-timing watcher threads (named
+    loom-cuda-trace): cumulative counters, so the last sample before a process exits is its total (to within one
+    0.2 s poll)."""
 
     def __init__(self, rn, job, monitor_pid, port=None):
         self.rn, self.job, self.monitor_pid, self.port = rn, job, monitor_pid, port
         self.monitor, self.ranks, self.clients = 0.0, {}, {}
+        self.device_trace = {} if getattr(rn, "device", "cpu") == "cuda" else None
         self.calls, self.per_step = 0, {}  # rank -> collectives per step, from the monitor while the job runs
 
     def __call__(self):
@@ -597,15 +738,23 @@ class CpuSampler:
             self.ranks[pid] = cpu_s(f"/proc/{pid}/stat") or self.ranks.get(pid, 0.0)
             for tid in tids:
                 try:
-                    if open(f"/proc/{pid}/task/{tid}/comm").read().strip() == "loom-monitor":
+                    name = open(f"/proc/{pid}/task/{tid}/comm").read().strip()
+                    if name == "loom-monitor":
                         self.clients[tid] = cpu_s(f"/proc/{pid}/task/{tid}/stat") or self.clients.get(tid, 0.0)
+                    elif name == DEVICE_TRACE_THREAD and self.device_trace is not None:
+                        self.device_trace[tid] = (cpu_s(f"/proc/{pid}/task/{tid}/stat")
+                                                  or self.device_trace.get(tid, 0.0))
                 except OSError:
                     pass
 
     def result(self):
-        return {"monitor_cpu_s": self.monitor, "ranks_cpu_s": sum(self.ranks.values()),
-                "client_threads_cpu_s": sum(self.clients.values()), "ranks_seen": len(self.ranks),
-                "client_threads_seen": len(self.clients)}
+        out = {"monitor_cpu_s": self.monitor, "ranks_cpu_s": sum(self.ranks.values()),
+               "client_threads_cpu_s": sum(self.clients.values()), "ranks_seen": len(self.ranks),
+               "client_threads_seen": len(self.clients)}
+        if self.device_trace is not None:
+            out["device_trace_threads_cpu_s"] = sum(self.device_trace.values())
+            out["device_trace_threads_seen"] = len(self.device_trace)
+        return out
 
 
 def status_json(port):
@@ -676,15 +825,28 @@ def overhead_phase(a, rn):
             pass  # the bottom-up figure then lacks the per-collective part
     cps = [r["collectives_per_step"] for r in on if r.get("collectives_per_step")]
     mon_cpu = sum(r["cpu"]["monitor_cpu_s"] + r["cpu"]["client_threads_cpu_s"] for r in on)
-    rank_cpu = sum(r["cpu"]["ranks_cpu_s"] - r["cpu"]["client_threads_cpu_s"] for r in on)
+    # On cuda the NCCL communicators' watcher threads (loom-cuda-trace) run with the monitor off too: kept out of
+    # both sides of cpu_share and reported on their own.
+    dev_cpu = sum(r["cpu"].get("device_trace_threads_cpu_s", 0.0) for r in on)
+    rank_cpu = sum(r["cpu"]["ranks_cpu_s"] - r["cpu"]["client_threads_cpu_s"] for r in on) - dev_cpu
     if rank_cpu > 0:
         bottom_up = {"monitor_and_client_cpu_s": mon_cpu, "training_cpu_s": rank_cpu,
                      "cpu_share": mon_cpu / rank_cpu,
                      "collectives_per_step": statistics.median(cps) if cps else None,
                      "trace_cost": per_call}
+        if rn.device == "cuda":
+            bottom_up["per_collective_cost"] = ("host-side: trace_cost's TraceRing begin/end on the issuing thread; "
+                                                "NCCL records are closed by the loom-cuda-trace watcher threads")
+            bottom_up["device_trace_cpu_s"] = dev_cpu
+            bottom_up["device_trace_cpu_s_monitor_off"] = sum(r["cpu"].get("device_trace_threads_cpu_s", 0.0)
+                                                              for r in off)
+            bottom_up["device_trace_share"] = dev_cpu / rank_cpu
         if per_call and cps:
             bottom_up["per_collective_share"] = (per_call["added_ns"] * 1e-9 * statistics.median(cps) / med_on)
             bottom_up["overhead_bottom_up"] = bottom_up["cpu_share"] + bottom_up["per_collective_share"]
+            if rn.device == "cuda":
+                bottom_up["overhead_bottom_up_with_device_trace"] = (bottom_up["overhead_bottom_up"]
+                                                                     + bottom_up["device_trace_share"])
     overhead = {"steps": a.overhead_steps, "rounds": a.overhead_rounds, "skip_steps": SKIP,
                 "median_step_time_on_s": med_on, "median_step_time_off_s": med_off,
                 "overhead": med_on / med_off - 1, "paired_overheads": paired,
@@ -713,18 +875,23 @@ def log_overhead(overhead):
     b = overhead.get("bottom_up")
     if b:
         per = b.get("per_collective_share")
+        host = " host-side" if "device_trace_cpu_s" in b else ""
         log(f"  bottom-up: monitor + client threads {b['monitor_and_client_cpu_s']:.2f} CPU s against "
             f"{b['training_cpu_s']:.1f} of training ({b['cpu_share'] * 100:.2f} %)"
-            + (f"; {b['trace_cost']['added_ns']:.0f} ns per collective x {b['collectives_per_step']:.1f} per step "
+            + (f"; {b['trace_cost']['added_ns']:.0f} ns{host} per collective x {b['collectives_per_step']:.1f} per step "
                f"({per * 100:.2f} %) -> {b['overhead_bottom_up'] * 100:.2f} %" if per is not None else
                "; per-collective cost not measured (no trace_cost in --bin)"))
+        if host:
+            log(f"  device-timing watcher threads ({DEVICE_TRACE_THREAD}, not in the figure above; they run with the "
+                f"monitor off too): {b['device_trace_cpu_s']:.2f} CPU s on, {b['device_trace_cpu_s_monitor_off']:.2f} "
+                f"off ({b['device_trace_share'] * 100:.2f} % of training)")
 
 
 # ---- summary ----------------------------------------------------------------------------------------------------
 
-def summarise(trials, fault_free):
+def summarise(trials, fault_free, kinds=KINDS):
     per_kind = {}
-    for kind in KINDS:
+    for kind in kinds:
         ts = [t for t in trials if t["kind"] == kind]
         lat = [t["latency_s"] for t in ts if t["correct"]]
         per_kind[kind] = {"injected": len(ts), "verdicts": sum(1 for t in ts if t["verdict"] is not None),
@@ -787,12 +954,24 @@ def fmt(x, unit="", nd=2):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                    help="cpu: CPU ranks (LOOM_DEVICE=cpu, LOOM_THREADS=1); cuda: one GPU per rank (gpt-train "
+                         "--device cuda, NCCL)")
+    ap.add_argument("--ranks", type=int, default=None,
+                    help="ranks (default 4 on cpu; on cuda the GPUs `nvidia-smi -L` lists, at least 2)")
+    ap.add_argument("--tp", type=int, default=2, help="tensor-parallel size (default 2); DP = ranks / tp")
+    ap.add_argument("--ranks-per-node", type=int, default=None,
+                    help="ranks per (emulated) node (default 2 on cpu; on cuda --ranks: one node)")
+    ap.add_argument("--kinds", nargs="+", choices=KINDS, default=None,
+                    help="fault kinds to inject (default all five on cpu; on cuda all but hang_comm, which is "
+                         "injected into the host ring only)")
     ap.add_argument("--trials", type=int, default=6, help="injected trials per fault kind (default 6)")
     ap.add_argument("--fault-free", type=int, default=3, help="fault-free trials (default 3)")
     ap.add_argument("--fault-free-s", type=float, default=75.0, help="length of a fault-free trial (s)")
     ap.add_argument("--quick", action="store_true", help="1 trial per kind, 1 short fault-free, 2 overhead rounds")
     ap.add_argument("--seed", type=int, default=7)
-    ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "monitor_cpu.json"))
+    ap.add_argument("--out", default=None,
+                    help="result JSON (default bench/results/monitor_cpu.json; on cuda monitor_gpu.json)")
     ap.add_argument("--bin", default=os.path.join(ROOT, "build", "bin"))
     ap.add_argument("--calib-steps", type=int, default=2000)
     ap.add_argument("--link-delays", type=float, nargs="+", default=[0.1, 0.2, 0.5, 1.0],
@@ -807,6 +986,26 @@ def main():
     a = ap.parse_args()
     if a.quick:
         a.trials, a.fault_free, a.fault_free_s, a.overhead_rounds = 1, 1, 60.0, 2
+    a.gpus = []
+    if a.device == "cuda":
+        a.gpus = gpu_list()
+        if not a.gpus:
+            sys.exit("--device cuda: `nvidia-smi -L` lists no GPU")
+    if a.ranks is None:
+        a.ranks = 4 if a.device == "cpu" else max(2, len(a.gpus))
+    if a.ranks_per_node is None:
+        a.ranks_per_node = 2 if a.device == "cpu" else a.ranks
+    bad = check_layout(a.ranks, a.tp, a.ranks_per_node)
+    if bad:
+        sys.exit(bad)
+    a.kinds = [k for k in KINDS if k in (a.kinds or (KINDS if a.device == "cpu" else GPU_KINDS))]
+    if a.out is None:
+        a.out = os.path.join(ROOT, "bench", "results", "monitor_cpu.json" if a.device == "cpu" else "monitor_gpu.json")
+    if a.device == "cuda" and a.ranks > len(a.gpus):
+        log(f"warning: {a.ranks} ranks on {len(a.gpus)} GPU(s): ranks share GPUs, so their groups run on the "
+            "host-staged MPI communicator, not NCCL")
+    if a.device == "cuda" and "hang_comm" in a.kinds:
+        log("warning: hang_comm is injected into the host (MPI) ring only; on NCCL it is expected to be missed")
     for tool in ("loom", "gpt-train"):
         if not os.access(os.path.join(a.bin, tool), os.X_OK):
             sys.exit(f"{os.path.join(a.bin, tool)} not found; build first (cmake --build build)")
@@ -827,7 +1026,8 @@ def main():
                                timeout=10).stdout.strip()[:120]
     except (OSError, subprocess.SubprocessError):
         a.git = None
-    rn = Runner(bindir, work, a.keep)
+    rn = Runner(bindir, work, a.keep, ranks=a.ranks, device=a.device, tp=a.tp,
+                layout=["--tp", str(a.tp), "--ranks-per-node", str(a.ranks_per_node)])
     rn.quiet_wait_s = a.quiet_wait
 
     def on_term(signum, frame):
@@ -848,13 +1048,17 @@ def bench(a, rn, work):
     started = time.time()
     mach = machine()
     log(f"monitor bench: {mach['cpu']}, {mach['cores']} cores; work folder {work}; load {loadavg()}")
+    model = " ".join(SMALL + rn.layout) + " " + describe_layout(a.device, a.ranks, a.ranks_per_node)
+    if a.device == "cuda":
+        log(f"  device cuda: {a.ranks} ranks, TP {a.tp} x DP {a.ranks // a.tp}, {a.ranks_per_node} per node; "
+            f"kinds {' '.join(a.kinds)}; GPUs: {'; '.join(a.gpus)}")
     if a.only_overhead:
         overhead = overhead_phase(a, rn)
-        result = {"benchmark": "monitor", "device": "cpu", "machine": mach,
+        result = {"benchmark": "monitor", **setup_fields(a), "machine": mach,
                   "command": "python3 " + " ".join([os.path.relpath(__file__, ROOT)] + sys.argv[1:]),
                   "protocol": "step 5 of: " + PROTOCOL, "git_head": a.git, "binaries": a.binaries,
                   "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "duration_s": round(time.time() - started, 1),
-                  "model": " ".join(SMALL + LAYOUT) + " (4 ranks, 2 emulated nodes)",
+                  "model": model,
                   "overhead": overhead["overhead"], "overhead_bottom_up": bottom_up_figure(overhead),
                   "overhead_detail": overhead, "goals": overhead_goals(overhead)}
         write_json(a.out, result)
@@ -868,29 +1072,21 @@ def bench(a, rn, work):
     lo_step, hi_step = int(INJECT_WINDOW_S[0] * sps), int(INJECT_WINDOW_S[1] * sps)
     log(f"  {sps:.0f} steps/s (median step {rate['median_step_time_s'] * 1e3:.2f} ms); fault steps "
         f"{lo_step}..{hi_step}; verdicts in the calibration run: {len(rate['verdicts'])}")
-    log("calibration: slow_link delay vs step slowdown (no monitor)")
-    links = calibrate_links(rn, a.link_delays)
-    ok = [dms for dms in a.link_delays
-          if all(c["slowdown"] is not None and c["slowdown"] >= MIN_SLOWDOWN for c in links if c["delay_ms"] == dms)]
-    if not ok:
-        ok = [max(a.link_delays)]
-        log(f"  no candidate delay gave >= {MIN_SLOWDOWN * 100:.0f} % on both pairs; using {ok[0]} ms")
-    log(f"  trial delays drawn from {ok} ms")
+    links, ok = [], []
+    if "slow_link" in a.kinds:
+        log("calibration: slow_link delay vs step slowdown "
+            + ("(no monitor)" if a.device == "cpu" else "(monitored: the link probes carry the delay)"))
+        links = calibrate_links(rn, a.link_delays)
+        ok = [dms for dms in a.link_delays
+              if all(c["slowdown"] is not None and c["slowdown"] >= MIN_SLOWDOWN for c in links if c["delay_ms"] == dms)]
+        if not ok:
+            ok = [max(a.link_delays)]
+            n_pairs = len(calibration_pairs(a.ranks, a.tp))
+            log(f"  no candidate delay gave >= {MIN_SLOWDOWN * 100:.0f} % on "
+                f"{'both pairs' if n_pairs == 2 else 'the calibrated pair'}; using {ok[0]} ms")
+        log(f"  trial delays drawn from {ok} ms")
 
-    specs = []
-    for kind in KINDS:
-        for i in range(a.trials):
-            s = {"kind": kind, "rank": rng.randrange(4), "step": rng.randint(lo_step, hi_step)}
-            if kind == "slow":  # stratified: trial i draws from the i-th of a.trials equal parts of [0.1, 0.4]
-                s["slowdown"] = round(0.1 + 0.3 * (i + rng.random()) / a.trials, 3)
-                s["after_s"] = round(rng.uniform(*SLOW_AFTER_S), 1)
-                s["step"] = 0  # the first step after after_s (recorded as injected_step)
-            if kind == "slow_link":
-                s["ring"] = rng.choice(["tp", "dp"])
-                s["peer"] = (TP_PEER if s["ring"] == "tp" else DP_PEER)[s["rank"]]
-                s["delay_ms"] = rng.choice(ok)
-            specs.append(s)
-    rng.shuffle(specs)
+    specs = draw_specs(rng, a.kinds, a.trials, a.ranks, a.tp, lo_step, hi_step, ok)
     # Fault-free trials spread among the injected ones.
     order = [("inj", s) for s in specs]
     for i in range(a.fault_free):
@@ -932,20 +1128,21 @@ def bench(a, rn, work):
 
     overhead = None if a.skip_overhead else overhead_phase(a, rn)
 
-    summ = summarise(trials, fault_free)
+    summ = summarise(trials, fault_free, a.kinds)
     total = time.time() - started
     goals = {
         "crash_p90_le_2s": summ["crash_p90_s"] is not None and summ["crash_p90_s"] <= 2.0,
         "hang_p90_le_10s": summ["hang_p90_s"] is not None and summ["hang_p90_s"] <= 10.0,
         "slow_named_within_60s": summ["slow_max_s"] is not None and summ["slow_max_s"] <= 60.0
-        and all(summ["per_kind"][k]["correct"] == summ["per_kind"][k]["injected"] for k in ("slow", "slow_link")),
+        and all(summ["per_kind"][k]["correct"] == summ["per_kind"][k]["injected"]
+                for k in ("slow", "slow_link") if k in summ["per_kind"]),
         "precision_ge_0.95": summ["precision"] is not None and summ["precision"] >= 0.95,
         "recall_ge_0.95": summ["recall"] is not None and summ["recall"] >= 0.95,
         **overhead_goals(overhead),
     }
     result = {
         "benchmark": "monitor",
-        "device": "cpu",
+        **setup_fields(a),
         "machine": mach,
         "command": "python3 " + " ".join([os.path.relpath(__file__, ROOT)] + sys.argv[1:]),
         "protocol": PROTOCOL,
@@ -954,7 +1151,7 @@ def bench(a, rn, work):
         "git_head": a.git,
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "duration_s": round(total, 1),
-        "model": " ".join(SMALL + LAYOUT) + " (4 ranks, 2 emulated nodes)",
+        "model": model,
         "calibration": {"rate": {k: v for k, v in rate.items() if k != "verdicts"},
                         "rate_run_verdicts": rate["verdicts"], "fault_step_range": [lo_step, hi_step],
                         "slow_link": links, "slow_link_trial_delays_ms": ok},
@@ -975,7 +1172,7 @@ def bench(a, rn, work):
 
     log("")
     log(f"{'kind':<10} {'injected':>8} {'verdicts':>8} {'correct':>7} {'recall':>6} {'p50 s':>7} {'p90 s':>7} {'max s':>7}")
-    for k in KINDS:
+    for k in a.kinds:
         pk = summ["per_kind"][k]
         log(f"{k:<10} {pk['injected']:>8} {pk['verdicts']:>8} {pk['correct']:>7} {fmt(pk['recall']):>6} "
             f"{fmt(pk['p50_s']):>7} {fmt(pk['p90_s']):>7} {fmt(pk['max_s']):>7}")

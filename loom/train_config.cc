@@ -70,8 +70,9 @@ void TrainConfig::declare(Config& cfg) {
   cfg.add("monitor.probe_every", &probe_every, "steps between link probes");
   cfg.add("monitor.probe_bytes", &probe_bytes, "bytes of each link probe transfer (a multiple of 4)");
   cfg.add("monitor.probe_rounds", &probe_rounds,
-          "schedule rounds per link probe (each round: disjoint pairs of ranks, both directions; all pairs of a "
-          "group of up to 8 ranks meet over 7-8 rounds, larger groups probe ring neighbours over 2-3)");
+          "schedule rounds per link probe; 0 = a whole cycle, every probed pair once (each round: disjoint pairs of "
+          "ranks, both directions; all pairs of a group of up to 8 ranks meet over 7-8 rounds, larger groups probe "
+          "ring neighbours over 2-3)");
   cfg.add_choice("fault.fault_kind", &fault_kind, {"none", "crash", "kill_daemon", "hang", "hang_comm", "slow", "slow_link"},
                  "inject a fault (tests, benchmarks, demo): crash = SIGKILL the rank; kill_daemon = SIGKILL its node's "
                  "snapshot daemon; hang = stop outside communication; hang_comm = stop inside a collective (a dead "
@@ -167,8 +168,9 @@ void TrainConfig::validate(int world_size) const {
              "fault.fault_rank " << fault_rank << " is not a rank of this job (0.." << world_size - 1 << ")");
   LOOM_CHECK(heartbeat_s > 0, kConfig, "monitor.heartbeat_s must be positive, got " << heartbeat_s);
   LOOM_CHECK(epoch >= 0, kConfig, "monitor.epoch must be >= 0, got " << epoch);
-  LOOM_CHECK(probe_every >= 1 && probe_rounds >= 1, kConfig,
-             "monitor.probe_every and monitor.probe_rounds must be >= 1, got " << probe_every << " and " << probe_rounds);
+  LOOM_CHECK(probe_every >= 1, kConfig, "monitor.probe_every must be >= 1, got " << probe_every);
+  LOOM_CHECK(probe_rounds >= 0 && probe_rounds <= 64, kConfig,
+             "monitor.probe_rounds must be between 0 (a whole cycle) and 64, got " << probe_rounds);
   LOOM_CHECK(probe_bytes >= 4 && probe_bytes % 4 == 0 && probe_bytes <= (int64_t{1} << 30), kConfig,
              "monitor.probe_bytes must be a multiple of 4 between 4 and 1 GiB, got " << probe_bytes);
   LOOM_CHECK(fault_delay_ms >= 0 && fault_slowdown >= 0 && fault_after_s >= 0, kConfig,

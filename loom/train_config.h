@@ -61,7 +61,7 @@ struct TrainConfig {
   std::string link_probe = "auto";     // monitor.link_probe: auto, on, off (parallel/link_probe.h)
   int64_t probe_every = 1;             // steps between link probes
   int64_t probe_bytes = 1 << 20;       // data per probe transfer
-  int64_t probe_rounds = 1;            // schedule rounds per probe
+  int64_t probe_rounds = 0;            // schedule rounds per probe; 0 = a whole cycle
   // [fault] (fault injection, for tests, benchmarks and the demo)
   std::string fault_kind = "none";     // none | crash | kill_daemon | hang | hang_comm | slow | slow_link
   int64_t fault_rank = 0;

@@ -105,12 +105,12 @@ void Trainer::setup_link_probes() {
     which += (which.empty() ? "" : ", ") + c->name() + " (" + c->backend_name() + ")";
   }
   if (!which.empty())
-    LOOM_INFO0("link probes on " << which << ": " << cfg_.probe_bytes << " bytes, " << cfg_.probe_rounds
-                                 << " round(s) every " << cfg_.probe_every << " step(s)");
+    LOOM_INFO0("link probes on " << which << ": " << cfg_.probe_bytes << " bytes, "
+                                 << (cfg_.probe_rounds > 0 ? std::to_string(cfg_.probe_rounds) + " round(s)" : "every pair")
+                                 << " every " << cfg_.probe_every << " step(s)");
 }
 
 Trainer::~Trainer() {
-  probes_.clear();  // before the backend they allocated from
   snap_.reset();  // joins its staging thread before the arena goes
   if (loss_buf_) s_.backend().deallocate(loss_buf_);
 }

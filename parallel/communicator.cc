@@ -87,7 +87,7 @@ void Communicator::check_rank_arg(int r, const char* call, const char* arg, bool
 
 template <class Body>
 void Communicator::traced(CollectiveOp op, int32_t peer, uint64_t bytes, Body&& body) {
-  const uint64_t seq = trace_.begin(op, group_id_, peer, bytes);
+  const uint64_t seq = trace_.begin(op, group_id_, peer, bytes, side_);
   const bool device = device_timed();
   if (device) before_enqueue();
   body();

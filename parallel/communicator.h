@@ -111,6 +111,20 @@ class Communicator {
                               const Tensor& dx, bool accumulate, const Tensor& dw);
 
   const TraceRing& trace() const { return trace_; }
+  // While one lives, this communicator's calls are side traffic (the link probe, parallel/link_probe.h): traced
+  // as usual, so their time counts as time in communication, but counted apart from the group's collectives
+  // (TraceRing::side_launched), because side traffic need not be the same on every rank of the group (a rank
+  // sits out a round of an odd group's probe) while the monitor compares the collective counts across ranks.
+  class SideTraffic {
+   public:
+    explicit SideTraffic(Communicator& c) : c_(c) { c_.side_ = true; }
+    ~SideTraffic() { c_.side_ = false; }
+    SideTraffic(const SideTraffic&) = delete;
+    SideTraffic& operator=(const SideTraffic&) = delete;
+
+   private:
+    Communicator& c_;
+  };
   // Closes the trace records of calls that have completed but whose completion the backend has not read yet
   // (device-timed backends: waits up to timeout_s for them, never blocking on the device). Before a last report
   // to the monitor. Host backends have nothing to do.
@@ -167,6 +181,7 @@ class Communicator {
   int size_;
   uint32_t group_id_;
   std::vector<int> world_ranks_;
+  bool side_ = false;  // a SideTraffic lives
   TraceRing trace_;
   std::unique_ptr<FusedKernels> fused_;
 };

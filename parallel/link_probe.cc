@@ -41,8 +41,8 @@ LinkProbe::LinkProbe(Communicator& comm, Backend& backend, LinkProbeOptions opt)
     : comm_(comm), backend_(backend), opt_(opt) {
   LOOM_CHECK(backend.device() == comm.device(), kInternal,
              "link probe on '" << comm.name() << "': the backend's device differs from the communicator's");
-  LOOM_CHECK(opt_.bytes >= 4 && opt_.rounds >= 1, kConfig,
-             "link probe: bytes must be >= 4 and rounds >= 1 (got " << opt_.bytes << ", " << opt_.rounds << ")");
+  LOOM_CHECK(opt_.bytes >= 4 && opt_.rounds >= 0, kConfig,
+             "link probe: bytes must be >= 4 and rounds >= 0 (got " << opt_.bytes << ", " << opt_.rounds << ")");
   const int64_t elems = opt_.bytes / 4;
   buffer_ = backend_.allocate(static_cast<size_t>(elems + 1) * 4);
   const Tensor all(buffer_, Shape{elems + 1}, DType::kF32, backend_.device());
@@ -52,11 +52,7 @@ LinkProbe::LinkProbe(Communicator& comm, Backend& backend, LinkProbeOptions opt)
 }
 
 LinkProbe::~LinkProbe() {
-  // The stream may still be using the buffer (a device probe returns before its transfers ran).
-  try {
-    backend_.synchronize();
-  } catch (const Error&) {  // a broken device: its error was reported where it happened
-  }
+  // A device probe may still be using the buffer: the CUDA backend's deallocate (cudaFree) waits for the device.
   backend_.deallocate(buffer_);
 }
 
@@ -78,11 +74,15 @@ void LinkProbe::recv_from(int peer) {
   comm_.recv(data_, peer);
   timer->stop();
   pending_.push_back({comm_.world_rank(peer), std::move(timer)});
+  // A stream that never gets there (a stalled device): the oldest timings are given up rather than piling up.
+  if (pending_.size() > kMaxPending) pending_.pop_front();
 }
 
 void LinkProbe::run() {
+  const Communicator::SideTraffic side(comm_);
   const int me = comm_.rank();
-  for (int r = 0; r < opt_.rounds; ++r) {
+  const int rounds = opt_.rounds > 0 ? opt_.rounds : cycle_rounds(comm_.size());
+  for (int r = 0; r < rounds; ++r) {
     for (const auto& [lo, hi] : pairs(comm_.size(), next_round_)) {
       if (me == lo) {
         send_to(hi);
@@ -102,7 +102,7 @@ int LinkProbe::collect() {
   while (!pending_.empty()) {
     const std::optional<double> s = pending_.front().timer->seconds();
     if (!s) break;
-    process_link_trace().record(pending_.front().src, *s, static_cast<uint64_t>(data_.nbytes()));
+    process_link_trace().record(pending_.front().src, *s, static_cast<uint64_t>(data_.nbytes()), true);
     free_.push_back(std::move(pending_.front().timer));
     pending_.pop_front();
     ++n;

@@ -10,9 +10,13 @@
 //   src: send(token), send(data)         dst: recv(token), timer.start, recv(data), timer.stop
 // The token (4 bytes) makes the receiver start timing only once the sender has reached the probe, so a late
 // (slow) sender is waited for outside the timed part and does not look like a slow link, while anything on the
-// wire — an injected delay included (CommFaults, held between the two sends) — is inside it. The time goes to
-// process_link_trace() as one transfer from src (world ranks), with the data's size; on a device it is read
-// from CUDA events once the stream got there (collect(), called by run(); so usually one call late).
+// wire — an injected delay included (CommFaults: held before each send to the slow peer, so the data's delay is
+// inside) — is inside it. On a device the receiver's timed part also holds the sender's host time between
+// enqueuing the two sends (microseconds; a sender preempted right there would add to it). The time goes to
+// process_link_trace() as one probe transfer from src (world ranks), with the data's size; on a device it is
+// read from CUDA events once the stream got there (collect(), called by run(); so usually one call late). The
+// calls are side traffic (Communicator::SideTraffic): an odd group leaves a rank out of each round, so they
+// must not count among the group's collectives, which the monitor compares across ranks.
 #pragma once
 
 #include <cstdint>
@@ -29,12 +33,13 @@ namespace loom {
 
 struct LinkProbeOptions {
   int64_t bytes = int64_t{1} << 20;  // data per transfer (rounded down to a multiple of 4)
-  int rounds = 1;                    // rounds per run()
+  int rounds = 0;                    // rounds per run(); 0: a whole cycle (every probed pair once)
 };
 
 class LinkProbe {
  public:
   static constexpr int kAllPairsMax = 8;
+  static constexpr size_t kMaxPending = 4096;  // timed transfers waiting for their device (the oldest dropped)
 
   // comm's tensors live on backend's device. Allocates the buffers (collective-free).
   LinkProbe(Communicator& comm, Backend& backend, LinkProbeOptions opt = {});
@@ -43,6 +48,7 @@ class LinkProbe {
   LinkProbe& operator=(const LinkProbe&) = delete;
 
   // The next opt.rounds rounds of the schedule (collective over the group), then collect().
+  // The destructor frees the buffer through the backend, which waits for the device.
   void run();
   // Records the transfers whose times are known, oldest first; returns how many it recorded.
   int collect();

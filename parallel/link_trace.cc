@@ -9,9 +9,9 @@
 
 namespace loom {
 
-void LinkTrace::record(int src, double transfer_s, uint64_t bytes) {
+void LinkTrace::record(int src, double transfer_s, uint64_t bytes, bool probe) {
   std::lock_guard<std::mutex> lock(mutex_);
-  LinkStats& s = stats_[src];
+  LinkStats& s = (probe ? probe_stats_ : stats_)[src];
   s.src = src;
   s.transfers += 1;
   s.bytes += bytes;
@@ -19,13 +19,24 @@ void LinkTrace::record(int src, double transfer_s, uint64_t bytes) {
   s.max_s = std::max(s.max_s, transfer_s);
 }
 
+namespace {
+std::vector<LinkStats> drain(std::map<int, LinkStats>& stats) {
+  std::vector<LinkStats> out;
+  out.reserve(stats.size());
+  for (auto& [src, s] : stats) out.push_back(s);
+  stats.clear();
+  return out;
+}
+}  // namespace
+
 std::vector<LinkStats> LinkTrace::take() {
   std::lock_guard<std::mutex> lock(mutex_);
-  std::vector<LinkStats> out;
-  out.reserve(stats_.size());
-  for (auto& [src, s] : stats_) out.push_back(s);
-  stats_.clear();
-  return out;
+  return drain(stats_);
+}
+
+std::vector<LinkStats> LinkTrace::take_probes() {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return drain(probe_stats_);
 }
 
 void LinkTrace::begin_transfer(uint32_t group_id, uint64_t seq, int step, int recv_src, int send_dst) {

@@ -35,7 +35,7 @@ struct LinkStats {
 struct TransferState {
   bool active = false;
   uint32_t group_id = 0;
-  uint64_t seq = 0;       // the collective's trace seq in its group
+  uint64_t seq = 0;       // the collective's index in its group (TraceRing::collectives_launched() at its begin - 1)
   int step = 0;           // ring step inside the collective
   int recv_src = -1;      // world ranks
   int send_dst = -1;
@@ -45,10 +45,13 @@ struct TransferState {
 
 class LinkTrace {
  public:
-  // Receiver side: one completed transfer from world rank src.
-  void record(int src, double transfer_s, uint64_t bytes);
-  // Stats accumulated since the previous call, one entry per source; resets them.
+  // Receiver side: one completed transfer from world rank src; probe: a link probe's (parallel/link_probe.h),
+  // kept apart from the ring's transfers, whose sizes differ, so the monitor compares like with like.
+  void record(int src, double transfer_s, uint64_t bytes, bool probe = false);
+  // Stats accumulated since the previous call, one entry per source; resets them. take(): the ring's;
+  // take_probes(): the probes'.
   std::vector<LinkStats> take();
+  std::vector<LinkStats> take_probes();
 
   void begin_transfer(uint32_t group_id, uint64_t seq, int step, int recv_src, int send_dst);
   void recv_done();
@@ -57,7 +60,7 @@ class LinkTrace {
 
  private:
   mutable std::mutex mutex_;
-  std::map<int, LinkStats> stats_;
+  std::map<int, LinkStats> stats_, probe_stats_;
   TransferState state_;
 };
 

@@ -248,7 +248,7 @@ void MpiCommunicator::ring_all_gather(void* data, DType dtype, const std::vector
 
 void MpiCommunicator::do_all_reduce(const Tensor& t, ReduceOp op) {
   if (size() == 1 || t.numel() == 0) return;
-  const uint64_t seq = trace().launched() - 1;
+  const uint64_t seq = trace().collectives_launched() - 1;
   const std::vector<int64_t> bounds = split_bounds(t.numel(), size());
   ring_reduce_scatter(t, element(t, bounds[static_cast<size_t>(rank())]), bounds, op, seq);
   ring_all_gather(t.data(), t.dtype(), bounds, seq, size() - 1);
@@ -263,7 +263,7 @@ void MpiCommunicator::do_reduce_scatter(const Tensor& out, const Tensor& in, Red
   }
   std::vector<int64_t> bounds(static_cast<size_t>(size()) + 1);
   for (int i = 0; i <= size(); ++i) bounds[static_cast<size_t>(i)] = block * i;
-  ring_reduce_scatter(in, out.data(), bounds, op, trace().launched() - 1);
+  ring_reduce_scatter(in, out.data(), bounds, op, trace().collectives_launched() - 1);
 }
 
 void MpiCommunicator::do_all_gather(const Tensor& out, const Tensor& in) {
@@ -274,7 +274,7 @@ void MpiCommunicator::do_all_gather(const Tensor& out, const Tensor& in) {
   if (size() == 1) return;
   std::vector<int64_t> bounds(static_cast<size_t>(size()) + 1);
   for (int i = 0; i <= size(); ++i) bounds[static_cast<size_t>(i)] = block * i;
-  ring_all_gather(out.data(), out.dtype(), bounds, trace().launched() - 1, 0);
+  ring_all_gather(out.data(), out.dtype(), bounds, trace().collectives_launched() - 1, 0);
 }
 
 void MpiCommunicator::do_broadcast(const Tensor& t, int root) {

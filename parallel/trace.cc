@@ -99,12 +99,13 @@ TraceRing::~TraceRing() {
   unregister_trace_ring(this);
 }
 
-uint64_t TraceRing::begin(CollectiveOp op, uint32_t group_id, int32_t peer, uint64_t bytes) {
+uint64_t TraceRing::begin(CollectiveOp op, uint32_t group_id, int32_t peer, uint64_t bytes, bool side) {
   const double run_delay = run_delay_accounting() ? thread_run_delay_s() : -1;
   double now = trace_clock_s();
   std::lock_guard<std::mutex> lock(mutex_);
   uint64_t seq = launched_.load(std::memory_order_relaxed);
-  records_[seq % records_.size()] = TraceRecord{seq, op, group_id, peer, bytes, now, 0.0};
+  records_[seq % records_.size()] = TraceRecord{seq, op, group_id, peer, bytes, now, 0.0, side};
+  if (side) side_launched_.fetch_add(1, std::memory_order_release);
   launched_.store(seq + 1, std::memory_order_release);
   open_seq_ = seq;
   open_run_delay_ = run_delay;
@@ -144,6 +145,7 @@ void TraceRing::finish(uint64_t seq, double start_s, double end_s, bool host_tim
     // A record must not end before it started, even if a backend hands in a time from a coarser clock.
     r.end_s = end_s > r.start_s ? end_s : r.start_s;
     busy_s_.store(busy_s_.load(std::memory_order_relaxed) + (r.end_s - r.start_s), std::memory_order_release);
+    if (r.side) side_completed_.fetch_add(1, std::memory_order_release);
   }
   completed_.fetch_add(1, std::memory_order_release);
   // The writer: the one thread that begins and ends the host-timed calls (known with or without accounting). A

@@ -49,6 +49,7 @@ struct TraceRecord {
   uint64_t bytes = 0;     // size of the full (unsharded) buffer: all_gather's out, reduce_scatter's in
   double start_s = 0;     // trace_clock_s() when launched (device-timed: when the device reached the call)
   double end_s = 0;       // trace_clock_s() when completed; 0 while in flight
+  bool side = false;      // side traffic (the link probe: Communicator::SideTraffic); not shipped to the monitor
 };
 
 class TraceRing {
@@ -67,7 +68,8 @@ class TraceRing {
   // with run_delay_accounting() on at begin(), adds the thread's run-queue delay between the two to
   // run_delay_inside_s(): the monitor separates the time a rank spent waiting for a CPU outside collectives (the
   // host's scheduler, not the rank) from its own time.
-  uint64_t begin(CollectiveOp op, uint32_t group_id, int32_t peer, uint64_t bytes);
+  // side: a call of side traffic (Communicator::SideTraffic), counted apart in side_launched()/side_completed().
+  uint64_t begin(CollectiveOp op, uint32_t group_id, int32_t peer, uint64_t bytes, bool side = false);
   void end(uint64_t seq);
   // With an explicit completion time, for backends that learn it later (GPU events read by a side thread);
   // with start_s too, the record's start moves to it (when the device reached the call, which is after
@@ -80,6 +82,13 @@ class TraceRing {
   std::vector<TraceRecord> snapshot(uint64_t since_seq = 0) const;
   uint64_t launched() const { return launched_.load(std::memory_order_acquire); }    // begin() calls
   uint64_t completed() const { return completed_.load(std::memory_order_acquire); }  // end() calls
+  // Of those, the side traffic's (which need not be the same on every rank of a group, unlike its collectives:
+  // the monitor compares launched() - side_launched() across ranks). A side record whose slot was reused before
+  // its end() is counted as completed collective work (more than capacity() calls in flight: not in practice).
+  uint64_t side_launched() const { return side_launched_.load(std::memory_order_acquire); }
+  uint64_t side_completed() const { return side_completed_.load(std::memory_order_acquire); }
+  // The group's collectives (and its model's point-to-point calls) begun so far: the same count on every rank.
+  uint64_t collectives_launched() const { return launched() - side_launched(); }
   size_t capacity() const { return records_.size(); }
   // Total seconds between start and end of the completed calls.
   double busy_s() const { return busy_s_.load(std::memory_order_acquire); }
@@ -100,6 +109,8 @@ class TraceRing {
   // Atomic so a heartbeat can read them without the mutex; written only under it.
   std::atomic<uint64_t> launched_{0};
   std::atomic<uint64_t> completed_{0};
+  std::atomic<uint64_t> side_launched_{0};
+  std::atomic<uint64_t> side_completed_{0};
   std::atomic<double> busy_s_{0};
   void finish(uint64_t seq, double start_s, double end_s, bool host_timed);  // end() under one lock (start_s < 0: keep)
 

@@ -119,21 +119,23 @@ void MonitorClient::run() {
     }
   };
   auto heartbeat = [&] {
-    uint64_t launched = 0, completed = 0;
+    uint64_t launched = 0, completed = 0, side_open = 0;
     double busy = 0;
     std::map<int, double> inside;  // writer thread -> its run-queue delay inside collectives (so far)
     bool mixed_writers = false;
     std::vector<TraceRecord> done;
     for_each_trace_ring([&](const TraceRing& ring) {
-      launched += ring.launched();
-      completed += ring.completed();
+      // Side traffic (the link probe) is not the same on every rank; the monitor compares these counts.
+      launched += ring.launched() - ring.side_launched();
+      completed += ring.completed() - ring.side_completed();
+      side_open += ring.side_launched() - ring.side_completed();
       busy += ring.busy_s();
       if (ring.writer_tid() == -1) mixed_writers = true;
       if (ring.writer_tid() > 0) inside[ring.writer_tid()] += ring.run_delay_inside_s();
       uint64_t& next = sent_until[&ring];
       for (const TraceRecord& r : ring.snapshot(next)) {
         if (r.end_s == 0) break;  // in flight: shipped once it completes
-        done.push_back(r);
+        if (!r.side) done.push_back(r);
         next = r.seq + 1;
       }
     });
@@ -141,6 +143,7 @@ void MonitorClient::run() {
     hb.set("step", step_.load()).set("start", start_step_.load()).set("snapshot", snapshot_.load()).set_f("loss", loss_.load());
     hb.set_f("tokens_per_s", tokens_per_s_.load());
     hb.set("launched", static_cast<int64_t>(launched)).set("completed", static_cast<int64_t>(completed));
+    hb.set("side_open", static_cast<int64_t>(side_open));  // inside side traffic (a probe) now
     // busy_s and wall_s on the trace clock (both differences matter, not the origin).
     hb.set_f("busy_s", busy).set_f("wall_s", trace_clock_s());
     // runq_s: how long the threads that issue collectives waited for a CPU outside them (RunQueueMeter).
@@ -156,6 +159,7 @@ void MonitorClient::run() {
     if (runq_s) hb.set_f("runq_s", *runq_s);
     hb.set("xfer", encode_transfer(process_link_trace().state()));
     hb.set("links", encode_links(process_link_trace().take()));
+    hb.set("probes", encode_links(process_link_trace().take_probes()));
     send(hb);
     // At most kMaxRecords newest records per heartbeat: the monitor needs the recent timing, not every call of
     // a job that runs thousands of collectives a second (shipping them all cost ~3 % of a small model's step).

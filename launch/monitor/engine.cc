@@ -77,6 +77,7 @@ void VerdictEngine::heartbeat(int rank, const MonMessage& m, double now) {
   const auto launched = static_cast<uint64_t>(m.i64("launched")), completed = static_cast<uint64_t>(m.i64("completed"));
   const TransferState xfer = decode_transfer(m.get("xfer"));
   const std::vector<LinkStats> links = decode_links(m.get("links"));
+  const std::vector<LinkStats> probes = m.has("probes") ? decode_links(m.get("probes")) : std::vector<LinkStats>{};
   RankView& r = it->second;
   if (completed > r.completed) r.last_progress = now;
   r.step = step;
@@ -86,6 +87,7 @@ void VerdictEngine::heartbeat(int rank, const MonMessage& m, double now) {
   r.tokens_per_s = tps;
   r.launched = launched;
   r.completed = completed;
+  r.side_open = m.has("side_open") ? static_cast<uint64_t>(m.i64("side_open")) : 0;
   r.busy_s = busy;
   r.wall_s = wall;
   r.runq_s = runq;
@@ -96,14 +98,42 @@ void VerdictEngine::heartbeat(int rank, const MonMessage& m, double now) {
     r.win_wall = wall;
     r.win_runq = runq;
   }
-  for (const LinkStats& l : links) {
-    LinkStats& w = window_links_[{l.src, rank}];
-    w.src = l.src;
-    w.transfers += l.transfers;
-    w.bytes += l.bytes;
-    w.sum_s += l.sum_s;
-    w.max_s = std::max(w.max_s, l.max_s);
+  for (auto [in, window] : {std::pair{&links, &window_links_}, std::pair{&probes, &window_probes_}})
+    for (const LinkStats& l : *in) {
+      LinkStats& w = (*window)[{l.src, rank}];
+      w.src = l.src;
+      w.transfers += l.transfers;
+      w.bytes += l.bytes;
+      w.sum_s += l.sum_s;
+      w.max_s = std::max(w.max_s, l.max_s);
+    }
+}
+
+VerdictEngine::LinkPick VerdictEngine::pick_slow_link(const std::map<std::pair<int, int>, double>& means) const {
+  auto node = [&](int r) {
+    auto it = ranks_.find(r);
+    return it == ranks_.end() ? -1 : it->second.node;
+  };
+  LinkPick best;
+  double best_ratio = 0;
+  for (const bool cross : {false, true}) {
+    std::vector<std::pair<std::pair<int, int>, double>> cls;
+    for (const auto& [p, m] : means)
+      if ((node(p.first) != node(p.second)) == cross) cls.emplace_back(p, m);
+    if (cls.size() < 2) continue;
+    auto top = std::max_element(cls.begin(), cls.end(), [](auto& a, auto& b) { return a.second < b.second; });
+    std::vector<double> others;
+    for (const auto& [p, m] : cls)
+      if (p != top->first) others.push_back(m);
+    const double med = median(others), worst = top->second;
+    if (worst < cfg_.slow_link_factor * med || worst - med < cfg_.slow_link_min_s) continue;
+    const double ratio = med > 0 ? worst / med : std::numeric_limits<double>::infinity();
+    if (ratio > best_ratio) {
+      best_ratio = ratio;
+      best = LinkPick{top->first, worst, med};
+    }
   }
+  return best;
 }
 
 void VerdictEngine::trace(int rank, const std::vector<TraceRecord>& recs, double now, bool truncated) {
@@ -317,7 +347,7 @@ std::optional<Verdict> VerdictEngine::localise_hang(double now, double threshold
   // Stuck outside communication: fewest launched, nothing in flight.
   if (lo < hi) {
     for (const auto& [r, info] : ranks_)
-      if (info.launched == lo && info.completed == info.launched) v.ranks.push_back(r);
+      if (info.launched == lo && info.completed == info.launched && info.side_open == 0) v.ranks.push_back(r);
     if (!v.ranks.empty()) {
       std::ostringstream s;
       s << "rank(s) ";
@@ -491,23 +521,26 @@ std::optional<Verdict> VerdictEngine::close_window(double now) {
     v.evidence = JsonObject().raw("windows", json_array(rank_windows_)).done();
     out = v;
   }
-  // Slow link: the pairwise matrix of mean transfer times.
-  std::map<std::pair<int, int>, double> means;
-  for (auto& [pair, l] : window_links_)
-    if (l.transfers >= 3) means[pair] = l.sum_s / static_cast<double>(l.transfers);
-  window_links_.clear();
-  last_link_means_ = means;
-  std::pair<int, int> lc{-1, -1};
-  double worst = 0, med = 0;
-  if (means.size() >= 2) {
-    auto top = std::max_element(means.begin(), means.end(), [](auto& a, auto& b) { return a.second < b.second; });
-    std::vector<double> others;
-    for (auto& [p, m] : means)
-      if (p != top->first) others.push_back(m);
-    med = median(others);
-    worst = top->second;
-    if (worst >= cfg_.slow_link_factor * med && worst - med >= cfg_.slow_link_min_s) lc = top->first;
-  }
+  // Slow link: the pairwise matrices of mean transfer times, the ring's and the link probes' (transfers of other
+  // sizes: never compared with each other), each pair against the others of its class (within a node, between
+  // nodes: different links); the ring's first.
+  auto window_means = [](std::map<std::pair<int, int>, LinkStats>& window) {
+    std::map<std::pair<int, int>, double> means;
+    for (auto& [pair, l] : window)
+      if (l.transfers >= 3) means[pair] = l.sum_s / static_cast<double>(l.transfers);
+    window.clear();
+    return means;
+  };
+  const std::map<std::pair<int, int>, double> ring_means = window_means(window_links_),
+                                              probe_means = window_means(window_probes_);
+  last_link_means_ = ring_means;
+  last_link_means_.insert(probe_means.begin(), probe_means.end());  // pairs only the probes measured
+  LinkPick pick = pick_slow_link(ring_means);
+  const bool by_probe = pick.pair.first < 0;
+  if (by_probe) pick = pick_slow_link(probe_means);
+  const std::map<std::pair<int, int>, double>& means = by_probe ? probe_means : ring_means;
+  const std::pair<int, int> lc = pick.pair;
+  const double worst = pick.worst, med = pick.med;
   if (lc.first >= 0 && lc == link_candidate_) {
     ++link_streak_;
   } else {
@@ -519,7 +552,8 @@ std::optional<Verdict> VerdictEngine::close_window(double now) {
     std::vector<std::string> cells;
     for (auto& [p, m] : means)
       cells.push_back(JsonObject().num("src", p.first).num("dst", p.second).num("mean_s", m).done());
-    link_windows_.push_back(JsonObject().num("end", now).raw("pairs", json_array(cells)).done());
+    link_windows_.push_back(
+        JsonObject().num("end", now).str("source", by_probe ? "probes" : "ring").raw("pairs", json_array(cells)).done());
   }
   if (!out && lc.first >= 0 && link_streak_ >= cfg_.slow_windows) {
     Verdict v;
@@ -531,8 +565,10 @@ std::optional<Verdict> VerdictEngine::close_window(double now) {
     v.onset = now - cfg_.slow_windows * span;
     std::ostringstream s;
     s << "link " << lc.first << " -> " << lc.second << " (node " << ranks_[lc.first].node << " -> node "
-      << ranks_[lc.second].node << ") is slow: mean transfer " << ms(worst) << " against a median of " << ms(med)
-      << " for the other pairs, in " << link_streak_ << " consecutive windows";
+      << ranks_[lc.second].node << ") is slow: mean " << (by_probe ? "probe " : "") << "transfer " << ms(worst)
+      << " against a median of " << ms(med) << " for the other pairs "
+      << (ranks_[lc.first].node == ranks_[lc.second].node ? "within a node" : "between nodes") << ", in "
+      << link_streak_ << " consecutive windows";
     v.summary = s.str();
     v.evidence = JsonObject().raw("windows", json_array(link_windows_)).done();
     out = v;

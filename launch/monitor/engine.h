@@ -27,8 +27,10 @@
 //             others. A rank slowed because something else takes its CPU is therefore not named slow (its
 //             wait for the CPU counts as waiting).
 //   slow link the pairwise matrix of mean transfer times (receiver-measured, waiting excluded): a pair above
-//             slow_link_factor × the median of the other pairs (and slow_link_min_s above it) in slow_windows
-//             consecutive windows.
+//             slow_link_factor × the median of the other pairs of its class — within a node, or between nodes:
+//             other links — (and slow_link_min_s above it) in slow_windows consecutive windows. The link probes'
+//             transfers (parallel/link_probe.h) form a matrix of their own, judged where the ring's has no
+//             candidate.
 //   error     a rank says BYE with reason=error (a deterministic failure: restarting would repeat it).
 // One verdict per incarnation: after it the job is aborted, and what follows is its consequence.
 #pragma once
@@ -76,6 +78,7 @@ struct RankView {
   int64_t step = 0, snapshot = -1, start_step = -1;  // start_step: where this incarnation resumed; -1 unknown
   double loss = 0, tokens_per_s = 0;
   uint64_t launched = 0, completed = 0;
+  uint64_t side_open = 0;  // calls of side traffic (the link probe) in flight: inside communication too
   double busy_s = 0, wall_s = 0;
   // Run-queue delay outside collectives (cumulative from any origin, so it may be negative); NaN: the rank does
   // not report it.
@@ -129,7 +132,8 @@ class VerdictEngine {
   double hang_threshold_s() const;
   // (group name/op) -> rank -> latency, from TRACE.
   const std::map<std::string, std::map<int, LatencyCell>>& latency() const { return latency_; }
-  // Pair (src, dst) -> mean transfer time over the last complete window.
+  // Pair (src, dst) -> mean transfer time over the last complete window (the ring's; the probes' where the ring
+  // has none).
   const std::map<std::pair<int, int>, double>& last_link_means() const { return last_link_means_; }
   // Rank -> fraction of its time waiting (inside collectives, plus run-queue delay outside them where every
   // rank reports it) over the last complete window, and its deviation from the median of the others' (what the
@@ -150,6 +154,13 @@ class VerdictEngine {
   std::optional<Verdict> check_hang(double now);
   std::optional<Verdict> close_window(double now);
   std::optional<Verdict> localise_hang(double now, double threshold);
+  // The slow pair of a matrix of mean transfer times: the slowest of its class (within a node, or between nodes)
+  // against the median of the others of that class; none (src -1) when no class has one.
+  struct LinkPick {
+    std::pair<int, int> pair{-1, -1};
+    double worst = 0, med = 0;
+  };
+  LinkPick pick_slow_link(const std::map<std::pair<int, int>, double>& means) const;
   bool any_bye() const;
 
   EngineConfig cfg_;
@@ -159,7 +170,8 @@ class VerdictEngine {
   std::map<std::string, std::map<int, LatencyCell>> latency_;
   // Slow-rank/link windows.
   double window_start_ = -1;
-  std::map<std::pair<int, int>, LinkStats> window_links_;
+  std::map<std::pair<int, int>, LinkStats> window_links_, window_probes_;  // the ring's; the link probes'
+
   std::map<std::pair<int, int>, double> last_link_means_;
   int rank_streak_ = 0, rank_candidate_ = -1;
   int rank_windows_seen_ = 0;                        // complete windows (every rank reporting, progressing)

@@ -18,3 +18,9 @@ verdict_check hang_comm 'v["kind"] == "hang" and v.get("link") == {"src": 3, "ds
 "$LOOM_BIN/loom" inspect "$WORK/hang_comm/verdict.json" >"$WORK/inspect.txt"
 grep -q "kind    : hang" "$WORK/inspect.txt" || fail "loom inspect does not show the verdict's kind"
 grep -q '"evidence": {' "$WORK/inspect.txt" || fail "loom inspect does not show the evidence"
+
+# With link probes on an odd group (DP 3, one round per step: a rank sits out each round, so the ranks' probe
+# calls differ; the hang comes mid-cycle), the hang is still named by the collective counts, and the ranks
+# waiting for the hung one inside a probe are not taken for stopped ones (counting the probe calls named 0 and 2).
+FAULT_STEP=301 NP=3 TP=1 RPN=1 monitored_fault probe_hang hang 1 --link-probe on --probe-rounds 1 --batch-size 12
+verdict_check probe_hang 'v["kind"] == "hang" and v["ranks"] == [1] and 0 < t <= 10.0'

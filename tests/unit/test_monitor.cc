@@ -294,6 +294,26 @@ TEST(VerdictEngine, HangOutsideCommunicationNamesTheRankThatLaunchedLeast) {
   EXPECT_LE(got->after, e.config().hang_min_s + 0.31);
 }
 
+// A rank waiting inside a link probe (side traffic: not among the collective counts) for the hung rank is inside
+// communication, not stuck outside it.
+TEST(VerdictEngine, HangOutsideCommunicationSparesARankWaitingInAProbe) {
+  VerdictEngine e(fast_config());
+  for (int r = 0; r < 4; ++r) e.hello(rank_info(r, r / 2), 0.0);
+  uint64_t c = 0;
+  double t = healthy(e, 0.1, 2.0, &c);
+  // Rank 1 stopped after collective c; rank 3 waits for it in a probe (side_open 1), ranks 0 and 2 in collective c+1.
+  auto got = first_verdict(e, t, 10, [&](double u) {
+    e.heartbeat(1, beat(5, c, c, 1, u), u);
+    MonMessage probing = beat(5, c, c, 1, u);
+    probing.set("side_open", 1);
+    e.heartbeat(3, probing, u);
+    for (int r : {0, 2}) e.heartbeat(r, beat(5, c + 1, c, 1, u), u);
+  });
+  ASSERT_TRUE(got) << "no hang verdict in 10 s";
+  EXPECT_EQ(got->v.kind, "hang");
+  EXPECT_EQ(got->v.ranks, std::vector<int>{1});
+}
+
 TEST(VerdictEngine, HangInsideACollectiveNamesTheStalledLink) {
   VerdictEngine e(fast_config());
   for (int r = 0; r < 4; ++r) e.hello(rank_info(r, r / 2), 0.0);
@@ -519,6 +539,79 @@ TEST(VerdictEngine, SlowLinkIsTheOutlierOfThePairMatrix) {
   EXPECT_EQ(got->v.kind, "slow_link");
   EXPECT_EQ(got->v.link_src, 2);
   EXPECT_EQ(got->v.link_dst, 3);
+}
+
+// TP 2 x DP 2: ranks 0,1 on node 0 and 2,3 on node 1; TP pairs (0-1, 2-3) within a node, DP pairs (0-2, 1-3)
+// between them, 10x slower (another link: the network against NVLink or shared memory; against the median of all
+// other pairs, a DP pair would look slow). No pair is slow against its own class; then one DP pair gets 5x slower
+// than the others and is named.
+TEST(VerdictEngine, SlowLinkComparesPairsWithinTheirClassOfLink) {
+  VerdictEngine e(fast_config());
+  for (int r = 0; r < 4; ++r) e.hello(rank_info(r, r / 2), 0.0);
+  uint64_t c = 0;
+  double t = healthy(e, 0.1, 1.0, &c);
+  auto feed = [&](double from, double seconds, int slow_src, int slow_dst) {
+    return first_verdict(e, from, seconds, [&](double u) {
+      c += 20;
+      for (int dst = 0; dst < 4; ++dst) {
+        std::vector<LinkStats> in;
+        for (int src = 0; src < 4; ++src) {
+          if (src == dst || (src / 2 != dst / 2 && src % 2 != dst % 2)) continue;  // neither a TP nor a DP pair
+          double mean = src / 2 == dst / 2 ? 0.0001 : 0.001;
+          if (src == slow_src && dst == slow_dst) mean *= 5;
+          in.push_back(LinkStats{src, 10, 1000, 10 * mean, mean});
+        }
+        e.heartbeat(dst, beat(5, c, c, 0.5 * u, u, "", encode_links(in)), u);
+      }
+    });
+  };
+  auto none = feed(t, 6, -1, -1);
+  ASSERT_FALSE(none) << "a healthy network link named slow against in-node links: " << none->v.summary;
+  auto got = feed(t + 6, 10, 1, 3);
+  ASSERT_TRUE(got) << "no verdict for a link 5x slower than the others between nodes";
+  EXPECT_EQ(got->v.kind, "slow_link");
+  EXPECT_EQ(got->v.link_src, 1);
+  EXPECT_EQ(got->v.link_dst, 3);
+  EXPECT_NE(got->v.summary.find("between nodes"), std::string::npos) << got->v.summary;
+}
+
+// The link probes' transfers (1 MiB) are slower than the ring's small blocks on every pair: they form a matrix
+// of their own, never compared with the ring's, so that is no verdict; a pair slow in the probes' matrix is
+// named, with the probes as the evidence.
+TEST(VerdictEngine, ProbeTransfersAreJudgedApartFromTheRings) {
+  VerdictEngine e(fast_config());
+  for (int r = 0; r < 4; ++r) e.hello(rank_info(r, 0), 0.0);
+  uint64_t c = 0;
+  double t = healthy(e, 0.1, 1.0, &c);
+  auto feed = [&](double from, double seconds, int slow_src, int slow_dst) {
+    return first_verdict(e, from, seconds, [&](double u) {
+      c += 20;
+      for (int dst = 0; dst < 4; ++dst) {
+        // The ring: from the left neighbour only, small; the probes: every other rank, 1 MiB.
+        const int left = (dst + 3) % 4;
+        std::vector<LinkStats> probes;
+        for (int src = 0; src < 4; ++src)
+          if (src != dst) {
+            const double mean = (src == slow_src && dst == slow_dst) ? 0.003 : 0.0004;
+            probes.push_back(LinkStats{src, 3, 3 << 20, 3 * mean, mean});
+          }
+        MonMessage m = beat(5, c, c, 0.5 * u, u, "", encode_links({LinkStats{left, 10, 1000, 10 * 0.00005, 0.00005}}));
+        m.set("probes", encode_links(probes));
+        e.heartbeat(dst, m, u);
+      }
+    });
+  };
+  auto none = feed(t, 6, -1, -1);
+  ASSERT_FALSE(none) << "probe transfers compared with the ring's: " << none->v.summary;
+  EXPECT_NEAR(e.last_link_means().at({0, 2}), 0.0004, 1e-9) << "a pair only the probes measure is shown";
+  EXPECT_NEAR(e.last_link_means().at({3, 0}), 0.00005, 1e-9) << "the ring's figure where it has one";
+  auto got = feed(t + 6, 10, 0, 2);
+  ASSERT_TRUE(got) << "no verdict for a pair slow in the probes";
+  EXPECT_EQ(got->v.kind, "slow_link");
+  EXPECT_EQ(got->v.link_src, 0);
+  EXPECT_EQ(got->v.link_dst, 2);
+  EXPECT_NE(got->v.summary.find("probe"), std::string::npos) << got->v.summary;
+  EXPECT_NE(got->v.evidence.find("\"source\":\"probes\""), std::string::npos) << got->v.evidence;
 }
 
 TEST(VerdictEngine, NoVerdictOnNoisyHealthyTraffic) {
