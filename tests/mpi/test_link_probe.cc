@@ -118,12 +118,15 @@ void expect_slow_link_on_the_wire(Probed& s) {
   if (me == 0) process_comm_faults().set_slow_link(1, 0);
   for (const auto& [src, l] : got) {
     const double mean = l.sum_s / static_cast<double>(l.transfers);
-    if (me == 1 && src == 0)
+    if (me == 1 && src == 0) {
       EXPECT_GE(mean, kDelayS * 0.95) << "the delayed link 0 -> 1 measured " << mean * 1e3 << " ms";
-    else
+    } else {
       EXPECT_LT(mean, kFastS) << "link " << src << " -> " << me << " measured " << mean * 1e3 << " ms";
+    }
   }
-  if (me == 1) EXPECT_EQ(got.count(0), 1u);
+  if (me == 1) {
+    EXPECT_EQ(got.count(0), 1u);
+  }
 }
 
 void expect_late_sender_not_a_slow_link(Probed& s) {
@@ -182,7 +185,9 @@ TEST(LinkProbe, WhichGroupsAreProbed) {
 #if defined(LOOM_HAVE_CUDA) && defined(LOOM_HAVE_NCCL)
   if (test::cuda_skip_reason().empty()) {
     Probed d = device_setup();
-    if (std::string(d.comm->backend_name()) == "NCCL") EXPECT_TRUE(link_probe_wanted("auto", *d.comm));
+    if (std::string(d.comm->backend_name()) == "NCCL") {
+      EXPECT_TRUE(link_probe_wanted("auto", *d.comm));
+    }
   }
 #endif
 }
