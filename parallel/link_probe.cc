@@ -97,17 +97,14 @@ void LinkProbe::run() {
   collect();
 }
 
-int LinkProbe::collect() {
-  int n = 0;
+void LinkProbe::collect() {
   while (!pending_.empty()) {
     const std::optional<double> s = pending_.front().timer->seconds();
     if (!s) break;
     process_link_trace().record(pending_.front().src, *s, static_cast<uint64_t>(data_.nbytes()), true);
     free_.push_back(std::move(pending_.front().timer));
     pending_.pop_front();
-    ++n;
   }
-  return n;
 }
 
 bool link_probe_wanted(const std::string& mode, const Communicator& comm) {

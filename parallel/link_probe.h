@@ -50,11 +50,10 @@ class LinkProbe {
   // The next opt.rounds rounds of the schedule (collective over the group), then collect().
   // The destructor frees the buffer through the backend, which waits for the device.
   void run();
-  // Records the transfers whose times are known, oldest first; returns how many it recorded.
-  int collect();
+  // Records the transfers whose times are known, oldest first.
+  void collect();
   // Transfers timed and not yet recorded.
   size_t pending() const { return pending_.size(); }
-  int64_t rounds_run() const { return next_round_; }
 
   // The schedule: the pairs (lo, hi) of group ranks, lo < hi, that meet in `round` (any non-negative number;
   // it repeats every cycle_rounds(n) rounds). Pure functions, the same on every rank.

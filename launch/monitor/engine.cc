@@ -21,13 +21,6 @@ const char* group_name(uint32_t id) {
   return "group";
 }
 
-double median(std::vector<double> v) {
-  if (v.empty()) return 0;
-  std::sort(v.begin(), v.end());
-  const size_t n = v.size();
-  return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
-}
-
 // The median of `sorted` with one element equal to x left out (x must be in it): the median of the others,
 // without copying them.
 double median_without(const std::vector<double>& sorted, double x) {
@@ -117,20 +110,25 @@ VerdictEngine::LinkPick VerdictEngine::pick_slow_link(const std::map<std::pair<i
   LinkPick best;
   double best_ratio = 0;
   for (const bool cross : {false, true}) {
-    std::vector<std::pair<std::pair<int, int>, double>> cls;
-    for (const auto& [p, m] : means)
-      if ((node(p.first) != node(p.second)) == cross) cls.emplace_back(p, m);
-    if (cls.size() < 2) continue;
-    auto top = std::max_element(cls.begin(), cls.end(), [](auto& a, auto& b) { return a.second < b.second; });
-    std::vector<double> others;
-    for (const auto& [p, m] : cls)
-      if (p != top->first) others.push_back(m);
-    const double med = median(others), worst = top->second;
+    std::vector<double> times;  // of the class
+    std::pair<int, int> top{-1, -1};
+    double worst = 0;
+    for (const auto& [p, m] : means) {
+      if ((node(p.first) != node(p.second)) != cross) continue;
+      times.push_back(m);
+      if (top.first < 0 || m > worst) {
+        top = p;
+        worst = m;
+      }
+    }
+    if (times.size() < 2) continue;
+    std::sort(times.begin(), times.end());
+    const double med = median_without(times, worst);
     if (worst < cfg_.slow_link_factor * med || worst - med < cfg_.slow_link_min_s) continue;
     const double ratio = med > 0 ? worst / med : std::numeric_limits<double>::infinity();
     if (ratio > best_ratio) {
       best_ratio = ratio;
-      best = LinkPick{top->first, worst, med};
+      best = LinkPick{top, worst, med};
     }
   }
   return best;
@@ -535,12 +533,10 @@ std::optional<Verdict> VerdictEngine::close_window(double now) {
                                               probe_means = window_means(window_probes_);
   last_link_means_ = ring_means;
   last_link_means_.insert(probe_means.begin(), probe_means.end());  // pairs only the probes measured
-  LinkPick pick = pick_slow_link(ring_means);
-  const bool by_probe = pick.pair.first < 0;
-  if (by_probe) pick = pick_slow_link(probe_means);
+  const LinkPick ring_pick = pick_slow_link(ring_means);
+  const bool by_probe = ring_pick.pair.first < 0;
+  const auto [lc, worst, med] = by_probe ? pick_slow_link(probe_means) : ring_pick;
   const std::map<std::pair<int, int>, double>& means = by_probe ? probe_means : ring_means;
-  const std::pair<int, int> lc = pick.pair;
-  const double worst = pick.worst, med = pick.med;
   if (lc.first >= 0 && lc == link_candidate_) {
     ++link_streak_;
   } else {
